@@ -1,0 +1,124 @@
+"""jaxllm's checkpoint layout: Orbax checkpoints of parameter groups plus the HF side files.
+
+    <dir>/jaxllm_checkpoint.json   manifest: format, dtype, every group's tensor shapes
+    <dir>/params/<group>/          one Orbax checkpoint per group: embed, norm, lm_head,
+                                   layer_000, layer_001, ...
+    <dir>/config.json, generation_config.json, tokenizer files (copied from the HF model)
+
+Groups are written and restored one at a time, so converting or loading a model never needs
+more than about one layer in host memory, and a restore can place each array straight into
+its target sharding. The manifest is written last, inside a temporary directory that is
+renamed into place, so a directory that has it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+MANIFEST = "jaxllm_checkpoint.json"
+FORMAT_VERSION = 1
+_LAYER_GROUP = re.compile(r"^layer_(\d+)$")
+
+Tree = dict[str, Any]
+
+
+def group_name(top_key: str, layer: int | None = None) -> str:
+    return f"layer_{layer:03d}" if top_key == "layers" else top_key
+
+
+def split_groups(params: Mapping[Any, Any]) -> Iterator[tuple[str, Tree]]:
+    """Splits a pure params dict into (group name, subtree), one group per layer."""
+    for key, sub in params.items():
+        if key == "layers":
+            for i in sorted(sub, key=int):
+                yield group_name("layers", int(i)), _str_keys(sub[i])
+        else:
+            yield group_name(key), {key: sub} if not isinstance(sub, Mapping) else {key: _str_keys(sub)}
+
+
+def _str_keys(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def save_group(root: Path, name: str, tree: Tree) -> None:
+    """Writes one group as its own Orbax checkpoint under ``root/params/name``."""
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save((root / "params" / name).absolute(), tree)
+        ckpt.wait_until_finished()
+
+
+def write_manifest(root: Path, dtype: str, shapes: Mapping[str, Mapping[str, list[int]]]) -> None:
+    manifest = {"format": FORMAT_VERSION, "dtype": dtype, "groups": shapes}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{root} is not a jaxllm checkpoint (no {MANIFEST}); convert a Hugging Face model "
+            f"with scripts/convert_hf_to_orbax.py")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {manifest.get('format')!r}, "
+                         f"this jaxllm reads format {FORMAT_VERSION}")
+    return manifest
+
+
+def restore_params(
+    root: Path,
+    abstract: Mapping[Any, Any],
+    shardings: Callable[[tuple[str, ...], jax.ShapeDtypeStruct], jax.sharding.Sharding],
+) -> dict[Any, Any]:
+    """Restores every group into arrays of ``abstract``'s shapes/dtypes, each directly into
+    the sharding that ``shardings(path, leaf)`` names (path is the key path in ``abstract``)."""
+    manifest = read_manifest(root)
+    restored: dict[Any, Any] = {}
+    with ocp.StandardCheckpointer() as ckpt:
+        for name, sub in split_groups(abstract):
+            if name not in manifest["groups"]:
+                raise ValueError(f"checkpoint {root} has no parameter group {name!r}")
+            prefix = _group_prefix(name)
+            target = _map_with_path(
+                lambda path, leaf, prefix=prefix: jax.ShapeDtypeStruct(
+                    leaf.shape, leaf.dtype, sharding=shardings(prefix + path, leaf)),
+                sub)
+            tree = ckpt.restore((root / "params" / name).absolute(), target)
+            _insert_group(restored, name, tree)
+    return restored
+
+
+def _group_prefix(name: str) -> tuple[str, ...]:
+    m = _LAYER_GROUP.match(name)
+    return ("layers", str(int(m.group(1)))) if m else ()
+
+
+def _insert_group(out: dict[Any, Any], name: str, tree: Tree) -> None:
+    m = _LAYER_GROUP.match(name)
+    if m:
+        out.setdefault("layers", {})[int(m.group(1))] = tree
+    else:
+        out.update(tree)
+
+
+def _map_with_path(fn: Callable[[tuple[str, ...], Any], Any], tree: Any, path=()) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _map_with_path(fn, v, path + (str(k),)) for k, v in tree.items()}
+    return fn(path, tree)
+
+
+def tree_shapes(tree: Tree) -> dict[str, list[int]]:
+    """Flat ``{"a/b": shape}`` view of a group, for the manifest."""
+    flat: dict[str, list[int]] = {}
+    _map_with_path(lambda p, x: flat.__setitem__("/".join(p), list(np.shape(x))), tree)
+    return flat

@@ -1,0 +1,266 @@
+"""Hugging Face Llama 4 safetensors -> jaxllm Orbax checkpoint, one layer in memory at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from jaxllm import checkpoint
+from jaxllm.config import Llama4Config
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
+              "chat_template.json")
+# Prefixes that multimodal checkpoints put before the text model's own names.
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                  ("model.language_model.", "model."))
+_SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.",
+                     "model.multi_modal_projector.")
+
+
+class ConversionError(ValueError):
+    """The source checkpoint is unreadable or does not match its config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One HF tensor: its expected shape and how it becomes jaxllm parameters.
+
+    ``outputs`` maps a parameter path (inside its group) to a function of the HF array.
+    """
+
+    hf_name: str
+    shape: tuple[int, ...]
+    outputs: dict[tuple[str, ...], Callable[[np.ndarray], np.ndarray]]
+
+
+def _t(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
+def _linear_in(*out_shape: int) -> Callable[[np.ndarray], np.ndarray]:
+    """HF Linear weight [out, in] -> [in, *out_shape]."""
+    return lambda w: w.T.reshape(w.shape[1], *out_shape)
+
+
+def conversion_plan(config: Llama4Config) -> list[tuple[str, list[Entry]]]:
+    """Every HF tensor the text model has, grouped as the checkpoint stores them."""
+    c = config
+    D, H, K, d, V = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
+    plan = [("embed", [Entry("model.embed_tokens.weight", (V, D), {("embed",): lambda x: x})])]
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        entries = [
+            Entry(p + "input_layernorm.weight", (D,), {("input_norm", "weight"): lambda x: x}),
+            Entry(p + "post_attention_layernorm.weight", (D,),
+                  {("post_attn_norm", "weight"): lambda x: x}),
+            Entry(a + "q_proj.weight", (H * d, D), {("attn", "wq"): _linear_in(H, d)}),
+            Entry(a + "k_proj.weight", (K * d, D), {("attn", "wk"): _linear_in(K, d)}),
+            Entry(a + "v_proj.weight", (K * d, D), {("attn", "wv"): _linear_in(K, d)}),
+            Entry(a + "o_proj.weight", (D, H * d), {("attn", "wo"): lambda w: w.T.reshape(H, d, D)}),
+        ]
+        if c.attention_bias:
+            entries += [
+                Entry(a + "q_proj.bias", (H * d,), {("attn", "bq"): lambda b: b.reshape(H, d)}),
+                Entry(a + "k_proj.bias", (K * d,), {("attn", "bk"): lambda b: b.reshape(K, d)}),
+                Entry(a + "v_proj.bias", (K * d,), {("attn", "bv"): lambda b: b.reshape(K, d)}),
+                Entry(a + "o_proj.bias", (D,), {("attn", "bo"): lambda b: b}),
+            ]
+        f = p + "feed_forward."
+        if c.is_moe(i):
+            E, F = c.num_experts, c.intermediate_size
+            entries += [
+                Entry(f + "router.weight", (E, D), {("ffn", "router"): _t}),
+                # Fused [E, D, 2F] with the gate half first.
+                Entry(f + "experts.gate_up_proj", (E, D, 2 * F), {
+                    ("ffn", "gate"): lambda x, F=F: x[..., :F],
+                    ("ffn", "up"): lambda x, F=F: x[..., F:]}),
+                Entry(f + "experts.down_proj", (E, F, D), {("ffn", "down"): lambda x: x}),
+                *_mlp_entries(f + "shared_expert.", ("ffn", "shared"), D, F),
+            ]
+        else:
+            entries += _mlp_entries(f, ("ffn",), D, c.intermediate_size_mlp)
+        plan.append((checkpoint.group_name("layers", i), entries))
+    plan.append(("norm", [Entry("model.norm.weight", (D,), {("norm", "weight"): lambda x: x})]))
+    if not c.tie_word_embeddings:
+        plan.append(("lm_head", [Entry("lm_head.weight", (V, D), {("lm_head",): _t})]))
+    return plan
+
+
+def _mlp_entries(prefix: str, path: tuple[str, ...], D: int, F: int) -> list[Entry]:
+    return [
+        Entry(prefix + "gate_proj.weight", (F, D), {path + ("gate",): _t}),
+        Entry(prefix + "up_proj.weight", (F, D), {path + ("up",): _t}),
+        Entry(prefix + "down_proj.weight", (D, F), {path + ("down",): _t}),
+    ]
+
+
+def text_name(name: str) -> str | None:
+    """The text-model name of a checkpoint tensor, or None for a vision tensor."""
+    if name.startswith(_SKIPPED_PREFIXES):
+        return None
+    for old, new in _TEXT_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+class SafetensorsSource:
+    """Index of the tensors in a (sharded) safetensors checkpoint; reads one at a time."""
+
+    def __init__(self, hf_dir: Path):
+        self.hf_dir = hf_dir
+        files = sorted(hf_dir.glob("*.safetensors"))
+        if not files:
+            raise ConversionError(f"no *.safetensors files in {hf_dir}")
+        index_path = hf_dir / "model.safetensors.index.json"
+        listed: set[str] = set()
+        if index_path.is_file():
+            listed = set(json.loads(index_path.read_text())["weight_map"].values())
+            absent = sorted(listed - {f.name for f in files})
+            if absent:
+                raise ConversionError(f"{index_path} names missing shard file(s) {absent}")
+        self.location: dict[str, tuple[Path, str]] = {}
+        self.skipped: list[str] = []
+        for file in files:
+            if listed and file.name not in listed:
+                continue
+            for name in _tensor_names(file):
+                text = text_name(name)
+                if text is None:
+                    self.skipped.append(name)
+                elif text in self.location:
+                    raise ConversionError(f"tensor {name} appears in more than one shard")
+                else:
+                    self.location[text] = (file, name)
+
+    def read(self, text: str) -> np.ndarray:
+        file, name = self.location[text]
+        try:
+            with safe_open(str(file), framework="flax") as f:
+                return np.asarray(f.get_tensor(name))
+        except Exception as e:
+            raise ConversionError(f"cannot read tensor {name} from {file}: {e}") from e
+
+
+def _tensor_names(file: Path) -> list[str]:
+    """Checks that ``file`` is a complete safetensors file, and lists its tensors."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+        if 8 + header_len + end > size:
+            raise ValueError(f"file is {size} bytes but its tensors need {8 + header_len + end}"
+                             " (truncated?)")
+        with safe_open(str(file), framework="flax") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise ConversionError(f"{file} is not a readable safetensors file: {e}") from e
+
+
+def convert(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Converts ``hf_dir`` into a jaxllm checkpoint at ``out_dir`` (see ``jaxllm.checkpoint``).
+
+    Writes into a temporary sibling directory renamed into place at the end, so a failure
+    or interruption never leaves a complete-looking checkpoint.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
+    config = Llama4Config.from_hf(hf_dir)
+    source = SafetensorsSource(hf_dir)
+    plan = conversion_plan(config)
+    _check_names(plan, source, config)
+    if source.skipped:
+        log(f"skipping {len(source.skipped)} vision/projector tensors (text model only)")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        with jax.default_device(jax.devices("cpu")[0]):
+            shapes = _write_groups(tmp, plan, source, DTYPES[dtype], progress)
+        for name in SIDE_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copy2(hf_dir / name, tmp / name)
+        checkpoint.write_manifest(tmp, dtype, shapes)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_names(plan: list[tuple[str, list[Entry]]], source: SafetensorsSource,
+                 config: Llama4Config) -> None:
+    wanted = {e.hf_name for _, entries in plan for e in entries}
+    present = set(source.location)
+    if config.tie_word_embeddings:
+        present.discard("lm_head.weight")  # tied: HF may or may not also store it
+    missing = sorted(wanted - present)
+    if missing:
+        raise ConversionError(f"checkpoint is missing tensor(s) {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+    unexpected = sorted(present - wanted)
+    if unexpected:
+        raise ConversionError(f"checkpoint has unexpected tensor(s) {unexpected[:5]}"
+                              f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all)")
+
+
+def _write_groups(root: Path, plan: list[tuple[str, list[Entry]]], source: SafetensorsSource,
+                  dtype, progress: bool) -> dict[str, dict[str, list[int]]]:
+    from tqdm import tqdm
+
+    total = sum(len(entries) for _, entries in plan)
+    shapes = {}
+    with tqdm(total=total, unit="tensor", disable=not progress, desc="converting") as bar:
+        for group, entries in plan:
+            tree: dict = {}
+            for entry in entries:
+                array = source.read(entry.hf_name)
+                if tuple(array.shape) != entry.shape:
+                    raise ConversionError(f"tensor {entry.hf_name} has shape {tuple(array.shape)},"
+                                          f" expected {entry.shape} from config.json")
+                for path, fn in entry.outputs.items():
+                    _set(tree, path, np.ascontiguousarray(fn(array).astype(dtype)))
+                del array
+                bar.update()
+            checkpoint.save_group(root, group, tree)
+            shapes[group] = checkpoint.tree_shapes(tree)
+    return shapes
+
+
+def _set(tree: dict, path: Iterable[str], value: np.ndarray) -> None:
+    *parents, leaf = path
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value

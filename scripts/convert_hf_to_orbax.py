@@ -1,0 +1,34 @@
+"""Convert a Hugging Face Llama 4 checkpoint (safetensors) into a jaxllm Orbax checkpoint.
+
+    python scripts/convert_hf_to_orbax.py --hf-dir /models/Llama-4-Scout-17B-16E-Instruct \
+        --out checkpoints/scout [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxllm.convert import DTYPES, ConversionError, convert
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
+    parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                      progress=not args.no_progress)
+    except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Tiny random Llama 4 models built with HF transformers, saved like real checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Llama4Config as HFLlama4Config
+from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
+
+BASE: dict[str, Any] = dict(
+    vocab_size=333,  # deliberately divisible by none of 2, 4, 8
+    hidden_size=64,
+    intermediate_size=48,
+    intermediate_size_mlp=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=4,
+    num_experts_per_tok=1,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    attention_chunk_size=16,
+    attn_temperature_tuning=True,
+    floor_scale=8,
+    attn_scale=0.5,
+)
+
+SCOUT_LIKE: dict[str, Any] = dict(
+    BASE, interleave_moe_layer_step=1, use_qk_norm=True,
+    rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=16.0,
+                         low_freq_factor=1.0, high_freq_factor=4.0,
+                         original_max_position_embeddings=64),
+)
+MAVERICK_LIKE: dict[str, Any] = dict(
+    BASE, interleave_moe_layer_step=2, use_qk_norm=False,
+    rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+)
+
+
+def make_text_model(overrides: dict[str, Any], seed: int = 0) -> Llama4ForCausalLM:
+    torch.manual_seed(seed)
+    config = Llama4TextConfig(**overrides)
+    model = Llama4ForCausalLM(config).eval()
+    _randomize(model)
+    return model
+
+
+def make_multimodal_model(text: dict[str, Any], seed: int = 0) -> Llama4ForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=48, image_size=28, patch_size=14, vision_output_dim=32,
+                  projector_input_dim=32, projector_output_dim=text["hidden_size"],
+                  pixel_shuffle_ratio=0.5)
+    config = HFLlama4Config(text_config=text, vision_config=vision)
+    model = Llama4ForConditionalGeneration(config).eval()
+    _randomize(model)
+    return model
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """HF initialises norms to 1 and expert weights to 0; randomise all so each one matters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+
+
+def save(model: torch.nn.Module, directory: Path, shard_size: str = "40KB") -> Path:
+    model.save_pretrained(directory, max_shard_size=shard_size, safe_serialization=True)
+    return directory
+
+
+def hf_logits(model: torch.nn.Module, ids: list[list[int]]) -> Any:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), use_cache=False).logits.float().numpy()
