@@ -99,8 +99,8 @@ def load_model(
     dtype = _DTYPES[manifest["dtype"]] if dtype is None else _resolve_dtype(dtype)
     graphdef, state = abstract_model(config, dtype)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restored = checkpoint.restore_params(path, state.to_pure_dict(), lambda p, leaf: device)
-    state.replace_by_pure_dict(restored)
+    restored = checkpoint.restore_params(path, nnx.to_pure_dict(state), lambda p, leaf: device)
+    nnx.replace_by_pure_dict(state, restored)
     return Model(config, graphdef, state, dtype=dtype, max_model_len=max_model_len, mesh=mesh,
                  attention_impl=attention_impl, path=path)
 

@@ -41,7 +41,7 @@ def split_groups(params: Mapping[Any, Any]) -> Iterator[tuple[str, Tree]]:
             for i in sorted(sub, key=int):
                 yield group_name("layers", int(i)), _str_keys(sub[i])
         else:
-            yield group_name(key), {key: sub} if not isinstance(sub, Mapping) else {key: _str_keys(sub)}
+            yield group_name(key), {key: _str_keys(sub)}
 
 
 def _str_keys(tree: Any) -> Any:

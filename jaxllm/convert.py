@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -28,6 +30,10 @@ _TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.
                   ("model.language_model.", "model."))
 _SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.",
                      "model.multi_modal_projector.")
+
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
 
 
 class ConversionError(ValueError):
@@ -70,7 +76,8 @@ def conversion_plan(config: Llama4Config) -> list[tuple[str, list[Entry]]]:
             Entry(a + "q_proj.weight", (H * d, D), {("attn", "wq"): _linear_in(H, d)}),
             Entry(a + "k_proj.weight", (K * d, D), {("attn", "wk"): _linear_in(K, d)}),
             Entry(a + "v_proj.weight", (K * d, D), {("attn", "wv"): _linear_in(K, d)}),
-            Entry(a + "o_proj.weight", (D, H * d), {("attn", "wo"): lambda w: w.T.reshape(H, d, D)}),
+            Entry(a + "o_proj.weight", (D, H * d),
+                  {("attn", "wo"): lambda w: w.T.reshape(H, d, D)}),
         ]
         if c.attention_bias:
             entries += [
@@ -134,11 +141,13 @@ class SafetensorsSource:
             if absent:
                 raise ConversionError(f"{index_path} names missing shard file(s) {absent}")
         self.location: dict[str, tuple[Path, str]] = {}
+        self.headers: dict[Path, dict] = {}
         self.skipped: list[str] = []
         for file in files:
             if listed and file.name not in listed:
                 continue
-            for name in _tensor_names(file):
+            self.headers[file] = _read_header(file)
+            for name in self.headers[file]["tensors"]:
                 text = text_name(name)
                 if text is None:
                     self.skipped.append(name)
@@ -148,16 +157,27 @@ class SafetensorsSource:
                     self.location[text] = (file, name)
 
     def read(self, text: str) -> np.ndarray:
+        """Reads one tensor straight from its file into a fresh numpy array (one copy)."""
         file, name = self.location[text]
-        try:
-            with safe_open(str(file), framework="flax") as f:
-                return np.asarray(f.get_tensor(name))
-        except Exception as e:
-            raise ConversionError(f"cannot read tensor {name} from {file}: {e}") from e
+        info = self.headers[file]["tensors"][name]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ConversionError(f"tensor {name} in {file} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        count = int(np.prod(info["shape"], dtype=np.int64))
+        if (end - start) != count * np.dtype(dtype).itemsize:
+            raise ConversionError(f"tensor {name} in {file}: {end - start} bytes for shape "
+                                  f"{info['shape']} of {info['dtype']}")
+        with open(file, "rb") as f:
+            f.seek(self.headers[file]["data_start"] + start)
+            array = np.fromfile(f, dtype=dtype, count=count)
+        if array.size != count:
+            raise ConversionError(f"tensor {name} in {file} is cut short (truncated file?)")
+        return array.reshape(info["shape"])
 
 
-def _tensor_names(file: Path) -> list[str]:
-    """Checks that ``file`` is a complete safetensors file, and lists its tensors."""
+def _read_header(file: Path) -> dict:
+    """Parses and checks a safetensors header: {"data_start", "tensors": {name: info}}."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
@@ -165,15 +185,16 @@ def _tensor_names(file: Path) -> list[str]:
             if header_len > size - 8:
                 raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
             header = json.loads(f.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
         if 8 + header_len + end > size:
             raise ValueError(f"file is {size} bytes but its tensors need {8 + header_len + end}"
                              " (truncated?)")
-        with safe_open(str(file), framework="flax") as f:
-            return list(f.keys())
+        with safe_open(str(file), framework="numpy"):
+            pass  # the safetensors library agrees that the file is well formed
     except Exception as e:
         raise ConversionError(f"{file} is not a readable safetensors file: {e}") from e
+    return {"data_start": 8 + header_len, "tensors": tensors}
 
 
 def convert(
@@ -256,7 +277,19 @@ def _write_groups(root: Path, plan: list[tuple[str, list[Entry]]], source: Safet
                 bar.update()
             checkpoint.save_group(root, group, tree)
             shapes[group] = checkpoint.tree_shapes(tree)
+            del tree
+            _release_freed_memory()
     return shapes
+
+
+def _release_freed_memory() -> None:
+    """Hands a finished layer's buffers back to the OS, so that peak memory stays about one
+    layer instead of growing with heap fragmentation."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 def _set(tree: dict, path: Iterable[str], value: np.ndarray) -> None:

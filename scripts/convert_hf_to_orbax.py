@@ -14,7 +14,8 @@ from jaxllm.convert import DTYPES, ConversionError, convert
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
+    parser.add_argument("--hf-dir", required=True,
+                        help="directory with config.json and *.safetensors")
     parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")

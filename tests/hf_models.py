@@ -79,5 +79,10 @@ def save(model: torch.nn.Module, directory: Path, shard_size: str = "40KB") -> P
 
 
 def hf_logits(model: torch.nn.Module, ids: list[list[int]]) -> Any:
+    """HF's float32 logits. A multimodal model runs its own text model (``language_model``):
+    text-only input takes exactly that path, and transformers 5.x's multimodal forward fails
+    on outputs without images."""
+    if isinstance(model, Llama4ForConditionalGeneration):
+        model = model.language_model
     with torch.no_grad():
         return model(input_ids=torch.tensor(ids), use_cache=False).logits.float().numpy()

@@ -1,0 +1,63 @@
+"""Fixtures: tiny HF Llama 4 models, saved in shards and converted with the real script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import hf_models
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_converter(hf_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Runs scripts/convert_hf_to_orbax.py exactly as a user would."""
+    cmd = [sys.executable, str(REPO / "scripts" / "convert_hf_to_orbax.py"),
+           "--hf-dir", str(hf_dir), "--out", str(out), "--no-progress", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _legacy_rope(hf_dir: Path) -> None:
+    """Rewrites config.json with the released checkpoints' spelling: rope_scaling + rope_theta."""
+    path = hf_dir / "config.json"
+    cfg = json.loads(path.read_text())
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    cfg["rope_scaling"] = params if params.get("rope_type") != "default" else None
+    path.write_text(json.dumps(cfg))
+
+
+VARIANTS = {
+    "scout": lambda: hf_models.make_text_model(hf_models.SCOUT_LIKE),
+    "maverick": lambda: hf_models.make_text_model(hf_models.MAVERICK_LIKE, seed=1),
+    "tied": lambda: hf_models.make_text_model(
+        dict(hf_models.SCOUT_LIKE, tie_word_embeddings=True), seed=2),
+    "scout_legacy_rope": lambda: hf_models.make_text_model(hf_models.SCOUT_LIKE, seed=3),
+    "multimodal": lambda: hf_models.make_multimodal_model(hf_models.MAVERICK_LIKE, seed=4),
+    "multimodal_scout": lambda: hf_models.make_multimodal_model(hf_models.SCOUT_LIKE, seed=5),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(name)`` -> (HF torch model, HF dir, converted float32 jaxllm dir)."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            hf = VARIANTS[name]()
+            hf_dir = hf_models.save(hf, root / "hf")
+            if name.endswith("legacy_rope"):
+                _legacy_rope(hf_dir)
+            out = root / "jaxllm"
+            result = run_converter(hf_dir, out, "--dtype", "float32")
+            assert result.returncode == 0, result.stderr
+            cache[name] = (hf, hf_dir, out)
+        return cache[name]
+
+    return get
