@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import hf_models
+from jaxllm import testing as hf_models
 
 REPO = Path(__file__).resolve().parents[2]
 

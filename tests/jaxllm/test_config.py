@@ -8,7 +8,7 @@ import pytest
 from transformers import Llama4TextConfig
 
 from jaxllm.config import Llama4Config, RopeScaling, rope_inverse_frequencies
-from tests import hf_models
+from jaxllm import testing as hf_models
 
 
 def _text_dict(**overrides) -> dict:

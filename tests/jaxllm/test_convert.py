@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import jaxllm
 from jaxllm import convert as convert_lib
-from tests import hf_models
+from jaxllm import testing as hf_models
 from tests.jaxllm.conftest import run_converter
 
 

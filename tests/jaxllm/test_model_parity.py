@@ -13,7 +13,7 @@ import pytest
 import jaxllm
 from jaxllm import model as model_lib
 from jaxllm.api import Model, abstract_model
-from tests import hf_models
+from jaxllm import testing as hf_models
 
 # Float32 on CPU. Max |ours - HF| over all logits, relative to the largest |HF logit|.
 REL_TOL = 1e-4

@@ -1,4 +1,8 @@
-"""Tiny random Llama 4 models built with HF transformers, saved like real checkpoints."""
+"""Tiny random Llama 4 models built with HF transformers, saved like real checkpoints.
+
+Used by the tests, the quickstart and the benchmarks; needs the `test` extra (torch,
+transformers), which the runtime package does not import.
+"""
 
 from __future__ import annotations
 
