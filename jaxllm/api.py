@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import checkpoint
 from jaxllm.attention import check_attention_impl
 from jaxllm.batch import check_token_ids, full_sequence_batch
 from jaxllm.config import Llama4Config
 from jaxllm.model import Llama4, init_kv_cache
+from jaxllm.sharding import named_sharding
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -31,7 +32,7 @@ class Model:
         *,
         dtype: Any,
         max_model_len: int | None = None,
-        mesh: jax.sharding.Mesh | None = None,
+        mesh: Mesh | None = None,
         attention_impl: str | None = None,
         page_size: int = 16,
         path: Path | None = None,
@@ -47,9 +48,16 @@ class Model:
         self.attention_impl = check_attention_impl(attention_impl)
         self.page_size = page_size
         self.path = path
+        self.param_shardings = param_shardings(params, mesh)
+        self._logits_fns: dict[tuple[int, int], Any] = {}
 
     def module(self) -> Llama4:
         return nnx.merge(self.graphdef, self.params)
+
+    def replicated(self) -> jax.sharding.Sharding:
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return NamedSharding(self.mesh, PartitionSpec())
 
     def logits(self, token_ids: Any) -> np.ndarray:
         """Float32 logits ``[B, T, V]`` for token ids ``[B, T]`` at positions ``0..T-1``."""
@@ -60,23 +68,58 @@ class Model:
         if length > self.max_model_len:
             raise ValueError(f"sequence of {length} tokens exceeds max_model_len="
                              f"{self.max_model_len}")
-        positions, meta, num_pages = full_sequence_batch([length] * batch, self.page_size)
-        out = _full_logits(self.graphdef, self.attention_impl, num_pages, self.page_size,
-                           self.params, ids.reshape(-1), positions, meta)
-        return np.asarray(out).reshape(batch, length, -1)
+        data = 1 if self.mesh is None else int(self.mesh.shape["data"])
+        positions, meta, num_pages = full_sequence_batch(
+            [length] * batch, self.page_size, row_multiple=data)
+        tokens = np.zeros(len(positions), np.int32)
+        tokens[: batch * length] = ids.reshape(-1)
+        out = self._logits_fn(len(tokens), num_pages)(self.params, tokens, positions, meta)
+        out = _to_host(out)[: batch * length, : self.config.vocab_size]
+        return out.reshape(batch, length, -1)
+
+    def _logits_fn(self, num_rows: int, num_pages: int):
+        key = (num_rows, num_pages)
+        if key not in self._logits_fns:
+            self._logits_fns[key] = self._compile_logits(num_rows, num_pages)
+        return self._logits_fns[key]
+
+    def _compile_logits(self, num_rows: int, num_pages: int):
+        graphdef, impl, page_size, mesh = self.graphdef, self.attention_impl, self.page_size, \
+            self.mesh
+
+        def full_logits(params, tokens, positions, meta):
+            model = nnx.merge(graphdef, params)
+            cache = init_kv_cache(model.config, num_pages, page_size, model.embed.dtype, mesh)
+            hidden, _ = model(tokens, positions, cache, meta, attention_impl=impl)
+            return model.logits(hidden)
+
+        rep = self.replicated()
+        padded_vocab = self.params["embed"].shape[0]
+        logits_sharding = named_sharding(("tokens", "vocab"), (num_rows, padded_vocab), mesh)
+        return jax.jit(full_logits, in_shardings=(self.param_shardings, rep, rep, rep),
+                       out_shardings=logits_sharding)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _full_logits(graphdef, attention_impl, num_pages, page_size, params, tokens, positions, meta):
-    model = nnx.merge(graphdef, params)
-    cache = init_kv_cache(model.config, num_pages, page_size, model.embed.dtype)
-    hidden, _ = model(tokens, positions, cache, meta, attention_impl=attention_impl)
-    return model.logits(hidden)
+def _to_host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def abstract_model(config: Llama4Config, dtype: Any) -> tuple[nnx.GraphDef, nnx.State]:
+def param_shardings(params: nnx.State, mesh: Mesh | None) -> nnx.State:
+    """The sharding of every parameter, from its declared logical axes (a prefix tree)."""
+    return jax.tree.map(
+        lambda v: named_sharding(v.get_metadata()["logical_axes"], v.shape, mesh), params,
+        is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def abstract_model(
+    config: Llama4Config, dtype: Any, mesh: Mesh | None = None
+) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's structure and parameter shapes, without allocating any weights."""
-    abstract = nnx.eval_shape(lambda: Llama4(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Llama4(config, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh))
     return nnx.split(abstract)
 
 
@@ -85,21 +128,30 @@ def load_model(
     *,
     dtype: str | Any | None = None,
     max_model_len: int | None = None,
-    mesh: jax.sharding.Mesh | None = None,
+    mesh: Mesh | None = None,
     attention_impl: str | None = None,
 ) -> Model:
     """Loads a checkpoint written by ``scripts/convert_hf_to_orbax.py``.
 
-    ``dtype`` defaults to the checkpoint's own; parameters are restored group by group
-    straight into their target devices.
+    ``dtype`` defaults to the checkpoint's own. Each parameter is restored straight into its
+    sharding on ``mesh`` (a single device without one): every device reads only its shard.
     """
     path = Path(path)
     manifest = checkpoint.read_manifest(path)
     config = Llama4Config.from_hf(path)
     dtype = _DTYPES[manifest["dtype"]] if dtype is None else _resolve_dtype(dtype)
-    graphdef, state = abstract_model(config, dtype)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restored = checkpoint.restore_params(path, nnx.to_pure_dict(state), lambda p, leaf: device)
+    graphdef, state = abstract_model(config, dtype, mesh)
+    shardings: dict[tuple[str, ...], jax.sharding.Sharding] = {}
+    stored_shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
+    for key_path, var in nnx.to_flat_state(state):
+        key = tuple(str(k) for k in key_path)
+        axes = var.get_metadata()["logical_axes"]
+        shardings[key] = named_sharding(axes, var.shape, mesh)
+        # The vocabulary may be padded for the mesh; the checkpoint holds the real size.
+        stored_shapes[key] = tuple(config.vocab_size if a == "vocab" else n
+                                   for a, n in zip(axes, var.shape, strict=True))
+    restored = checkpoint.restore_params(
+        path, nnx.to_pure_dict(state), lambda p, leaf: shardings[p], stored_shapes)
     nnx.replace_by_pure_dict(state, restored)
     return Model(config, graphdef, state, dtype=dtype, max_model_len=max_model_len, mesh=mesh,
                  attention_impl=attention_impl, path=path)

@@ -30,11 +30,13 @@ def pages_needed(length: int, page_size: int) -> int:
 
 
 def full_sequence_batch(
-    lengths: Sequence[int], page_size: int
+    lengths: Sequence[int], page_size: int, row_multiple: int = 1
 ) -> tuple[np.ndarray, AttentionMetadata, int]:
     """Metadata for fresh sequences of ``lengths`` packed back to back, no cached prefix.
 
-    Sequence s gets its own contiguous pages. Returns (positions [T], metadata, num_pages).
+    Sequence s gets its own contiguous pages. Rows are padded to a multiple of
+    ``row_multiple`` (padding rows write nowhere and attend to nothing).
+    Returns (positions [T], metadata, num_pages).
     """
     width = max(1, pages_needed(max(lengths), page_size))
     positions, slots, tables, starts = [], [], [], [0]
@@ -45,6 +47,9 @@ def full_sequence_batch(
         slots.append(pages[pos // page_size] * page_size + pos % page_size)
         tables.append(pages)
         starts.append(starts[-1] + n)
+    padding = -starts[-1] % row_multiple
+    positions.append(np.zeros(padding, np.int64))
+    slots.append(np.full(padding, -1, np.int64))
     meta = AttentionMetadata(
         slot_mapping=np.concatenate(slots).astype(np.int32),
         block_tables=np.stack(tables).astype(np.int32),

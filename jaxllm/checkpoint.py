@@ -79,21 +79,35 @@ def restore_params(
     root: Path,
     abstract: Mapping[Any, Any],
     shardings: Callable[[tuple[str, ...], jax.ShapeDtypeStruct], jax.sharding.Sharding],
+    stored_shapes: Mapping[tuple[str, ...], tuple[int, ...]],
 ) -> dict[Any, Any]:
     """Restores every group into arrays of ``abstract``'s shapes/dtypes, each directly into
-    the sharding that ``shardings(path, leaf)`` names (path is the key path in ``abstract``)."""
+    the sharding that ``shardings(path, leaf)`` names (path is the key path in ``abstract``).
+
+    ``stored_shapes[path]`` is the shape the checkpoint must hold; a target that is larger
+    (a vocabulary padded for the mesh) is zero-filled past it. Any other mismatch is an error.
+    """
     manifest = read_manifest(root)
     restored: dict[Any, Any] = {}
-    with ocp.StandardCheckpointer() as ckpt:
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckpt:
         for name, sub in split_groups(abstract):
             if name not in manifest["groups"]:
                 raise ValueError(f"checkpoint {root} has no parameter group {name!r}")
             prefix = _group_prefix(name)
-            target = _map_with_path(
-                lambda path, leaf, prefix=prefix: jax.ShapeDtypeStruct(
-                    leaf.shape, leaf.dtype, sharding=shardings(prefix + path, leaf)),
-                sub)
-            tree = ckpt.restore((root / "params" / name).absolute(), target)
+            saved = manifest["groups"][name]
+
+            def target(path, leaf, prefix=prefix, saved=saved, name=name):
+                full = prefix + path
+                have = tuple(saved.get("/".join(path), ()))
+                if have != stored_shapes[full]:
+                    raise ValueError(f"checkpoint {root}: {'/'.join(full)} in group {name!r} "
+                                     f"has shape {have}, the model expects {stored_shapes[full]}")
+                return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=shardings(full, leaf))
+
+            tree = _map_with_path(target, sub)
+            # strict=False only lets a padded vocabulary be zero-filled: shapes were checked.
+            tree = ckpt.restore((root / "params" / name).absolute(),
+                                args=ocp.args.StandardRestore(tree, strict=False))
             _insert_group(restored, name, tree)
     return restored
 

@@ -13,14 +13,18 @@ Every parameter declares its logical axes (``vocab``, ``embed``, ``heads``, ``kv
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.sharding import Mesh, PartitionSpec
+
 from jaxllm.attention import paged_attention
 from jaxllm.config import Llama4Config, rope_inverse_frequencies
+from jaxllm.sharding import constrain, logical_spec, padded_vocab_size, shard_axes
 from pallas_kernels import write_kv_pages
 
 
@@ -149,62 +153,130 @@ class MoE(nnx.Module):
 
     The routed expert sees its input already multiplied by the routing score. Tokens are
     sorted by expert and run with ``ragged_dot``, so each expert only sees its own tokens.
+    On a mesh, each device runs only its own experts (and its slice of the ffn dimension)
+    on the tokens routed to them, and the partial outputs are summed across devices.
     """
 
-    def __init__(self, config: Llama4Config, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Llama4Config, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None):
         D, F, E = config.hidden_size, config.intermediate_size, config.num_experts
         self.top_k = config.num_experts_per_tok
-        self.router = _param(rngs, (D, E), ("embed", "experts"), dtype)
+        self.mesh = mesh
+        # The router is tiny and every device needs all of it to route.
+        self.router = _param(rngs, (D, E), ("embed", None), dtype)
         self.gate = _param(rngs, (E, D, F), ("experts", "embed", "ffn"), dtype)
         self.up = _param(rngs, (E, D, F), ("experts", "embed", "ffn"), dtype)
         self.down = _param(rngs, (E, F, D), ("experts", "ffn", "embed"), dtype)
         self.shared = MLP(D, F, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        num_tokens, num_experts = x.shape[0], self.router.shape[-1]
-        logits = x @ self.router[...]  # [T, E]
-        top_logit, top_expert = jax.lax.top_k(logits, self.top_k)  # [T, k]
-        score = jax.nn.sigmoid(top_logit.astype(jnp.float32)).astype(x.dtype)
+        weights = (self.router[...], self.gate[...], self.up[...], self.down[...])
+        mesh = self.mesh
+        if mesh is None or mesh.size == 1:
+            routed = routed_experts(x, *weights, top_k=self.top_k, expert_axis=None,
+                                    sum_axes=())
+        else:
+            x_spec = logical_spec(("tokens", "embed"), x.shape, mesh)
+            up_spec = logical_spec(("experts", "embed", "ffn"), weights[1].shape, mesh)
+            down_spec = logical_spec(("experts", "ffn", "embed"), weights[3].shape, mesh)
+            fn = functools.partial(routed_experts, top_k=self.top_k, expert_axis=up_spec[0],
+                                   sum_axes=shard_axes(up_spec))
+            routed = jax.shard_map(
+                fn, mesh=mesh, in_specs=(x_spec, PartitionSpec(), up_spec, up_spec, down_spec),
+                out_specs=x_spec)(x, *weights)
+        return routed + self.shared(x)
 
-        expert = top_expert.reshape(-1)
-        order = jnp.argsort(expert, stable=True)
-        token = (jnp.arange(num_tokens * self.top_k) // self.top_k)[order]
-        routed_in = x[token] * score.reshape(-1)[order][:, None]
-        group_sizes = jnp.bincount(expert, length=num_experts).astype(jnp.int32)
 
-        h = jax.nn.silu(jax.lax.ragged_dot(routed_in, self.gate[...], group_sizes))
-        h = h * jax.lax.ragged_dot(routed_in, self.up[...], group_sizes)
-        routed_out = jax.lax.ragged_dot(h, self.down[...], group_sizes)
-        out = jnp.zeros_like(x).at[token].add(routed_out)
-        return out + self.shared(x)
+def routed_experts(
+    x: jax.Array,
+    router: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    *,
+    top_k: int,
+    expert_axis: str | None,
+    sum_axes: tuple[str, ...],
+) -> jax.Array:
+    """Routed-expert output for ``x [T, D]`` from the local experts ``gate/up [E_l, D, F_l]``.
+
+    Local expert e is global expert ``first + e``; tokens routed elsewhere are sorted past
+    the last local group and contribute nothing here. Partial sums over sharded experts or
+    ffn slices are added across ``sum_axes``.
+    """
+    num_tokens, local_experts = x.shape[0], gate.shape[0]
+    logits = x @ router  # [T, E]
+    top_logit, top_expert = jax.lax.top_k(logits, top_k)  # [T, k]
+    score = jax.nn.sigmoid(top_logit.astype(jnp.float32)).astype(x.dtype)
+
+    first = 0 if expert_axis is None else jax.lax.axis_index(expert_axis) * local_experts
+    expert = top_expert.reshape(-1) - first
+    is_local = (expert >= 0) & (expert < local_experts)
+    expert = jnp.where(is_local, expert, local_experts)
+    order = jnp.argsort(expert, stable=True)
+    token = (jnp.arange(num_tokens * top_k) // top_k)[order]
+    weight = jnp.where(is_local, score.reshape(-1), 0)[order]
+    routed_in = x[token] * weight[:, None]
+    group_sizes = jnp.bincount(expert, length=local_experts + 1)[:local_experts]
+    group_sizes = group_sizes.astype(jnp.int32)
+
+    h = jax.nn.silu(jax.lax.ragged_dot(routed_in, gate, group_sizes))
+    h = h * jax.lax.ragged_dot(routed_in, up, group_sizes)
+    routed_out = jax.lax.ragged_dot(h, down, group_sizes)
+    routed_out = jnp.where(is_local[order][:, None], routed_out, 0)
+    out = jnp.zeros_like(x).at[token].add(routed_out)
+    return jax.lax.psum(out, sum_axes) if sum_axes else out
+
+
+def vocab_parallel_lookup(table: jax.Array, tokens: jax.Array, vocab_axis: str | None) -> jax.Array:
+    """Embedding rows for ``tokens`` from this device's slice of the vocabulary ``table``.
+
+    A shard looks up only ids in its own range ``[first, first + rows)`` and contributes zeros
+    for the rest; the sum over the vocabulary axis assembles every row exactly once.
+    """
+    if vocab_axis is None:
+        return table[tokens]
+    rows = table.shape[0]
+    local = tokens - jax.lax.axis_index(vocab_axis) * rows
+    mine = (local >= 0) & (local < rows)
+    found = jnp.where(mine[:, None], table[jnp.clip(local, 0, rows - 1)], 0)
+    return jax.lax.psum(found, vocab_axis)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: Llama4Config, layer: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Llama4Config, layer: int, dtype, rngs: nnx.Rngs,
+                 mesh: Mesh | None = None):
         D = config.hidden_size
+        self.mesh = mesh
         self.input_norm = RMSNorm(D, config.rms_norm_eps, dtype)
         self.attn = Attention(config, layer, dtype, rngs)
         self.post_attn_norm = RMSNorm(D, config.rms_norm_eps, dtype)
         if config.is_moe(layer):
-            self.ffn = MoE(config, dtype, rngs)
+            self.ffn = MoE(config, dtype, rngs, mesh)
         else:
             self.ffn = MLP(D, config.intermediate_size_mlp, dtype, rngs)
 
     def __call__(self, x, positions, cache, meta, attention_impl):
         attn_out, cache = self.attn(self.input_norm(x), positions, cache, meta, attention_impl)
-        x = x + attn_out
-        return x + self.ffn(self.post_attn_norm(x)), cache
+        x = constrain(x + attn_out, ("tokens", "embed"), self.mesh)
+        x = x + self.ffn(self.post_attn_norm(x))
+        return constrain(x, ("tokens", "embed"), self.mesh), cache
 
 
 class Llama4(nnx.Module):
-    """Llama 4 text model: embedding, decoder layers, final norm, lm_head (tied or not)."""
+    """Llama 4 text model: embedding, decoder layers, final norm, lm_head (tied or not).
 
-    def __init__(self, config: Llama4Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
-        V, D = config.vocab_size, config.hidden_size
+    On a mesh the vocabulary is padded to a multiple of its mesh axis; padded embedding rows
+    are zero and padded logits are -inf, so they never win an argmax or get sampled.
+    """
+
+    def __init__(self, config: Llama4Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs,
+                 mesh: Mesh | None = None):
+        V, D = padded_vocab_size(config.vocab_size, mesh), config.hidden_size
         self.config = config
+        self.mesh = mesh
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), dtype)
         self.layers = nnx.List(
-            [DecoderLayer(config, i, dtype, rngs) for i in range(config.num_layers)])
+            [DecoderLayer(config, i, dtype, rngs, mesh) for i in range(config.num_layers)])
         self.norm = RMSNorm(D, config.rms_norm_eps, dtype)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), dtype)
@@ -223,20 +295,41 @@ class Llama4(nnx.Module):
         The new keys/values are written into the cache before attention reads it, so a
         step's own tokens attend to each other through the same pages as to the prefix.
         """
-        x = self.embed[...][tokens]
+        x = self._embed(tokens)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             x, layer_cache = layer(x, positions, layer_cache, meta, attention_impl)
             new_cache.append(layer_cache)
         return self.norm(x), new_cache
 
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        table, mesh = self.embed[...], self.mesh
+        if mesh is None or mesh.size == 1:
+            return table[tokens]
+        table_spec = logical_spec(("vocab", "embed"), table.shape, mesh)
+        token_spec = logical_spec(("tokens",), tokens.shape, mesh)
+        out_spec = logical_spec(("tokens", "embed"), (*tokens.shape, table.shape[1]), mesh)
+        lookup = functools.partial(vocab_parallel_lookup, vocab_axis=table_spec[0])
+        return jax.shard_map(lookup, mesh=mesh, in_specs=(table_spec, token_spec),
+                             out_specs=out_spec)(table, tokens)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Projects final hidden states ``[..., D]`` to float32 vocabulary logits."""
+        """Float32 logits ``[..., V_padded]`` (vocab-sharded on a mesh); padding is -inf."""
         head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
+        is_real = jnp.arange(logits.shape[-1]) < self.config.vocab_size
+        return jnp.where(is_real, logits, -jnp.inf)
 
 
-def init_kv_cache(config: Llama4Config, num_pages: int, page_size: int, dtype) -> KVCache:
+KV_CACHE_AXES = ("pages", "page_slots", "kv_heads", "head_dim")
+
+
+def init_kv_cache(config: Llama4Config, num_pages: int, page_size: int, dtype,
+                  mesh: Mesh | None = None) -> KVCache:
     """Zeroed paged KV cache: one (k_pages, v_pages) pair of ``[P, p, K, d]`` per layer."""
     shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+
+    def pages():
+        return constrain(jnp.zeros(shape, dtype), KV_CACHE_AXES, mesh)
+
+    return [(pages(), pages()) for _ in range(config.num_layers)]
