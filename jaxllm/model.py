@@ -318,7 +318,8 @@ class Llama4(nnx.Module):
         head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
         is_real = jnp.arange(logits.shape[-1]) < self.config.vocab_size
-        return jnp.where(is_real, logits, -jnp.inf)
+        logits = jnp.where(is_real, logits, -jnp.inf)
+        return constrain(logits, (None,) * (logits.ndim - 1) + ("vocab",), self.mesh)
 
 
 KV_CACHE_AXES = ("pages", "page_slots", "kv_heads", "head_dim")
