@@ -19,7 +19,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.attention import paged_attention

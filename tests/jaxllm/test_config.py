@@ -7,8 +7,8 @@ import copy
 import pytest
 from transformers import Llama4TextConfig
 
-from jaxllm.config import Llama4Config, RopeScaling, rope_inverse_frequencies
 from jaxllm import testing as hf_models
+from jaxllm.config import Llama4Config, RopeScaling, rope_inverse_frequencies
 
 
 def _text_dict(**overrides) -> dict:

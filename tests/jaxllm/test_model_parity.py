@@ -12,8 +12,8 @@ import pytest
 
 import jaxllm
 from jaxllm import model as model_lib
-from jaxllm.api import Model, abstract_model
 from jaxllm import testing as hf_models
+from jaxllm.api import Model, abstract_model
 
 # Float32 on CPU. Max |ours - HF| over all logits, relative to the largest |HF logit|.
 REL_TOL = 1e-4
