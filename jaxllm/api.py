@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxllm import checkpoint
 from jaxllm.attention import check_attention_impl
 from jaxllm.batch import check_token_ids, full_sequence_batch
+from jaxllm.buckets import BucketPolicy
 from jaxllm.config import Llama4Config
+from jaxllm.generate import generate, generate_tokens, pack_inputs
 from jaxllm.model import Llama4, init_kv_cache
+from jaxllm.sampling import GREEDY, SamplingParams
 from jaxllm.sharding import named_sharding
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -35,6 +40,8 @@ class Model:
         mesh: Mesh | None = None,
         attention_impl: str | None = None,
         page_size: int = 16,
+        max_num_seqs: int = 8,
+        eos_token_ids: tuple[int, ...] | None = None,
         path: Path | None = None,
     ):
         self.config = config
@@ -48,8 +55,55 @@ class Model:
         self.attention_impl = check_attention_impl(attention_impl)
         self.page_size = page_size
         self.path = path
+        self.eos_token_ids = config.eos_token_ids if eos_token_ids is None else eos_token_ids
+        self.bucket_policy = BucketPolicy(
+            max_model_len=self.max_model_len, page_size=page_size,
+            chunk_size=config.attention_chunk_size, max_num_seqs=max_num_seqs)
         self.param_shardings = param_shardings(params, mesh)
         self._logits_fns: dict[tuple[int, int], Any] = {}
+        self._generate_fn = None
+
+    def generate(self, prompts, *, max_new_tokens: int, sampling: SamplingParams | None = None,
+                 stop_token_ids=None) -> list[list[int]]:
+        """See ``jaxllm.generate``."""
+        return generate(self, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                        stop_token_ids=stop_token_ids)
+
+    def run_generate(self, prompts, max_new_tokens, stops, sampling, seed):
+        """One bucketed batch through the compiled generation program (host arrays out)."""
+        policy = self.bucket_policy
+        batch = policy.batch_bucket(len(prompts))
+        length = policy.length_bucket(max(len(p) for p in prompts))
+        inputs = pack_inputs(prompts, batch, length, max_new_tokens, stops, sampling, seed)
+        out, count = self._generate()(self.params, *inputs)
+        return _to_host(out), _to_host(count)
+
+    def _generate(self):
+        if self._generate_fn is None:
+            fn = functools.partial(
+                generate_tokens, self.graphdef,
+                max_new_tokens=max(1, self.max_model_len - 1), max_model_len=self.max_model_len,
+                page_size=self.page_size, attention_impl=self.attention_impl)
+            rep = self.replicated()
+            self._generate_fn = jax.jit(fn, in_shardings=(self.param_shardings,) + (rep,) * 6,
+                                        out_shardings=rep)
+        return self._generate_fn
+
+    def warmup(self, progress: bool = True) -> int:
+        """Compiles generation for every (batch, prompt length) bucket; returns how many.
+
+        Afterwards no ``generate()`` call within ``max_num_seqs`` and ``max_model_len``
+        compiles anything.
+        """
+        from tqdm import tqdm
+
+        policy = self.bucket_policy
+        shapes = [(b, n) for b in policy.batch_buckets for n in policy.length_buckets]
+        for batch, length in tqdm(shapes, desc="warmup", unit="program", disable=not progress):
+            # The longest prompt a bucket holds; max_model_len itself leaves no room to generate.
+            prompts = [np.zeros(min(length, self.max_model_len - 1), np.int32)] * batch
+            self.run_generate(prompts, 1, list(self.eos_token_ids), GREEDY, 0)
+        return len(shapes)
 
     def module(self) -> Llama4:
         return nnx.merge(self.graphdef, self.params)
@@ -130,6 +184,8 @@ def load_model(
     max_model_len: int | None = None,
     mesh: Mesh | None = None,
     attention_impl: str | None = None,
+    page_size: int = 16,
+    max_num_seqs: int = 8,
 ) -> Model:
     """Loads a checkpoint written by ``scripts/convert_hf_to_orbax.py``.
 
@@ -154,7 +210,19 @@ def load_model(
         path, nnx.to_pure_dict(state), lambda p, leaf: shardings[p], stored_shapes)
     nnx.replace_by_pure_dict(state, restored)
     return Model(config, graphdef, state, dtype=dtype, max_model_len=max_model_len, mesh=mesh,
-                 attention_impl=attention_impl, path=path)
+                 attention_impl=attention_impl, page_size=page_size, max_num_seqs=max_num_seqs,
+                 eos_token_ids=_eos_token_ids(path), path=path)
+
+
+def _eos_token_ids(path: Path) -> tuple[int, ...] | None:
+    """EOS ids from ``generation_config.json`` (int or list), if the checkpoint has one."""
+    gen = path / "generation_config.json"
+    if not gen.is_file():
+        return None
+    eos = json.loads(gen.read_text()).get("eos_token_id")
+    if eos is None:
+        return None
+    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
 
 
 def _resolve_dtype(dtype: Any) -> Any:

@@ -74,7 +74,7 @@ def _randomize(model: torch.nn.Module) -> None:
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
-                p.copy_(0.08 * torch.randn_like(p))
+                p.copy_(0.2 * torch.randn_like(p))
 
 
 def save(model: torch.nn.Module, directory: Path, shard_size: str = "40KB") -> Path:

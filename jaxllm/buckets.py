@@ -1,0 +1,86 @@
+"""The one bucket policy: every shape a compiled program sees, and every length check.
+
+Request lengths vary; compiled shapes do not. Prompt lengths round up to a length bucket
+(powers of two, then ``max_model_len`` itself), batches to a batch bucket, and every sequence
+owns a block table exactly ``ceil(max_model_len / page_size)`` pages wide. Masks, not shapes,
+carry the raggedness, so a request near ``max_model_len`` runs a program that was compiled and
+tested before it arrived.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+
+class ContextLengthError(ValueError):
+    """A request does not fit in the model's context (the serving engine's wording)."""
+
+
+def _powers_of_two_then(limit: int, start: int) -> tuple[int, ...]:
+    sizes, n = [], start
+    while n < limit:
+        sizes.append(n)
+        n *= 2
+    sizes.append(limit)
+    return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPolicy:
+    max_model_len: int
+    page_size: int = 16
+    chunk_size: int | None = None
+    max_num_seqs: int = 8
+    min_length_bucket: int = 16
+
+    def __post_init__(self):
+        for name in ("max_model_len", "page_size", "max_num_seqs", "min_length_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.chunk_size is not None and self.chunk_size % self.page_size:
+            # Chunks must start on page boundaries so a kernel can skip whole pages.
+            raise ValueError(f"page_size={self.page_size} must divide the attention chunk "
+                             f"size {self.chunk_size}")
+
+    @property
+    def pages_per_seq(self) -> int:
+        """Block-table width: enough pages for ``max_model_len`` tokens, and no more."""
+        return -(-self.max_model_len // self.page_size)
+
+    @property
+    def length_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two_then(self.max_model_len, min(self.min_length_bucket,
+                                                            self.max_model_len))
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two_then(self.max_num_seqs, 1)
+
+    def length_bucket(self, length: int) -> int:
+        return self._bucket(length, self.length_buckets, "prompt length", "max_model_len")
+
+    def batch_bucket(self, batch: int) -> int:
+        return self._bucket(batch, self.batch_buckets, "batch size", "max_num_seqs")
+
+    @staticmethod
+    def _bucket(n: int, buckets: tuple[int, ...], what: str, limit: str) -> int:
+        if n < 1:
+            raise ValueError(f"{what} {n} must be >= 1")
+        i = bisect.bisect_left(buckets, n)
+        if i == len(buckets):
+            raise ValueError(f"{what} {n} exceeds {limit}={buckets[-1]}")
+        return buckets[i]
+
+    def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Raises ContextLengthError unless prompt + completion fits in ``max_model_len``."""
+        if prompt_len < 1:
+            raise ValueError(f"prompt must have at least one token, got {prompt_len}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        total = prompt_len + max_new_tokens
+        if total > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {total} tokens ({prompt_len} in the messages, {max_new_tokens} "
+                f"in the completion). Please reduce the length of the messages or completion.")

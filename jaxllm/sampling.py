@@ -1,0 +1,131 @@
+"""Sampling parameters (shared by generate() and the server) and the jittable sampler."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxllm.sharding import LOGICAL_AXIS_RULES, axis_size
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token. ``temperature == 0`` (or ``top_k == 1``) is greedy.
+
+    Order of application: temperature, then top-k, then top-p over the top-k renormalised
+    distribution, then min-p relative to the most likely token. ``top_k`` <= 0 and
+    ``top_p == 1`` disable those filters.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < -1:
+            raise ValueError(f"top_k={self.top_k} must be -1, 0 (both: off) or positive")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed} must be in [0, 2**63)")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class SamplingArrays(NamedTuple):
+    """Per-row sampling settings as device arrays ``[B]``."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams]) -> SamplingArrays:
+        greedy = [p.is_greedy for p in params]
+        return cls(
+            temperature=np.asarray([0.0 if g else p.temperature for p, g in zip(params, greedy)],
+                                   np.float32),
+            top_k=np.asarray([max(p.top_k, 0) for p in params], np.int32),
+            top_p=np.asarray([p.top_p for p in params], np.float32),
+            min_p=np.asarray([p.min_p for p in params], np.float32),
+        )
+
+
+def greedy(logits: jax.Array, mesh: Mesh | None = None) -> jax.Array:
+    """Argmax over the vocabulary of ``logits [B, V]``; on a vocab-sharded mesh, each shard
+    reduces its own slice and only one (max, index) pair per shard crosses devices."""
+    vocab_axis = LOGICAL_AXIS_RULES["vocab"]
+    n = axis_size(mesh, vocab_axis)
+    if n == 1 or logits.shape[-1] % n:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def local(block):
+        rows = block.shape[-1]
+        idx = jnp.argmax(block, axis=-1)
+        best = jnp.take_along_axis(block, idx[:, None], axis=-1)[:, 0]
+        first = jax.lax.axis_index(vocab_axis) * rows
+        bests = jax.lax.all_gather(best, vocab_axis, axis=1)  # [B, n]
+        ids = jax.lax.all_gather(idx + first, vocab_axis, axis=1)
+        winner = jnp.argmax(bests, axis=-1)  # first shard wins ties, as in a plain argmax
+        return jnp.take_along_axis(ids, winner[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=PartitionSpec(None, vocab_axis),
+                         out_specs=PartitionSpec())(logits)
+
+
+def filtered_logits(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
+    """Temperature-scaled logits sorted descending with filtered entries at -inf, and the
+    vocabulary ids of that order: ``([B, V], [B, V])``."""
+    temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1) / temperature
+    rank = jnp.arange(logits.shape[-1])[None, :]
+    top_k = s.top_k[:, None]
+    sorted_logits = jnp.where((top_k <= 0) | (rank < top_k), sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < s.top_p[:, None]
+    keep &= probs >= s.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)
+    return jnp.where(keep, sorted_logits, -jnp.inf), order
+
+
+def sample(logits: jax.Array, s: SamplingArrays, keys: jax.Array,
+           mesh: Mesh | None = None) -> jax.Array:
+    """Next token per row of ``logits [B, V]``; rows with temperature 0 are greedy.
+
+    ``keys [B]`` are per-row PRNG keys. The sort that sampling needs runs only when some
+    row samples (``lax.cond``), so all-greedy batches never gather the vocabulary.
+    """
+    best = greedy(logits, mesh)
+
+    def sampled(_):
+        masked, order = filtered_logits(logits, s)
+        pick = jax.vmap(jax.random.categorical)(keys, masked)
+        chosen = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(s.temperature > 0, chosen, best)
+
+    return jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda _: best, None)
