@@ -7,7 +7,6 @@ sequence b owns pages ``b * W .. b * W + W - 1`` (W = pages per sequence).
 
 from __future__ import annotations
 
-import functools
 import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING

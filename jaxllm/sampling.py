@@ -66,8 +66,9 @@ class SamplingArrays(NamedTuple):
     def from_params(cls, params: Sequence[SamplingParams]) -> SamplingArrays:
         greedy = [p.is_greedy for p in params]
         return cls(
-            temperature=np.asarray([0.0 if g else p.temperature for p, g in zip(params, greedy)],
-                                   np.float32),
+            temperature=np.asarray(
+                [0.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                np.float32),
             top_k=np.asarray([max(p.top_k, 0) for p in params], np.int32),
             top_p=np.asarray([p.top_p for p in params], np.float32),
             min_p=np.asarray([p.min_p for p in params], np.float32),
@@ -92,8 +93,9 @@ def greedy(logits: jax.Array, mesh: Mesh | None = None) -> jax.Array:
         winner = jnp.argmax(bests, axis=-1)  # first shard wins ties, as in a plain argmax
         return jnp.take_along_axis(ids, winner[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
+    # Every shard computes the same winner from the gathered pairs: replicated by construction.
     return jax.shard_map(local, mesh=mesh, in_specs=PartitionSpec(None, vocab_axis),
-                         out_specs=PartitionSpec())(logits)
+                         out_specs=PartitionSpec(), check_vma=False)(logits)
 
 
 def filtered_logits(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:

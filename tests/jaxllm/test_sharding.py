@@ -135,3 +135,13 @@ def test_two_processes_form_one_mesh(single, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     print(f"two-process run took {time.monotonic() - start:.0f} s")
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [dict(model=8), dict(data=2, expert=2, model=2)],
+                         ids=["model=8", "data=2,expert=2,model=2"])
+def test_sharded_generate_equals_single_device(tiny_model, shape):
+    path = tiny_model("scout")[2]
+    prompts = [[5, 41, 42, 83], list(range(100, 137))]
+    ref = jaxllm.load_model(path, max_model_len=64).generate(prompts, max_new_tokens=20)
+    sharded = jaxllm.load_model(path, max_model_len=64, mesh=make_mesh(**shape))
+    assert sharded.generate(prompts, max_new_tokens=20) == ref
