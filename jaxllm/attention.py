@@ -41,5 +41,7 @@ def paged_attention(
     if impl == "pallas":
         from pallas_kernels import ragged_paged_attention
 
-        return ragged_paged_attention(*args, chunk_size=chunk_size)
+        # Off GPU the kernel runs in interpret mode: correct, slow, for tests.
+        interpret = jax.default_backend() != "gpu"
+        return ragged_paged_attention(*args, chunk_size=chunk_size, interpret=interpret)
     return ragged_paged_attention_reference(*args, chunk_size=chunk_size)

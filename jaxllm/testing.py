@@ -47,11 +47,12 @@ MAVERICK_LIKE: dict[str, Any] = dict(
 )
 
 
-def make_text_model(overrides: dict[str, Any], seed: int = 0) -> Llama4ForCausalLM:
+def make_text_model(overrides: dict[str, Any], seed: int = 0,
+                    scale: float = 0.2) -> Llama4ForCausalLM:
     torch.manual_seed(seed)
     config = Llama4TextConfig(**overrides)
     model = Llama4ForCausalLM(config).eval()
-    _randomize(model)
+    _randomize(model, scale)
     return model
 
 
@@ -67,14 +68,16 @@ def make_multimodal_model(text: dict[str, Any], seed: int = 0) -> Llama4ForCondi
     return model
 
 
-def _randomize(model: torch.nn.Module) -> None:
-    """HF initialises norms to 1 and expert weights to 0; randomise all so each one matters."""
+def _randomize(model: torch.nn.Module, scale: float = 0.2) -> None:
+    """HF initialises norms to 1 and expert weights to 0; randomise all so each one matters.
+
+    A weight scale of 0.2 gives varied greedy continuations (smaller ones repeat a token)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
-                p.copy_(0.2 * torch.randn_like(p))
+                p.copy_(scale * torch.randn_like(p))
 
 
 def save(model: torch.nn.Module, directory: Path, shard_size: str = "40KB") -> Path:

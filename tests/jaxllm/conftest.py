@@ -36,6 +36,9 @@ VARIANTS = {
     "maverick": lambda: hf_models.make_text_model(hf_models.MAVERICK_LIKE, seed=1),
     "tied": lambda: hf_models.make_text_model(
         dict(hf_models.SCOUT_LIKE, tie_word_embeddings=True), seed=2),
+    # Logits of about unit scale, so float32 agreement can be stated in absolute terms.
+    "scout_unit_logits": lambda: hf_models.make_text_model(hf_models.SCOUT_LIKE, seed=6,
+                                                           scale=0.08),
     "scout_legacy_rope": lambda: hf_models.make_text_model(hf_models.SCOUT_LIKE, seed=3),
     "multimodal": lambda: hf_models.make_multimodal_model(hf_models.MAVERICK_LIKE, seed=4),
     "multimodal_scout": lambda: hf_models.make_multimodal_model(hf_models.SCOUT_LIKE, seed=5),

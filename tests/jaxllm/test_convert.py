@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -133,8 +134,13 @@ def test_default_bfloat16_output(tiny_model, tmp_path):
     assert model.params["embed"][...].dtype == jax_bf16()
     ids = np.random.default_rng(0).integers(0, hf_models.BASE["vocab_size"], (2, 40)).tolist()
     ref = hf_models.hf_logits(hf, ids)
-    # bfloat16 weights and activations: 8 mantissa bits through 4 layers.
-    assert np.abs(model.logits(ids) - ref).max() < 0.1 * np.abs(ref).max()
+    # bfloat16 drifts from float32 through the layers; ours may drift no more than HF's own
+    # bfloat16 model does on the same weights.
+    hf_bf16 = copy.deepcopy(hf.language_model).to(torch.bfloat16)
+    with torch.no_grad():
+        ref_bf16 = hf_bf16(input_ids=torch.tensor(ids)).logits.float().numpy()
+    hf_drift = np.abs(ref_bf16 - ref).max()
+    assert np.abs(model.logits(ids) - ref).max() < 1.5 * hf_drift
     as_f32 = jaxllm.load_model(out, dtype="float32")
     assert as_f32.params["embed"][...].dtype == np.float32
 

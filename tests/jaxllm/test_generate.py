@@ -136,3 +136,34 @@ def test_no_compilation_after_warmup(tiny_model):
     finally:
         jax.monitoring.clear_event_listeners()
     assert compiles == []
+
+
+def test_generate_tokens_is_pure_and_jittable(tiny_model):
+    """Research code calls the core directly under its own jax.jit."""
+    from jaxllm.generate import MAX_STOP_IDS
+    from jaxllm.sampling import GREEDY, SamplingArrays
+
+    model = jaxllm.load_model(tiny_model("scout")[2], max_model_len=48)
+    model.eos_token_ids = ()
+    fn = jax.jit(jaxllm.generate_tokens, static_argnums=0, static_argnames=(
+        "max_new_tokens", "max_model_len", "page_size", "attention_impl"))
+    tokens = np.array([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]], np.int32)
+    out, count = fn(model.graphdef, model.params, tokens, np.array([3, 5], np.int32),
+                    np.zeros(2, np.uint32), np.array([6, 4], np.int32),
+                    np.full((2, MAX_STOP_IDS), -1, np.int32),
+                    SamplingArrays.from_params([GREEDY] * 2),
+                    max_new_tokens=8, max_model_len=48, page_size=16, attention_impl="xla")
+    assert np.asarray(count).tolist() == [6, 4]
+    assert np.all(np.asarray(out)[0, 6:] == -1) and np.all(np.asarray(out)[1, 4:] == -1)
+    want = model.generate([[5, 6, 7]], max_new_tokens=6) + model.generate(
+        [[8, 9, 10, 11, 12]], max_new_tokens=4)
+    assert [np.asarray(out)[0, :6].tolist(), np.asarray(out)[1, :4].tolist()] == want
+
+
+def test_greedy_through_pallas_kernels_equals_hf(tiny_model):
+    """Prefill and decode through the ragged paged kernel (interpret mode off GPU)."""
+    hf, _, path = tiny_model("maverick")
+    model = jaxllm.load_model(path, max_model_len=48, attention_impl="pallas")
+    prompts = _prompts([13, 30], seed=6)
+    outs = model.generate(prompts, max_new_tokens=12)
+    assert outs == [hf_greedy(hf, p, 12) for p in prompts]

@@ -128,3 +128,17 @@ def test_routed_input_scaling_matters(tiny_model, monkeypatch):
     monkeypatch.setattr(model_lib.MoE, "__call__", output_scaled)
     jax.clear_caches()
     assert _rel_err(jaxllm.load_model(path).logits(ids), hf_models.hf_logits(hf, ids)) > 1e-3
+
+
+def test_pallas_attention_impl_matches_hf(tiny_model):
+    """The model through the Pallas ragged paged kernel (interpret mode off GPU)."""
+    hf, _, path = tiny_model("scout")
+    ids = _ids(2, 40, seed=11)
+    model = jaxllm.load_model(path, attention_impl="pallas")
+    assert model.attention_impl == "pallas"
+    assert _rel_err(model.logits(ids), hf_models.hf_logits(hf, ids)) < REL_TOL
+
+
+def test_unknown_attention_impl_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="attention_impl='cuda'"):
+        jaxllm.load_model(tiny_model("scout")[2], attention_impl="cuda")
