@@ -33,9 +33,14 @@ class BucketPolicy:
     chunk_size: int | None = None
     max_num_seqs: int = 8
     min_length_bucket: int = 16
+    max_num_batched_tokens: int | None = None  # rows of one engine step; default max_model_len
 
     def __post_init__(self):
-        for name in ("max_model_len", "page_size", "max_num_seqs", "min_length_bucket"):
+        if self.max_num_batched_tokens is None:
+            object.__setattr__(self, "max_num_batched_tokens",
+                               max(self.max_model_len, self.max_num_seqs))
+        for name in ("max_model_len", "page_size", "max_num_seqs", "min_length_bucket",
+                     "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.chunk_size is not None and self.chunk_size % self.page_size:
@@ -56,6 +61,16 @@ class BucketPolicy:
     @property
     def batch_buckets(self) -> tuple[int, ...]:
         return _powers_of_two_then(self.max_num_seqs, 1)
+
+    @property
+    def token_buckets(self) -> tuple[int, ...]:
+        """Flat row counts of one engine step (prefill chunks and decode rows together)."""
+        return _powers_of_two_then(self.max_num_batched_tokens,
+                                   min(self.min_length_bucket, self.max_num_batched_tokens))
+
+    def token_bucket(self, rows: int) -> int:
+        return self._bucket(rows, self.token_buckets, "step token count",
+                            "max_num_batched_tokens")
 
     def length_bucket(self, length: int) -> int:
         return self._bucket(length, self.length_buckets, "prompt length", "max_model_len")

@@ -1,0 +1,72 @@
+"""Engine steps over a shared paged cache: chunked prefill and decode equal HF's logits."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import jaxllm
+from jaxllm import testing as hf_models
+from jaxllm.buckets import BucketPolicy
+from jaxllm.runner import ModelRunner, SeqChunk, build_step
+
+REL_TOL = 1e-4
+
+
+def test_chunked_prefill_and_decode_over_scattered_pages(tiny_model):
+    """Two sequences with interleaved, out-of-order pages; prefill split at odd points so
+    chunks straddle the 16-token attention chunks at offset places; then decode steps."""
+    hf, _, path = tiny_model("scout")
+    model = jaxllm.load_model(path, max_model_len=75, page_size=8)
+    runner = ModelRunner(model, num_pages=24)
+    rng = np.random.default_rng(0)
+    a = rng.integers(3, 333, 70).tolist()
+    b = rng.integers(3, 333, 40).tolist()
+    pages_a = [20, 3, 11, 0, 7, 15, 22, 5, 9, 1]  # 10 pages: the table is ceil(75 / 8) wide
+    pages_b = [4, 18, 2, 13, 21, 8]
+    ref_a, ref_b = hf_models.hf_logits(hf, [a])[0], hf_models.hf_logits(hf, [b])[0]
+
+    def check(logits, refs):
+        for got, want in zip(logits, refs, strict=True):
+            assert np.abs(got - want).max() < REL_TOL * np.abs(want).max()
+
+    # (sequence, tokens already cached, new tokens) per step.
+    schedule = [
+        [("a", 0, 13), ("b", 0, 30)],  # two prefill chunks
+        [("b", 30, 1), ("a", 13, 32)],  # a decode row beside a prefill chunk
+        [("a", 45, 1), ("b", 31, 9)],  # b finishes its prompt in the last partial page
+        *[[("a", n, 1)] for n in range(46, 70)],  # a decodes into the last partial chunk
+    ]
+    seqs = {"a": (a, pages_a, ref_a), "b": (b, pages_b, ref_b)}
+    for step in schedule:
+        chunks = [SeqChunk(seqs[k][1], done, seqs[k][0][done:done + n]) for k, done, n in step]
+        check(runner.step(chunks), [seqs[k][2][done + n - 1] for k, done, n in step])
+
+
+def test_cache_is_donated(tiny_model):
+    model = jaxllm.load_model(tiny_model("maverick")[2], max_model_len=32)
+    runner = ModelRunner(model, num_pages=4)
+    before = runner.cache[0][0]
+    runner.step([SeqChunk([0, 1], 0, [5, 6, 7])])
+    assert before.is_deleted()  # updated in place, not copied
+
+
+def test_step_metadata_is_range_checked():
+    policy = BucketPolicy(max_model_len=40, page_size=8, max_num_seqs=4)
+    assert policy.pages_per_seq == 5
+    ok = build_step([SeqChunk([3, 1], 5, [1, 2, 3, 4])], policy, num_pages=6, vocab_size=10)
+    assert ok.meta.block_tables.shape == (1, 5) and ok.tokens.shape == (16,)
+    assert ok.meta.slot_mapping[:4].tolist() == [3 * 8 + 5, 3 * 8 + 6, 3 * 8 + 7, 1 * 8 + 0]
+    assert ok.positions[:4].tolist() == [5, 6, 7, 8] and ok.meta.slot_mapping[4:].max() == -1
+    cases = [
+        ([SeqChunk([0], 6, [1, 2, 3])], "1 pages for 9 tokens"),
+        ([SeqChunk([0, 1, 2, 3, 4], 38, [1, 2, 3])], "41 tokens exceed max_model_len=40"),
+        ([SeqChunk([0, 9], 0, [1])], "page ids must be in [0, 6)"),
+        ([SeqChunk([0], 0, [12])], "Token id 12 is out of vocabulary"),
+        ([SeqChunk([0], 0, [])], "needs >= 1 new token"),
+    ]
+    for chunks, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_step(chunks, policy, num_pages=6, vocab_size=10)
