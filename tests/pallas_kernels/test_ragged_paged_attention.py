@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import (
@@ -354,20 +353,12 @@ def check_10k_tokens(interpret: bool):
             np.testing.assert_allclose(got[row, h], w @ vv / w.sum(), atol=1e-5, rtol=1e-5)
 
 
-def test_compiler_params_reach_pallas_call(monkeypatch):
+def test_compiler_params_reach_pallas_call(compiler_params_seen):
     """Interpret mode ignores compiler params, so check the pallas_call arguments directly."""
-    seen = []
-    real = pl.pallas_call
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("compiler_params"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pl, "pallas_call", spy)
     batch = make_batch([(2, 5)], heads=2, kv_heads=1)
     ragged_paged_attention(*batch.args, block_q=8, pages_per_block=4, num_warps=8,
                            num_stages=1, interpret=True)
-    [params] = seen
+    [params] = compiler_params_seen
     assert isinstance(params, plgpu.CompilerParams)
     assert (params.num_warps, params.num_stages) == (8, 1)
 
