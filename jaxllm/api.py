@@ -119,9 +119,7 @@ class Model:
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"token_ids must be [batch, length] with length >= 1, got {ids.shape}")
         batch, length = ids.shape
-        if length > self.max_model_len:
-            raise ValueError(f"sequence of {length} tokens exceeds max_model_len="
-                             f"{self.max_model_len}")
+        self.bucket_policy.check_length(length)
         data = 1 if self.mesh is None else int(self.mesh.shape["data"])
         positions, meta, num_pages = full_sequence_batch(
             [length] * batch, self.page_size, row_multiple=data)

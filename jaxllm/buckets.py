@@ -87,6 +87,13 @@ class BucketPolicy:
             raise ValueError(f"{what} {n} exceeds {limit}={buckets[-1]}")
         return buckets[i]
 
+    def check_length(self, length: int) -> None:
+        """Raises ContextLengthError unless ``length`` tokens fit in ``max_model_len``."""
+        if length > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {length} tokens. Please reduce the length of the input.")
+
     def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
         """Raises ContextLengthError unless prompt + completion fits in ``max_model_len``."""
         if prompt_len < 1:

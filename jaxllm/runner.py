@@ -88,9 +88,7 @@ def _check_chunk(s: int, c: SeqChunk, policy: BucketPolicy, num_pages: int) -> N
     end, page, width = c.num_cached + len(c.tokens), policy.page_size, policy.pages_per_seq
     if len(c.tokens) < 1 or c.num_cached < 0:
         raise ValueError(f"sequence {s}: needs >= 1 new token and num_cached >= 0")
-    if end > policy.max_model_len:
-        raise ValueError(f"sequence {s}: {end} tokens exceed max_model_len="
-                         f"{policy.max_model_len}")
+    policy.check_length(end)
     pages = np.asarray(c.pages, np.int64)
     if len(pages) < -(-end // page) or len(pages) > width:
         raise ValueError(f"sequence {s}: {len(pages)} pages for {end} tokens (page size "

@@ -139,6 +139,13 @@ def test_pallas_attention_impl_matches_hf(tiny_model):
     assert _rel_err(model.logits(ids), hf_models.hf_logits(hf, ids)) < REL_TOL
 
 
+def test_too_long_input_is_refused(tiny_model):
+    model = jaxllm.load_model(tiny_model("scout")[2], max_model_len=20)
+    with pytest.raises(ValueError, match="maximum context length is 20 tokens. However, you "
+                                         "requested 21 tokens"):
+        model.logits(_ids(1, 21))
+
+
 def test_unknown_attention_impl_is_refused(tiny_model):
     with pytest.raises(ValueError, match="attention_impl='cuda'"):
         jaxllm.load_model(tiny_model("scout")[2], attention_impl="cuda")

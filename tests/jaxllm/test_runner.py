@@ -62,7 +62,8 @@ def test_step_metadata_is_range_checked():
     assert ok.positions[:4].tolist() == [5, 6, 7, 8] and ok.meta.slot_mapping[4:].max() == -1
     cases = [
         ([SeqChunk([0], 6, [1, 2, 3])], "1 pages for 9 tokens"),
-        ([SeqChunk([0, 1, 2, 3, 4], 38, [1, 2, 3])], "41 tokens exceed max_model_len=40"),
+        ([SeqChunk([0, 1, 2, 3, 4], 38, [1, 2, 3])],
+         "maximum context length is 40 tokens. However, you requested 41 tokens"),
         ([SeqChunk([0, 9], 0, [1])], "page ids must be in [0, 6)"),
         ([SeqChunk([0], 0, [12])], "Token id 12 is out of vocabulary"),
         ([SeqChunk([0], 0, [])], "needs >= 1 new token"),

@@ -20,7 +20,9 @@ from jaxllm.sharding import make_mesh, padded_vocab_size
 
 REPO = Path(__file__).resolve().parents[2]
 V = hf_models.BASE["vocab_size"]  # 333: not divisible by 2, 4 or 8
-MESHES = [dict(model=8), dict(data=2, model=4), dict(expert=2, model=4), dict(data=8)]
+# expert=8 does not divide the 4 experts: they are replicated over that axis, and still right.
+MESHES = [dict(model=8), dict(data=2, model=4), dict(expert=2, model=4), dict(data=8),
+          dict(expert=8)]
 
 
 def _edge_ids() -> np.ndarray:
