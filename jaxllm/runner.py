@@ -18,6 +18,7 @@ from flax import nnx
 from jaxllm.batch import check_token_ids
 from jaxllm.buckets import BucketPolicy
 from jaxllm.model import KV_CACHE_AXES, AttentionMetadata, init_kv_cache
+from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, sample
 from jaxllm.sharding import named_sharding
 
 if TYPE_CHECKING:
@@ -101,30 +102,62 @@ def _check_chunk(s: int, c: SeqChunk, policy: BucketPolicy, num_pages: int) -> N
 class ModelRunner:
     """Holds the paged KV cache and runs steps on it (cache donated: updated in place)."""
 
-    def __init__(self, model: Model, num_pages: int):
+    def __init__(self, model: Model, num_pages: int, policy: BucketPolicy | None = None):
         self.model = model
         self.num_pages = num_pages
+        self.policy = policy or model.bucket_policy
         config = model.config
         shape = (num_pages, model.page_size, config.num_kv_heads, config.head_dim)
         cache_sharding = named_sharding(KV_CACHE_AXES, shape, model.mesh)
         self.cache = jax.jit(
             lambda: init_kv_cache(config, num_pages, model.page_size, model.dtype, model.mesh),
             out_shardings=[(cache_sharding, cache_sharding)] * config.num_layers)()
-        graphdef, impl = model.graphdef, model.attention_impl
-        rep = model.replicated()
+        graphdef, impl, mesh = model.graphdef, model.attention_impl, model.mesh
 
-        def step(params, cache, tokens, positions, meta, logits_rows):
+        def forward(params, cache, tokens, positions, meta, logits_rows):
             module = nnx.merge(graphdef, params)
             hidden, cache = module(tokens, positions, cache, meta, attention_impl=impl)
             return module.logits(hidden[logits_rows]), cache
 
-        self._step = jax.jit(step, donate_argnums=(1,),
-                             in_shardings=(model.param_shardings, None, rep, rep, rep, rep))
+        def forward_and_sample(params, cache, tokens, positions, meta, logits_rows, sampling,
+                               seeds, steps):
+            logits, cache = forward(params, cache, tokens, positions, meta, logits_rows)
+            # A row's key depends only on its request's seed and token index, so a seeded
+            # request samples the same tokens whatever else shares its batch.
+            keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.PRNGKey)(seeds), steps)
+            return sample(logits, sampling, keys, mesh), cache
+
+        rep = model.replicated()
+        self._logits = jax.jit(forward, donate_argnums=(1,),
+                               in_shardings=(model.param_shardings, None) + (rep,) * 4)
+        self._sample = jax.jit(forward_and_sample, donate_argnums=(1,),
+                               in_shardings=(model.param_shardings, None) + (rep,) * 7)
+
+    def _batch(self, chunks: Sequence[SeqChunk]) -> StepBatch:
+        return build_step(chunks, self.policy, self.num_pages, self.model.config.vocab_size)
 
     def step(self, chunks: Sequence[SeqChunk]) -> np.ndarray:
         """Runs one step; returns float32 logits ``[len(chunks), V]`` of each last token."""
-        batch = build_step(chunks, self.model.bucket_policy, self.num_pages,
-                           self.model.config.vocab_size)
-        logits, self.cache = self._step(self.model.params, self.cache, batch.tokens,
-                                        batch.positions, batch.meta, batch.logits_rows)
+        batch = self._batch(chunks)
+        logits, self.cache = self._logits(self.model.params, self.cache, batch.tokens,
+                                          batch.positions, batch.meta, batch.logits_rows)
         return np.asarray(logits)[: batch.num_seqs, : self.model.config.vocab_size]
+
+    def sample_step(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
+                    seeds: Sequence[int], steps: Sequence[int]) -> np.ndarray:
+        """Runs one step and picks each sequence's next token on device: ids ``[len(chunks)]``.
+
+        ``seeds`` and ``steps`` (the index of the token being picked) key each row's sampler.
+        """
+        batch = self._batch(chunks)
+        slots = batch.logits_rows.shape[0]
+        pad = slots - len(chunks)
+        arrays = SamplingArrays.from_params(list(sampling) + [GREEDY] * pad)
+        seeds_arr = np.zeros(slots, np.uint32)
+        seeds_arr[: len(chunks)] = np.asarray(seeds, np.uint64).astype(np.uint32)
+        steps_arr = np.zeros(slots, np.int32)
+        steps_arr[: len(chunks)] = steps
+        tokens, self.cache = self._sample(self.model.params, self.cache, batch.tokens,
+                                          batch.positions, batch.meta, batch.logits_rows,
+                                          arrays, seeds_arr, steps_arr)
+        return np.asarray(tokens)[: batch.num_seqs]

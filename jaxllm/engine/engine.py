@@ -1,0 +1,120 @@
+"""The engine: requests in, tokens out, one scheduled step at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import secrets
+from collections.abc import Sequence
+
+from jaxllm.api import Model
+from jaxllm.batch import check_token_ids
+from jaxllm.buckets import BucketPolicy
+from jaxllm.engine.pages import PageAllocator
+from jaxllm.engine.scheduler import Request, Scheduler
+from jaxllm.runner import ModelRunner, SeqChunk
+from jaxllm.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS or a stop id), "length", "abort"
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+class Engine:
+    """Continuous batching over ``model``'s paged KV cache.
+
+    ``num_pages`` defaults to room for ``max_num_seqs`` sequences of ``max_model_len``.
+    """
+
+    def __init__(self, model: Model, *, num_pages: int | None = None,
+                 max_num_batched_tokens: int | None = None):
+        base = model.bucket_policy
+        self.model = model
+        self.policy = BucketPolicy(
+            max_model_len=base.max_model_len, page_size=base.page_size,
+            chunk_size=base.chunk_size, max_num_seqs=base.max_num_seqs,
+            min_length_bucket=base.min_length_bucket,
+            max_num_batched_tokens=max_num_batched_tokens or base.max_num_batched_tokens)
+        num_pages = num_pages or base.max_num_seqs * base.pages_per_seq
+        if num_pages < self.policy.pages_per_seq:
+            raise ValueError(f"num_pages={num_pages} cannot hold one sequence of max_model_len="
+                             f"{base.max_model_len} ({self.policy.pages_per_seq} pages)")
+        self.pages = PageAllocator(num_pages, base.page_size)
+        self.scheduler = Scheduler(self.policy, self.pages)
+        self.runner = ModelRunner(model, num_pages, self.policy)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queues a request; bad ids or lengths raise ValueError here, before any device work."""
+        sampling = sampling or SamplingParams()
+        ids = check_token_ids(list(prompt), self.model.config.vocab_size).tolist()
+        max_tokens = sampling.max_tokens or self.policy.max_model_len - len(ids)
+        self.policy.check_request(len(ids), max_tokens)
+        stops = set(sampling.stop_token_ids) | set(self.model.eos_token_ids)
+        check_token_ids(sorted(stops), self.model.config.vocab_size)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
+        request = Request(request_id, ids, sampling, max_tokens, seed, frozenset(stops))
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None and request.finish_reason is None:
+            self.scheduler.finish(request, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled step; returns what each touched request gained."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        chunks = [SeqChunk(s.request.pages, s.request.num_computed,
+                           s.request.tokens[s.request.num_computed:
+                                            s.request.num_computed + s.num_tokens])
+                  for s in scheduled]
+        tokens = self.runner.sample_step(
+            chunks, [s.request.sampling for s in scheduled],
+            seeds=[s.request.seed for s in scheduled],
+            steps=[len(s.request.output) for s in scheduled])
+        outputs = []
+        for s, token in zip(scheduled, tokens, strict=True):
+            request = s.request
+            self.scheduler.computed(s)
+            if not s.samples:
+                continue  # a prefill chunk that has not reached the prompt's end
+            request.output.append(int(token))
+            reason = None
+            if token in request.stop_ids:
+                reason = "stop"
+            elif len(request.output) >= request.max_tokens:
+                reason = "length"
+            if reason:
+                self.scheduler.finish(request, reason)
+                del self.requests[request.request_id]
+            outputs.append(RequestOutput(request.request_id, [int(token)], reason is not None,
+                                         reason, len(request.prompt), request.num_cached_prompt))
+        return outputs
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 sampling: SamplingParams | None = None) -> list[list[int]]:
+        """Runs ``prompts`` to completion through the engine (for tests and offline use)."""
+        ids = [self.add_request(p, sampling) for p in prompts]
+        produced: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                produced[out.request_id] += out.new_token_ids
+        return [produced[i] for i in ids]

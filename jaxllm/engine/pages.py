@@ -1,0 +1,88 @@
+"""KV-cache pages: allocation, reference counts and prefix caching.
+
+A page that is full of computed tokens is registered under a hash of its tokens chained with
+the hash of the page before it, so equal prefixes (not just equal pages) map to one page. A
+freed page keeps its contents and hash until it is handed out again, oldest freed first, so a
+later request with the same prefix can pick it back up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def page_hashes(tokens: Sequence[int], page_size: int) -> list[bytes]:
+    """Chained 128-bit hashes of every full page of ``tokens`` (collisions would silently
+    share the wrong keys, so not Python's 64-bit ``hash``)."""
+    hashes, parent = [], b""
+    for start in range(0, len(tokens) - page_size + 1, page_size):
+        page = np.asarray(tokens[start : start + page_size], np.int64).tobytes()
+        parent = hashlib.blake2b(parent + page, digest_size=16).digest()
+        hashes.append(parent)
+    return hashes
+
+
+class PageAllocator:
+    def __init__(self, num_pages: int, page_size: int):
+        if num_pages < 1:
+            raise ValueError(f"num_pages={num_pages} must be >= 1")
+        self.num_pages, self.page_size = num_pages, page_size
+        self.refs = [0] * num_pages
+        self.free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(num_pages))
+        self.by_hash: dict[bytes, int] = {}
+        self.hash_of: dict[int, bytes] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """``n`` fresh pages, or None (nothing taken) when fewer are free."""
+        if n > len(self.free):
+            return None
+        pages = []
+        for _ in range(n):
+            page, _ = self.free.popitem(last=False)
+            self._forget(page)
+            self.refs[page] = 1
+            pages.append(page)
+        return pages
+
+    def release(self, pages: Sequence[int]) -> None:
+        for page in pages:
+            if self.refs[page] <= 0:
+                raise RuntimeError(f"page {page} released more often than taken")
+            self.refs[page] -= 1
+            if self.refs[page] == 0:
+                self.free[page] = None
+
+    def match_prefix(self, tokens: Sequence[int]) -> list[int]:
+        """Takes (adds a reference to) the cached pages holding the longest cached prefix."""
+        pages = []
+        for h in page_hashes(tokens, self.page_size):
+            page = self.by_hash.get(h)
+            if page is None:
+                break
+            if self.refs[page] == 0:
+                del self.free[page]
+            self.refs[page] += 1
+            pages.append(page)
+        return pages
+
+    def register(self, pages: Sequence[int], tokens: Sequence[int]) -> None:
+        """Records the full pages of a sequence whose first ``len(tokens)`` are computed."""
+        for page, h in zip(pages, page_hashes(tokens, self.page_size), strict=False):
+            if page in self.hash_of:
+                continue
+            if h not in self.by_hash:  # a different page may already hold this prefix
+                self.by_hash[h] = page
+                self.hash_of[page] = h
+
+    def _forget(self, page: int) -> None:
+        h = self.hash_of.pop(page, None)
+        if h is not None and self.by_hash.get(h) == page:
+            del self.by_hash[h]

@@ -1,0 +1,154 @@
+"""The scheduler: decides which tokens of which requests run in the next step. Nothing else.
+
+Each step has a token budget (``max_num_batched_tokens``) and a sequence budget
+(``max_num_seqs``). Running requests go first (a decode row each, or their next prefill
+chunk); waiting requests are admitted after, oldest first, each starting from its longest
+cached prefix. When pages run out, the most recently admitted running request is preempted:
+its pages are released and it is recomputed later (its generated tokens are kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import deque
+
+from jaxllm.buckets import BucketPolicy
+from jaxllm.engine.pages import PageAllocator
+from jaxllm.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    seed: int
+    stop_ids: frozenset[int] = frozenset()
+    output: list[int] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # tokens whose keys/values are in the cache
+    num_cached_prompt: int = 0  # of the prompt, found in the prefix cache at admission
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.prompt) + len(self.output) - self.num_computed
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheduled:
+    request: Request
+    num_tokens: int  # run tokens[num_computed : num_computed + num_tokens]
+    samples: bool  # the chunk reaches the end of the request's tokens: pick the next one
+
+
+def _scheduled(request: Request, n: int) -> Scheduled:
+    return Scheduled(request, n, samples=n == request.num_pending)
+
+
+class Scheduler:
+    def __init__(self, policy: BucketPolicy, pages: PageAllocator):
+        self.policy, self.pages = policy, pages
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.policy.max_num_batched_tokens
+        out: list[Scheduled] = []
+        for request in list(self.running):
+            if budget == 0 or len(out) == self.policy.max_num_seqs:
+                break
+            if request not in self.running:  # preempted below by an earlier request
+                continue
+            n = min(request.num_pending, budget)
+            if not self._reserve(request, n, out):
+                continue
+            out.append(_scheduled(request, n))
+            budget -= n
+        while self.waiting and budget and len(out) < self.policy.max_num_seqs:
+            request = self.waiting[0]
+            if not request.pages:
+                self._take_cached_prefix(request)
+            n = min(request.num_pending, budget)
+            if not self._grow(request, n):
+                self.pages.release(request.pages)  # retry whole when pages are free again
+                request.pages, request.num_computed = [], 0
+                break
+            self.waiting.popleft()
+            request.status = Status.RUNNING
+            self.running.append(request)
+            out.append(_scheduled(request, n))
+            budget -= n
+        return out
+
+    def finish(self, request: Request, reason: str) -> None:
+        request.status, request.finish_reason = Status.FINISHED, reason
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.pages.release(request.pages)
+        request.pages = []
+
+    def _take_cached_prefix(self, request: Request) -> None:
+        # At least the last token is computed, so the step yields logits for it.
+        usable = request.tokens[: len(request.tokens) - 1]
+        request.pages = self.pages.match_prefix(usable)
+        request.num_computed = len(request.pages) * self.pages.page_size
+        if request.num_cached_prompt == 0 and not request.output:
+            request.num_cached_prompt = request.num_computed
+
+    def _reserve(self, request: Request, n: int, scheduled: list[Scheduled]) -> bool:
+        """Pages for ``n`` more tokens of a running request, preempting later ones if needed."""
+        while not self._grow(request, n):
+            victims = [r for r in self.running if r is not request
+                       and all(s.request is not r for s in scheduled)]
+            if not victims:
+                self._preempt(request)
+                return False
+            self._preempt(victims[-1])
+        return True
+
+    def _grow(self, request: Request, n: int) -> bool:
+        need = -(-(request.num_computed + n) // self.pages.page_size) - len(request.pages)
+        if need <= 0:
+            return True
+        fresh = self.pages.allocate(need)
+        if fresh is None:
+            return False
+        request.pages += fresh
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.num_preemptions += 1
+        self.running.remove(request)
+        self.pages.release(request.pages)
+        request.pages, request.num_computed = [], 0
+        request.status = Status.WAITING
+        self.waiting.appendleft(request)
+
+    def computed(self, scheduled: Scheduled) -> None:
+        """Marks a chunk as run, and offers its now-full pages to the prefix cache."""
+        request = scheduled.request
+        request.num_computed += scheduled.num_tokens
+        self.pages.register(request.pages, request.tokens[: request.num_computed])
