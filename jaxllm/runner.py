@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -99,6 +100,18 @@ def _check_chunk(s: int, c: SeqChunk, policy: BucketPolicy, num_pages: int) -> N
                          f"{pages.min()}..{pages.max()}")
 
 
+TOP_LOGPROBS = 20  # the most the OpenAI API asks for
+
+
+class Sampled(NamedTuple):
+    """One step's picks, per sequence: token, its log-probability, and the top alternatives."""
+
+    tokens: np.ndarray  # [S] int32
+    logprobs: np.ndarray  # [S] float32
+    top_ids: np.ndarray  # [S, TOP_LOGPROBS] int32
+    top_logprobs: np.ndarray  # [S, TOP_LOGPROBS] float32
+
+
 class ModelRunner:
     """Holds the paged KV cache and runs steps on it (cache donated: updated in place)."""
 
@@ -125,7 +138,13 @@ class ModelRunner:
             # A row's key depends only on its request's seed and token index, so a seeded
             # request samples the same tokens whatever else shares its batch.
             keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.PRNGKey)(seeds), steps)
-            return sample(logits, sampling, keys, mesh), cache
+            tokens = sample(logits, sampling, keys, mesh)
+            # Log-probabilities under the model's own distribution (before temperature and
+            # filters), for the chosen token and the TOP_LOGPROBS most likely ones.
+            logprobs = jax.nn.log_softmax(logits, axis=-1)
+            chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+            top_values, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+            return (tokens, chosen, top_ids, top_values), cache
 
         rep = model.replicated()
         self._logits = jax.jit(forward, donate_argnums=(1,),
@@ -144,8 +163,8 @@ class ModelRunner:
         return np.asarray(logits)[: batch.num_seqs, : self.model.config.vocab_size]
 
     def sample_step(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
-                    seeds: Sequence[int], steps: Sequence[int]) -> np.ndarray:
-        """Runs one step and picks each sequence's next token on device: ids ``[len(chunks)]``.
+                    seeds: Sequence[int], steps: Sequence[int]) -> Sampled:
+        """Runs one step and picks each sequence's next token on device.
 
         ``seeds`` and ``steps`` (the index of the token being picked) key each row's sampler.
         """
@@ -157,7 +176,8 @@ class ModelRunner:
         seeds_arr[: len(chunks)] = np.asarray(seeds, np.uint64).astype(np.uint32)
         steps_arr = np.zeros(slots, np.int32)
         steps_arr[: len(chunks)] = steps
-        tokens, self.cache = self._sample(self.model.params, self.cache, batch.tokens,
-                                          batch.positions, batch.meta, batch.logits_rows,
-                                          arrays, seeds_arr, steps_arr)
-        return np.asarray(tokens)[: batch.num_seqs]
+        out, self.cache = self._sample(self.model.params, self.cache, batch.tokens,
+                                       batch.positions, batch.meta, batch.logits_rows,
+                                       arrays, seeds_arr, steps_arr)
+        n = batch.num_seqs
+        return Sampled(*(np.asarray(a)[:n] for a in out))

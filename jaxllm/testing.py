@@ -6,6 +6,7 @@ transformers), which the runtime package does not import.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,27 @@ def hf_logits(model: torch.nn.Module, ids: list[list[int]]) -> Any:
         model = model.language_model
     with torch.no_grad():
         return model(input_ids=torch.tensor(ids), use_cache=False).logits.float().numpy()
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A whitespace word-level tokenizer over ``vocab_size`` ids (specials, then words
+    ``w7``, ``w8``, ...) with a chat template, saved as HF tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL), vocab_size)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer.add_special_tokens(SPECIAL)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+              "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
 import secrets
 from collections.abc import Sequence
 
@@ -17,13 +18,22 @@ from jaxllm.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens, best first
+
+
+@dataclasses.dataclass(frozen=True)
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]
+    logprobs: list[TokenLogprob]
     finished: bool
     finish_reason: str | None  # "stop" (EOS or a stop id), "length", "abort"
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache
+    num_output_tokens: int
 
 
 class Engine:
@@ -33,7 +43,7 @@ class Engine:
     """
 
     def __init__(self, model: Model, *, num_pages: int | None = None,
-                 max_num_batched_tokens: int | None = None):
+                 max_num_batched_tokens: int | None = None, seed: int | None = None):
         base = model.bucket_policy
         self.model = model
         self.policy = BucketPolicy(
@@ -50,24 +60,37 @@ class Engine:
         self.runner = ModelRunner(model, num_pages, self.policy)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        # Seeds for requests that bring none: reproducible runs when the engine has a seed.
+        self._seeds = random.Random(seed if seed is not None else secrets.randbits(64))
+
+    def prepare(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
+                request_id: str | None = None, *, ignore_eos: bool = False) -> Request:
+        """Checks a request and builds it, changing nothing: bad ids or lengths raise
+        ValueError here, before any device work (safe to call from another thread)."""
+        sampling = sampling or SamplingParams()
+        ids = check_token_ids(list(prompt), self.model.config.vocab_size).tolist()
+        if sampling.max_tokens is None:
+            self.policy.check_request(len(ids), max(1, self.policy.max_model_len - len(ids)))
+        max_tokens = sampling.max_tokens or self.policy.max_model_len - len(ids)
+        self.policy.check_request(len(ids), max_tokens)
+        stops = set(sampling.stop_token_ids) | (set() if ignore_eos
+                                                 else set(self.model.eos_token_ids))
+        check_token_ids(sorted(stops), self.model.config.vocab_size)
+        request_id = request_id or f"req-{next(self._ids)}"
+        seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(32)
+        return Request(request_id, ids, sampling, max_tokens, seed, frozenset(stops))
+
+    def submit(self, request: Request) -> str:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+        return request.request_id
 
     def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        """Queues a request; bad ids or lengths raise ValueError here, before any device work."""
-        sampling = sampling or SamplingParams()
-        ids = check_token_ids(list(prompt), self.model.config.vocab_size).tolist()
-        max_tokens = sampling.max_tokens or self.policy.max_model_len - len(ids)
-        self.policy.check_request(len(ids), max_tokens)
-        stops = set(sampling.stop_token_ids) | set(self.model.eos_token_ids)
-        check_token_ids(sorted(stops), self.model.config.vocab_size)
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
-        request = Request(request_id, ids, sampling, max_tokens, seed, frozenset(stops))
-        self.requests[request_id] = request
-        self.scheduler.add(request)
-        return request_id
+        """Checks and queues a request; returns its id."""
+        return self.submit(self.prepare(prompt, sampling, request_id))
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -86,13 +109,13 @@ class Engine:
                            s.request.tokens[s.request.num_computed:
                                             s.request.num_computed + s.num_tokens])
                   for s in scheduled]
-        tokens = self.runner.sample_step(
+        picked = self.runner.sample_step(
             chunks, [s.request.sampling for s in scheduled],
             seeds=[s.request.seed for s in scheduled],
             steps=[len(s.request.output) for s in scheduled])
         outputs = []
-        for s, token in zip(scheduled, tokens, strict=True):
-            request = s.request
+        for i, s in enumerate(scheduled):
+            request, token = s.request, int(picked.tokens[i])
             self.scheduler.computed(s)
             if not s.samples:
                 continue  # a prefill chunk that has not reached the prompt's end
@@ -105,8 +128,11 @@ class Engine:
             if reason:
                 self.scheduler.finish(request, reason)
                 del self.requests[request.request_id]
-            outputs.append(RequestOutput(request.request_id, [int(token)], reason is not None,
-                                         reason, len(request.prompt), request.num_cached_prompt))
+            logprob = TokenLogprob(token, float(picked.logprobs[i]), list(zip(
+                picked.top_ids[i].tolist(), picked.top_logprobs[i].tolist(), strict=True)))
+            outputs.append(RequestOutput(
+                request.request_id, [token], [logprob], reason is not None, reason,
+                len(request.prompt), request.num_cached_prompt, len(request.output)))
         return outputs
 
     def generate(self, prompts: Sequence[Sequence[int]],

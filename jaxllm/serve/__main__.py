@@ -1,0 +1,88 @@
+"""``python -m jaxllm.serve``: the OpenAI-compatible server.
+
+    python -m jaxllm.serve --model checkpoints/scout --max-model-len 32768 --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-llama4"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxllm.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="a jaxllm checkpoint directory (scripts/convert_hf_to_orbax.py)")
+    p.add_argument("--served-model-name", default=None, help="name in the API (default: "
+                   "the checkpoint directory's name)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--num-kv-pages", type=int, default=None,
+                   help="KV cache pages (default: max-num-seqs sequences of max-model-len)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=16, help="KV cache page size in tokens")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attention-impl", default=None, choices=["pallas", "xla"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def build_state(args: argparse.Namespace):
+    import jaxllm
+    from jaxllm.engine import Engine
+    from jaxllm.serve.app import ServerState
+    from jaxllm.serve.async_engine import AsyncEngine
+    from jaxllm.serve.metrics import Metrics
+    from jaxllm.serve.tokenizer import TextCodec
+
+    mesh = None
+    if args.tensor_parallel_size > 1:
+        import jax
+
+        devices = jax.devices()[: args.tensor_parallel_size]
+        mesh = jaxllm.make_mesh(model=args.tensor_parallel_size, devices=devices)
+    model = jaxllm.load_model(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                              mesh=mesh, attention_impl=args.attention_impl,
+                              page_size=args.block_size, max_num_seqs=args.max_num_seqs)
+    engine = Engine(model, num_pages=args.num_kv_pages,
+                    max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+    name = args.served_model_name or Path(args.model).resolve().name
+    metrics = Metrics(name)
+    return ServerState(AsyncEngine(engine, metrics), TextCodec.from_dir(args.model), name,
+                       metrics, args.api_key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not Path(args.model).is_dir():
+        print(f"error: --model {args.model} is not a directory", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from jaxllm.serve.app import build_app
+
+    try:
+        state = build_state(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"serving {state.model_name} (max_model_len {state.max_model_len}) on "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        uvicorn.run(build_app(state), host=args.host, port=args.port, log_level="warning")
+    finally:
+        state.engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""The OpenAI-compatible HTTP layer: thin over the engine.
+
+Every request is checked whole (model name, token ids, lengths, sampling values) before any
+of it reaches the engine, and every error is the JSON error body with a 4xx/5xx code: the
+server survives every bad request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import jaxllm
+from jaxllm.engine import Request as EngineRequest
+from jaxllm.engine import RequestOutput
+from jaxllm.serve.async_engine import AsyncEngine
+from jaxllm.serve.metrics import Metrics
+from jaxllm.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _Sampling,
+    error_body,
+)
+from jaxllm.serve.tokenizer import IncrementalDetokenizer, TextCodec
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, status: int = 400, kind: str = "BadRequestError"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+@dataclasses.dataclass
+class ServerState:
+    engine: AsyncEngine
+    codec: TextCodec | None
+    model_name: str
+    metrics: Metrics
+    api_key: str | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.policy.max_model_len
+
+
+@dataclasses.dataclass
+class _Choice:
+    """One generated sequence: its tokens, text (cut at a stop string) and finish reason."""
+
+    index: int
+    request: EngineRequest
+    stops: list[str]
+    codec: TextCodec | None
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[Any] = dataclasses.field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+
+    def __post_init__(self):
+        self._detok = IncrementalDetokenizer(self.codec) if self.codec else None
+
+    def feed(self, out: RequestOutput) -> None:
+        self.first_token_at = self.first_token_at or time.perf_counter()
+        ids = out.new_token_ids
+        stopped_on_id = out.finish_reason == "stop" and ids and ids[-1] in self.request.stop_ids
+        self.token_ids += ids
+        self.logprobs += out.logprobs
+        visible = ids[:-1] if stopped_on_id else ids  # the stop token's text is not output
+        if self._detok is not None:
+            self.text += self._detok.add(visible)
+        if out.finished:
+            self.finish_reason = out.finish_reason
+        for stop in self.stops:
+            at = self.text.find(stop)
+            if at >= 0:
+                self.text, self.finish_reason = self.text[:at], "stop"
+
+    def take_delta(self) -> str:
+        """New text that can no longer turn out to be part of a stop string."""
+        hold = 0 if self.finish_reason else max((len(s) for s in self.stops), default=1) - 1
+        end = max(self.emitted, len(self.text) - hold)
+        delta, self.emitted = self.text[self.emitted:end], end
+        return delta
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="jaxllm", version=jaxllm.__version__)
+    app.state.jaxllm = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError):
+        return JSONResponse(error_body(str(e), e.status, e.kind), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in err['loc'][1:])}: {err['msg']}"
+                 for err in e.errors()]
+        return JSONResponse(error_body("; ".join(parts), 400), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException):
+        kind = "NotFoundError" if e.status_code == 404 else "BadRequestError"
+        return JSONResponse(error_body(str(e.detail), e.status_code, kind),
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception):
+        return JSONResponse(error_body(f"internal error: {e}", 500, "InternalServerError"),
+                            status_code=500)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if state.api_key and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization") != f"Bearer {state.api_key}":
+                return JSONResponse(error_body("invalid API key", 401, "AuthenticationError"),
+                                    status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if not state.engine.alive:
+            return JSONResponse(error_body("engine is not running", 503,
+                                           "ServiceUnavailableError"), status_code=503)
+        return {}
+
+    @app.get("/version")
+    async def version():
+        return {"version": jaxllm.__version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": int(time.time()),
+            "owned_by": "jaxllm", "max_model_len": state.max_model_len}]}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        _check_model(state, req.model)
+        codec = _need_codec(state)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError("give exactly one of 'prompt' and 'messages'")
+        if req.messages is not None:
+            ids = _encode_chat(codec, req.messages, True)
+        else:
+            ids = codec.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        _check_model(state, req.model)
+        codec = _need_codec(state)
+        _check_ids(state, req.tokens)
+        return {"prompt": codec.decode(req.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        _check_model(state, req.model)
+        prompts = _completion_prompts(state, req.prompt)
+        return await _serve(state, req, prompts, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        _check_model(state, req.model)
+        codec = _need_codec(state)
+        if req.max_completion_tokens is not None:
+            req.max_tokens = req.max_completion_tokens
+        ids = _encode_chat(codec, req.messages, req.add_generation_prompt)
+        return await _serve(state, req, [ids], chat=True)
+
+    return app
+
+
+def _check_model(state: ServerState, name: str | None) -> None:
+    if name is not None and name != state.model_name:
+        raise ApiError(f"The model `{name}` does not exist.", 404, "NotFoundError")
+
+
+def _need_codec(state: ServerState) -> TextCodec:
+    if state.codec is None:
+        raise ApiError("this model has no tokenizer (tokenizer.json): send token ids")
+    return state.codec
+
+
+def _check_ids(state: ServerState, ids: list[int]) -> None:
+    vocab = state.engine.engine.model.config.vocab_size
+    for i in ids:
+        if not 0 <= i < vocab:
+            raise ApiError(f"Token id {i} is out of vocabulary (vocab_size={vocab})")
+
+
+def _encode_chat(codec: TextCodec, messages, add_generation_prompt: bool) -> list[int]:
+    rendered = [m.model_dump(exclude_none=True) for m in messages]
+    for m in rendered:  # OpenAI content parts: keep the text ones
+        if isinstance(m.get("content"), list):
+            m["content"] = "".join(p.get("text", "") for p in m["content"]
+                                   if p.get("type") == "text")
+    try:
+        text = codec.render_chat(rendered, add_generation_prompt)
+    except Exception as e:
+        raise ApiError(f"cannot apply the chat template: {e}") from e
+    return codec.encode(text, add_special_tokens=False)
+
+
+def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and all(isinstance(x, int) for x in prompt):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError("prompt must not be empty")
+    out = []
+    for p in prompt:
+        ids = _need_codec(state).encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise ApiError("prompt must have at least one token")
+        out.append(ids)
+    return out
+
+
+def _prepare(state: ServerState, req: _Sampling, prompts: list[list[int]]) -> list[_Choice]:
+    """Every choice's engine request, all checked before any is submitted."""
+    base = uuid.uuid4().hex[:16]
+    choices = []
+    try:
+        stops = req.stop_strings()
+        for p, ids in enumerate(prompts):
+            for j in range(req.n):
+                index = p * req.n + j
+                sampling = req.sampling(req.max_tokens, seed_offset=index)
+                engine_request = state.engine.engine.prepare(
+                    ids, sampling, f"{base}-{index}", ignore_eos=req.ignore_eos)
+                choices.append(_Choice(index, engine_request, stops, state.codec))
+    except ValueError as e:
+        raise ApiError(str(e)) from e
+    return choices
+
+
+async def _run_choice(state: ServerState, choice: _Choice) -> AsyncIterator[None]:
+    """Feeds one choice from the engine, yielding after each output; stops early at a stop
+    string (which aborts the engine request)."""
+    start = time.perf_counter()
+    async with contextlib.aclosing(state.engine.generate(choice.request)) as outputs:
+        async for out in outputs:
+            choice.feed(out)
+            yield
+            if choice.finish_reason:
+                break  # closing the stream aborts the engine request
+    state.metrics.on_finish(choice.finish_reason or "abort", len(choice.request.prompt),
+                            choice.first_token_at and choice.first_token_at - start,
+                            time.perf_counter() - start)
+
+
+async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], chat: bool):
+    choices = _prepare(state, req, prompts)
+    kind = "chat.completion" if chat else "text_completion"
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()), "model": state.model_name}
+    usage_of = lambda: _usage(prompts, req.n, choices)  # noqa: E731
+    if req.stream:
+        return StreamingResponse(_stream(state, req, choices, head, kind, chat, usage_of),
+                                 media_type="text/event-stream")
+
+    async def drain(choice):
+        async for _ in _run_choice(state, choice):
+            pass
+
+    try:
+        await asyncio.gather(*(drain(c) for c in choices))
+    except ValueError as e:
+        raise ApiError(str(e)) from e
+    return {**head, "object": kind, "usage": usage_of(),
+            "choices": [_final_choice(state, req, c, chat) for c in choices]}
+
+
+def _usage(prompts, n: int, choices: list[_Choice]) -> dict[str, int]:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(len(c.token_ids) for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+def _final_choice(state, req, c: _Choice, chat: bool) -> dict[str, Any]:
+    c.take_delta()
+    if chat:
+        return {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(state, req, c.logprobs),
+                "finish_reason": c.finish_reason}
+    return {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+            "logprobs": _completion_logprobs(state, req, c.logprobs)}
+
+
+def _token_text(state: ServerState, token_id: int) -> str:
+    return state.codec.token_text(token_id) if state.codec else f"token_id:{token_id}"
+
+
+def _completion_logprobs(state, req, items) -> dict[str, Any] | None:
+    if req.logprobs is None:
+        return None
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for item in items:
+        text = _token_text(state, item.token_id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(item.logprob)
+        out["top_logprobs"].append({_token_text(state, t): lp
+                                    for t, lp in item.top[: req.logprobs]})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def _chat_logprobs(state, req, items) -> dict[str, Any] | None:
+    if not req.logprobs:
+        return None
+    top_n = req.top_logprobs or 0
+
+    def entry(token_id, logprob):
+        text = _token_text(state, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(i.token_id, i.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in i.top[:top_n]]}
+                        for i in items]}
+
+
+async def _stream(state, req, choices, head, kind, chat, usage_of) -> AsyncIterator[str]:
+    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(payload) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def chunk(c: _Choice, text: str, new_logprobs, finish) -> dict[str, Any]:
+        if chat:
+            body = {"index": c.index, "delta": {"content": text} if text else {},
+                    "logprobs": _chat_logprobs(state, req, new_logprobs),
+                    "finish_reason": finish}
+        else:
+            body = {"index": c.index, "text": text, "finish_reason": finish,
+                    "logprobs": _completion_logprobs(state, req, new_logprobs)}
+        return {**head, "object": chunk_kind, "choices": [body]}
+
+    out_queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(c: _Choice):
+        seen = 0
+        try:
+            async for _ in _run_choice(state, c):
+                new, seen = c.logprobs[seen:], len(c.logprobs)
+                await out_queue.put((c, c.take_delta(), new))
+        except Exception as e:  # reported in-stream: the status line has been sent
+            await out_queue.put((c, e, None))
+        await out_queue.put((c, None, None))
+
+    if chat:
+        for c in choices:
+            yield event({**head, "object": chunk_kind, "choices": [{
+                "index": c.index, "delta": {"role": "assistant", "content": ""},
+                "logprobs": None, "finish_reason": None}]})
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        remaining = len(choices)
+        while remaining:
+            c, delta, new_logprobs = await out_queue.get()
+            if isinstance(delta, Exception):
+                yield event({"error": error_body(str(delta), 500, "InternalServerError")})
+            elif delta is None:
+                remaining -= 1
+                yield event(chunk(c, c.take_delta(), [], c.finish_reason or "abort"))
+            elif delta or (new_logprobs and req.logprobs):
+                yield event(chunk(c, delta, new_logprobs, None))
+        if req.include_usage:
+            yield event({**head, "object": chunk_kind, "choices": [], "usage": usage_of()})
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()

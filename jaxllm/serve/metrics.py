@@ -1,0 +1,51 @@
+"""Prometheus metrics of the server (names follow the CUDA engine's, prefixed jaxllm:)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        label = {"model_name": model_name}
+        r, names = self.registry, ["model_name"]
+        self.requests = Counter("jaxllm:request_success", "Finished requests",
+                                names + ["finished_reason"], registry=r)
+        self.prompt_tokens = Counter("jaxllm:prompt_tokens", "Prefilled prompt tokens",
+                                     names, registry=r).labels(**label)
+        self.generation_tokens = Counter("jaxllm:generation_tokens", "Generated tokens",
+                                         names, registry=r).labels(**label)
+        self.running = Gauge("jaxllm:num_requests_running", "Requests running", names,
+                             registry=r).labels(**label)
+        self.waiting = Gauge("jaxllm:num_requests_waiting", "Requests waiting", names,
+                             registry=r).labels(**label)
+        self.cache_usage = Gauge("jaxllm:kv_cache_usage_perc", "Fraction of KV pages in use",
+                                 names, registry=r).labels(**label)
+        self.ttft = Histogram("jaxllm:time_to_first_token_seconds", "Time to first token",
+                              names, buckets=_LATENCY, registry=r).labels(**label)
+        self.e2e = Histogram("jaxllm:e2e_request_latency_seconds", "Request latency", names,
+                             buckets=_LATENCY, registry=r).labels(**label)
+        self.step_time = Histogram("jaxllm:engine_step_seconds", "Engine step time", names,
+                                   buckets=_LATENCY, registry=r).labels(**label)
+        self._label = label
+
+    def on_step(self, engine, outputs, seconds: float) -> None:
+        self.step_time.observe(seconds)
+        self.running.set(len(engine.scheduler.running))
+        self.waiting.set(len(engine.scheduler.waiting))
+        pages = engine.pages
+        self.cache_usage.set(1.0 - pages.num_free / pages.num_pages)
+        self.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
+
+    def on_finish(self, reason: str, prompt_tokens: int, ttft: float | None, e2e: float):
+        self.requests.labels(finished_reason=reason, **self._label).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        self.e2e.observe(e2e)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

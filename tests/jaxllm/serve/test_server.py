@@ -1,0 +1,220 @@
+"""The OpenAI-compatible server, driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from jaxllm import testing as hf_models
+from jaxllm.serve.tokenizer import TextCodec
+from tests.jaxllm.conftest import run_converter
+
+KEY = "test-key"
+MAX_LEN = 96
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    hf = hf_models.make_text_model(hf_models.SCOUT_LIKE, seed=21)
+    hf_dir = hf_models.save(hf, root / "hf")
+    hf_models.save_word_tokenizer(hf_dir, hf_models.BASE["vocab_size"])
+    ckpt = root / "tiny"
+    assert run_converter(hf_dir, ckpt, "--dtype", "float32").returncode == 0
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxllm.serve", "--model", str(ckpt), "--port", str(port),
+         "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4", "--block-size", "8",
+         "--api-key", KEY, "--seed", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start:\n{proc.stdout.read()}")
+        time.sleep(0.5)
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    yield hf, ckpt, base, client
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def hf_continuation(hf, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                          eos_token_id=2, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def expected_text(ckpt, ids: list[int], hf, n: int) -> tuple[str, str]:
+    codec = TextCodec.from_dir(ckpt)
+    new = hf_continuation(hf, ids, n)
+    finish = "stop" if new and new[-1] == 2 else "length"
+    return codec.decode(new[:-1] if finish == "stop" else new), finish
+
+
+PROMPT = " ".join(f"w{i}" for i in (40, 41, 200, 17, 99, 230, 18, 7, 150, 151, 152, 300))
+
+
+def test_models_health_version(server):
+    _, _, base, client = server
+    [model] = client.models.list().data
+    assert model.id == "tiny"
+    assert httpx.get(f"{base}/health").status_code == 200
+    assert "version" in httpx.get(f"{base}/version").json()
+
+
+def test_greedy_completion_equals_hf(server):
+    hf, ckpt, _, client = server
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16,
+                                    temperature=0)
+    ids = TextCodec.from_dir(ckpt).encode(PROMPT)
+    text, finish = expected_text(ckpt, ids, hf, 16)
+    assert len(text.split()) >= 8  # a real continuation to compare
+    assert out.choices[0].text == text and out.choices[0].finish_reason == finish
+    assert out.usage.prompt_tokens == len(ids)
+
+
+def test_streaming_completion_matches_and_reports_usage(server):
+    _, _, _, client = server
+    whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16,
+                                      temperature=0).choices[0].text
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_chat_completion_equals_hf_on_the_template(server):
+    hf, ckpt, _, client = server
+    messages = [{"role": "system", "content": "w9 w10"}, {"role": "user", "content": "w33 w34"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12,
+                                         temperature=0)
+    codec = TextCodec.from_dir(ckpt)
+    ids = codec.encode(codec.render_chat(messages), add_special_tokens=False)
+    text, finish = expected_text(ckpt, ids, hf, 12)
+    assert len(text.split()) >= 6
+    assert out.choices[0].message.content == text
+    assert out.choices[0].finish_reason == finish
+    streamed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12,
+                                              temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+
+
+def test_n_and_seed(server):
+    _, _, _, client = server
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=10, temperature=1.0, seed=5, n=3)
+    a = client.completions.create(**kwargs)
+    b = client.completions.create(**kwargs)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1
+
+
+def test_stop_string_cuts_the_text(server):
+    _, _, _, client = server
+    full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16,
+                                     temperature=0, extra_body={"ignore_eos": True}
+                                     ).choices[0].text
+    words = full.split()
+    stop = words[3]
+    cut = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16,
+                                    temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+
+
+def test_stop_token_ids(server):
+    hf, ckpt, _, client = server
+    codec = TextCodec.from_dir(ckpt)
+    full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    ids = codec.encode(full.choices[0].text, add_special_tokens=False)
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0,
+                                    extra_body={"ignore_eos": True,
+                                                "stop_token_ids": [ids[4]]}).choices[0]
+    first = ids.index(ids[4])
+    assert out.finish_reason == "stop" and out.text == codec.decode(ids[:first])
+
+
+def test_logprobs(server):
+    _, _, _, client = server
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5,
+                                    temperature=0, logprobs=3).choices[0]
+    lp = out.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) >= 1
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 3 and value <= 0
+        assert value == pytest.approx(max(top.values()), abs=1e-5)  # greedy took the best
+
+
+@pytest.mark.parametrize("kwargs,status,needle", [
+    (dict(prompt=PROMPT, max_tokens=90), 400,
+     "This model's maximum context length is 96 tokens. However, you requested 102 tokens "
+     "(12 in the messages, 90 in the completion). Please reduce the length of the messages "
+     "or completion."),
+    (dict(prompt=[5, 333], max_tokens=2), 400, "Token id 333 is out of vocabulary"),
+    (dict(prompt=PROMPT, temperature=-1), 400, "temperature"),
+    (dict(prompt=PROMPT, model="other"), 404, "The model `other` does not exist."),
+    (dict(prompt=[], max_tokens=2), 400, "prompt"),
+])
+def test_bad_requests_get_json_errors_and_the_server_survives(server, kwargs, status, needle):
+    _, _, base, client = server
+    kwargs = {"model": "tiny", **kwargs}
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(**kwargs)
+    assert info.value.status_code == status
+    body = info.value.response.json()
+    assert body["object"] == "error" and body["code"] == status and needle in body["message"]
+    assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_api_key_is_required(server):
+    _, _, base, _ = server
+    r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "w7"})
+    assert r.status_code == 401 and r.json()["type"] == "AuthenticationError"
+
+
+def test_tokenize_detokenize_metrics(server):
+    _, _, base, client = server
+    tok = httpx.post(f"{base}/tokenize", json={"prompt": "w10 w11"}).json()
+    assert tok["tokens"] == [10, 11] and tok["count"] == 2 and tok["max_model_len"] == MAX_LEN
+    assert httpx.post(f"{base}/detokenize", json={"tokens": [10, 11]}).json() == {
+        "prompt": "w10 w11"}
+    bad = httpx.post(f"{base}/detokenize", json={"tokens": [10, 999]})
+    assert bad.status_code == 400 and "out of vocabulary" in bad.json()["message"]
+    client.completions.create(model="tiny", prompt="w8 w9", max_tokens=2)
+    text = httpx.get(f"{base}/metrics").text
+    assert "jaxllm:request_success_total" in text and "jaxllm:time_to_first_token" in text
+
+
+def test_malformed_json_is_a_400(server):
+    _, _, base, _ = server
+    r = httpx.post(f"{base}/v1/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {KEY}",
+                            "Content-Type": "application/json"})
+    assert r.status_code == 400 and json.loads(r.text)["object"] == "error"
