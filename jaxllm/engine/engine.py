@@ -135,6 +135,24 @@ class Engine:
                 len(request.prompt), request.num_cached_prompt, len(request.output)))
         return outputs
 
+    def warmup(self, progress: bool = True) -> int:
+        """Compiles the step program for every (token bucket, batch bucket) pair, so serving
+        never compiles; returns how many. Writes only into pages no request holds."""
+        from tqdm import tqdm
+
+        policy, page = self.policy, self.policy.page_size
+        if self.pages.num_free != self.pages.num_pages:
+            raise RuntimeError("warm up before submitting requests")
+        shapes = [(t, b) for t in policy.token_buckets for b in policy.batch_buckets
+                  if b <= t and t - b + 1 <= policy.max_model_len]
+        for rows, seqs in tqdm(shapes, desc="warmup", unit="program", disable=not progress):
+            last = rows - (seqs - 1)  # one token each, the rest to the last sequence
+            chunks = [SeqChunk([0], 0, [0]) for _ in range(seqs - 1)]
+            chunks.append(SeqChunk(list(range(-(-last // page))), 0, [0] * last))
+            self.runner.sample_step(chunks, [SamplingParams(temperature=0.0)] * seqs,
+                                    seeds=[0] * seqs, steps=[0] * seqs)
+        return len(shapes)
+
     def generate(self, prompts: Sequence[Sequence[int]],
                  sampling: SamplingParams | None = None) -> list[list[int]]:
         """Runs ``prompts`` to completion through the engine (for tests and offline use)."""

@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--skip-warmup", action="store_true",
+                   help="do not compile every step shape at start-up (first requests wait)")
     return p.parse_args(argv)
 
 
@@ -54,6 +56,8 @@ def build_state(args: argparse.Namespace):
                               page_size=args.block_size, max_num_seqs=args.max_num_seqs)
     engine = Engine(model, num_pages=args.num_kv_pages,
                     max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+    if not args.skip_warmup:
+        engine.warmup()
     name = args.served_model_name or Path(args.model).resolve().name
     metrics = Metrics(name)
     return ServerState(AsyncEngine(engine, metrics), TextCodec.from_dir(args.model), name,

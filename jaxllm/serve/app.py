@@ -385,7 +385,7 @@ async def _stream(state, req, choices, head, kind, chat, usage_of) -> AsyncItera
             elif delta is None:
                 remaining -= 1
                 yield event(chunk(c, c.take_delta(), [], c.finish_reason or "abort"))
-            elif delta or (new_logprobs and req.logprobs):
+            elif delta or new_logprobs:  # one chunk per token, so clients can time them
                 yield event(chunk(c, delta, new_logprobs, None))
         if req.include_usage:
             yield event({**head, "object": chunk_kind, "choices": [], "usage": usage_of()})
