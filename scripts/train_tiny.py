@@ -1,0 +1,209 @@
+"""Train the small Llama 4 bundled in checkpoints/: two-digit addition, as a chat model.
+
+    python scripts/train_tiny.py --out checkpoints/tiny-llama4      # about 20 min on 2 CPUs
+
+The model is a real Llama 4 text model (MoE with a shared expert on every layer, chunked
+local attention on RoPE layers, a NoPE layer with temperature tuning, QK norm) trained with
+jaxllm's own forward, the one the server runs. It learns to answer "What is 12 + 35?" with
+"47", through a character-level tokenizer and a chat template saved beside the weights, so
+``python -m jaxllm.serve`` serves it out of the box. Held-out sums (never trained on) measure
+whether it learned addition rather than a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import string
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import jaxllm
+from jaxllm import checkpoint
+from jaxllm.batch import full_sequence_batch
+from jaxllm.config import Llama4Config
+from jaxllm.model import Llama4, init_kv_cache
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHARS = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}{{ eos_token }}"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SEQ_LEN = 24
+PAGE = 8
+
+# The chunk (64) is longer than a conversation (24 tokens), so every layer sees the operands
+# from the answer; a 16-token chunk hid them on the three RoPE layers and capped accuracy
+# near 55%. Chunking still applies to anything past 64 tokens.
+CONFIG = {
+    "model_type": "llama4_text", "architectures": ["Llama4ForCausalLM"],
+    "vocab_size": len(SPECIALS) + len(CHARS), "hidden_size": 128, "intermediate_size": 192,
+    "intermediate_size_mlp": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 32, "num_local_experts": 4,
+    "num_experts_per_tok": 1, "interleave_moe_layer_step": 1, "use_qk_norm": True,
+    "no_rope_layers": [1, 1, 1, 0], "attention_chunk_size": 64,
+    "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1,
+    "rope_theta": 10000.0, "rope_scaling": None, "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False,
+    "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+}
+
+
+def question(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def save_tokenizer(directory: Path):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(SPECIALS)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "chat_template": CHAT_TEMPLATE}, indent=1))
+    return tokenizer
+
+
+def encode_example(tokenizer, a: int, b: int) -> tuple[list[int], int]:
+    """Token ids of one training conversation, and where the answer starts."""
+    prompt = f"<s><|user|>{question(a, b)}<|assistant|>"
+    ids = tokenizer.encode(prompt + f"{a + b}</s>", add_special_tokens=False).ids
+    return ids, len(tokenizer.encode(prompt, add_special_tokens=False).ids)
+
+
+def make_split(seed: int, held_out: int) -> tuple[np.ndarray, np.ndarray]:
+    pairs = np.array([(a, b) for a in range(100) for b in range(100)])
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    return pairs[order[held_out:]], pairs[order[:held_out]]
+
+
+def batches(tokenizer, pairs: np.ndarray, batch: int, rng: np.random.Generator):
+    while True:
+        pick = pairs[rng.integers(0, len(pairs), batch)]
+        tokens = np.zeros((batch, SEQ_LEN), np.int32)
+        mask = np.zeros((batch, SEQ_LEN), np.float32)
+        for i, (a, b) in enumerate(pick):
+            ids, start = encode_example(tokenizer, int(a), int(b))
+            tokens[i, : len(ids)] = ids
+            mask[i, start : len(ids)] = 1.0  # learn the answer and the EOS after it
+        yield tokens, mask
+
+
+def train(config: Llama4Config, tokenizer, pairs, args) -> nnx.State:
+    model = Llama4(config, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
+    graphdef, params = nnx.split(model)
+    if args.resume:  # continue from an earlier run's checkpoint
+        params = jaxllm.load_model(args.resume, dtype="float32").params
+    positions, meta, num_pages = full_sequence_batch([SEQ_LEN] * args.batch, PAGE)
+    positions, meta = jnp.asarray(positions), jax.tree.map(jnp.asarray, meta)
+    warmup = min(200, args.steps // 10)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps, args.lr / 20)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.adamw(schedule, b2=0.98, weight_decay=0.01))
+    opt_state = optimizer.init(params)
+
+    def loss_fn(params, tokens, mask):
+        module = nnx.merge(graphdef, params)
+        cache = init_kv_cache(config, num_pages, PAGE, jnp.float32)
+        hidden, _ = module(tokens.reshape(-1), positions, cache, meta)
+        logits = module.logits(hidden).reshape(*tokens.shape, -1)[:, :-1]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1)[..., 0]
+        return jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:])
+
+    @jax.jit
+    def step(params, opt_state, tokens, mask):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    data = batches(tokenizer, pairs, args.batch, np.random.default_rng(args.seed))
+    start = time.perf_counter()
+    for i in range(1, args.steps + 1):
+        params, opt_state, loss = step(params, opt_state, *next(data))
+        if i % 250 == 0 or i in (1, 20):
+            print(f"step {i:5d}  loss {float(loss):.4f}  {time.perf_counter() - start:6.0f} s",
+                  flush=True)
+    return params
+
+
+def write_checkpoint(out: Path, params: nnx.State, tokenizer_dir: Path) -> None:
+    """Writes the jaxllm checkpoint into a temporary directory renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        shapes = {}
+        for name, tree in checkpoint.split_groups(nnx.to_pure_dict(params)):
+            tree = jax.tree.map(np.asarray, tree)
+            checkpoint.save_group(tmp, name, tree)
+            shapes[name] = checkpoint.tree_shapes(tree)
+        (tmp / "config.json").write_text(json.dumps(CONFIG, indent=1))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=1))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy2(tokenizer_dir / name, tmp / name)
+        checkpoint.write_manifest(tmp, "float32", shapes)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def evaluate(path: Path, pairs: np.ndarray) -> float:
+    """Exact-answer accuracy of greedy chat answers, through jaxllm.generate."""
+    from jaxllm.serve.tokenizer import TextCodec
+
+    model = jaxllm.load_model(path, max_model_len=64)
+    codec = TextCodec.from_dir(path)
+    prompts = [codec.encode(codec.render_chat([{"role": "user", "content": question(a, b)}]),
+                            add_special_tokens=False) for a, b in pairs]
+    outs = model.generate(prompts, max_new_tokens=4)
+    right = sum(codec.decode(o) == str(a + b) for o, (a, b) in zip(outs, pairs, strict=True))
+    return right / len(pairs)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="checkpoints/tiny-llama4")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--held-out", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, help="start from this checkpoint's weights")
+    args = p.parse_args()
+    config = Llama4Config.from_hf(CONFIG)
+    train_pairs, test_pairs = make_split(args.seed, args.held_out)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = save_tokenizer(Path(tmp))
+        start = time.perf_counter()
+        params = train(config, tokenizer, train_pairs, args)
+        minutes = (time.perf_counter() - start) / 60
+        write_checkpoint(Path(args.out), params, Path(tmp))
+    accuracy = evaluate(Path(args.out), test_pairs)
+    train_accuracy = evaluate(Path(args.out), train_pairs[:500])
+    print(f"trained {args.steps} steps in {minutes:.1f} min on {jax.devices()[0].device_kind}; "
+          f"held-out accuracy {accuracy:.1%} ({len(test_pairs)} sums never seen), "
+          f"train accuracy {train_accuracy:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
