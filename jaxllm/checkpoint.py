@@ -13,8 +13,12 @@ renamed into place, so a directory that has it is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,22 @@ FORMAT_VERSION = 1
 _LAYER_GROUP = re.compile(r"^layer_(\d+)$")
 
 Tree = dict[str, Any]
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yields a temporary sibling of ``out`` to fill; on success it replaces ``out`` in one
+    rename, on any failure (^C included) it is deleted, so ``out`` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def group_name(top_key: str, layer: int | None = None) -> str:

@@ -6,10 +6,8 @@ import ctypes
 import dataclasses
 import gc
 import json
-import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -223,21 +221,13 @@ def convert(
     if source.skipped:
         log(f"skipping {len(source.skipped)} vision/projector tensors (text model only)")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with checkpoint.atomic_directory(out_dir) as tmp:
         with jax.default_device(jax.devices("cpu")[0]):
             shapes = _write_groups(tmp, plan, source, DTYPES[dtype], progress)
         for name in SIDE_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / name)
         checkpoint.write_manifest(tmp, dtype, shapes)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

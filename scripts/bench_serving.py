@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -99,32 +98,16 @@ def report(args, ok: list[dict], results: list[dict], duration: float) -> None:
                   f"{np.percentile(xs, 99):>12.2f}")
 
 
-def start_tiny_server(tmp: Path, args) -> tuple[subprocess.Popen, str, str]:
-    """A tiny random Llama 4 converted and served on a free port (for CPU demos)."""
+def tiny_checkpoint(tmp: Path) -> Path:
+    """A tiny random Llama 4, converted (for CPU demos)."""
     from jaxllm import testing
 
     hf = testing.make_text_model(testing.SCOUT_LIKE)
     testing.save(hf, tmp / "hf", shard_size="1GB")
-    root = Path(__file__).resolve().parent
-    subprocess.run([sys.executable, str(root / "convert_hf_to_orbax.py"), "--hf-dir",
-                    str(tmp / "hf"), "--out", str(tmp / "tiny"), "--no-progress"],
-                   check=True, capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "jaxllm.serve", "--model", str(tmp / "tiny"),
-                             "--port", str(port), "--max-model-len",
-                             str(args.input_len + args.output_len), "--max-num-seqs", "8"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base, "tiny"
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the tiny server did not start")
+    converter = Path(__file__).resolve().parent / "convert_hf_to_orbax.py"
+    subprocess.run([sys.executable, str(converter), "--hf-dir", str(tmp / "hf"), "--out",
+                    str(tmp / "tiny"), "--no-progress"], check=True, capture_output=True)
+    return tmp / "tiny"
 
 
 def main() -> int:
@@ -142,13 +125,14 @@ def main() -> int:
     if args.base_url:
         asyncio.run(run(args, args.base_url.rstrip("/"), args.model))
         return 0
+    from jaxllm import testing
+
     with tempfile.TemporaryDirectory() as tmp:
-        proc, base, model = start_tiny_server(Path(tmp), args)
-        try:
-            asyncio.run(run(args, base, model))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        ckpt = tiny_checkpoint(Path(tmp))
+        serve_args = ["--model", str(ckpt), "--max-model-len",
+                      str(args.input_len + args.output_len), "--max-num-seqs", "8"]
+        with testing.serving(serve_args) as base:
+            asyncio.run(run(args, base, "tiny"))
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import string
 import sys
@@ -144,9 +143,7 @@ def train(config: Llama4Config, tokenizer, pairs, args) -> nnx.State:
 
 def write_checkpoint(out: Path, params: nnx.State, tokenizer_dir: Path) -> None:
     """Writes the jaxllm checkpoint into a temporary directory renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with checkpoint.atomic_directory(out) as tmp:
         shapes = {}
         for name, tree in checkpoint.split_groups(nnx.to_pure_dict(params)):
             tree = jax.tree.map(np.asarray, tree)
@@ -158,12 +155,6 @@ def write_checkpoint(out: Path, params: nnx.State, tokenizer_dir: Path) -> None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy2(tokenizer_dir / name, tmp / name)
         checkpoint.write_manifest(tmp, "float32", shapes)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def evaluate(path: Path, pairs: np.ndarray) -> float:

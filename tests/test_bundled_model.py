@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import openai
 import pytest
 
 import jaxllm
+from jaxllm import testing
 from jaxllm.serve.tokenizer import TextCodec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,27 +47,8 @@ def test_bundled_model_adds_sums_it_never_saw():
 
 @pytest.fixture(scope="module")
 def default_server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "jaxllm.serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start:\n{proc.stdout.read()}")
-        time.sleep(0.5)
-    yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
-    proc.terminate()
-    proc.wait(timeout=30)
+    with testing.serving([], cwd=REPO) as base:  # no arguments: the bundled model
+        yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
 
 
 def test_serve_out_of_the_box_answers(default_server):

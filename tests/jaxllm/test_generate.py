@@ -10,6 +10,7 @@ import torch
 import jaxllm
 from jaxllm import ContextLengthError, SamplingParams
 from jaxllm import testing as hf_models
+from jaxllm.testing import count_compilations
 
 V = hf_models.BASE["vocab_size"]
 
@@ -116,14 +117,7 @@ def test_no_compilation_after_warmup(tiny_model):
     model = jaxllm.load_model(tiny_model("maverick")[2], max_model_len=40, max_num_seqs=4)
     assert model.warmup(progress=False) == 3 * 3  # batch buckets 1,2,4 x lengths 16,32,40
 
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compilations() as compiles:
         rng = np.random.default_rng(0)
         for call in range(30):
             batch = int(rng.integers(1, 7))  # past max_num_seqs: split into two batches
@@ -133,8 +127,6 @@ def test_no_compilation_after_warmup(tiny_model):
                                   sampling=SamplingParams(temperature=0.8, seed=call)
                                   if call % 2 else None)
             assert len(outs) == batch and all(1 <= len(o) <= new for o in outs)
-    finally:
-        jax.monitoring.clear_event_listeners()
     assert compiles == []
 
 

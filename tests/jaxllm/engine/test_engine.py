@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 import jaxllm
 from jaxllm import ContextLengthError, SamplingParams
 from jaxllm.engine import Engine
+from jaxllm.testing import count_compilations
 
 GREEDY_20 = SamplingParams(temperature=0.0, max_tokens=20)
 
@@ -111,16 +111,7 @@ def test_no_compilation_after_warmup(scout):
     _, model = scout
     engine = Engine(model, max_num_batched_tokens=32)
     assert engine.warmup(progress=False) == 2 * 3  # token buckets 16, 32 x batch 1, 2, 4
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compilations() as compiles:
         engine.generate(_prompts([5, 20, 37, 50, 12, 33], seed=9),
                         SamplingParams(temperature=0.5, max_tokens=12, seed=1))
-    finally:
-        jax.monitoring.clear_event_listeners()
     assert compiles == []

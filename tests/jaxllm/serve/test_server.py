@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
@@ -21,12 +17,6 @@ KEY = "test-key"
 MAX_LEN = 96
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
@@ -35,28 +25,11 @@ def server(tmp_path_factory):
     hf_models.save_word_tokenizer(hf_dir, hf_models.BASE["vocab_size"])
     ckpt = root / "tiny"
     assert run_converter(hf_dir, ckpt, "--dtype", "float32").returncode == 0
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxllm.serve", "--model", str(ckpt), "--port", str(port),
-         "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4", "--block-size", "8",
-         "--api-key", KEY, "--seed", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start:\n{proc.stdout.read()}")
-        time.sleep(0.5)
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
-    yield hf, ckpt, base, client
-    proc.terminate()
-    proc.wait(timeout=30)
+    args = ["--model", str(ckpt), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4",
+            "--block-size", "8", "--api-key", KEY, "--seed", "0"]
+    with hf_models.serving(args) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+        yield hf, ckpt, base, client
 
 
 def hf_continuation(hf, ids: list[int], n: int) -> list[int]:
