@@ -86,6 +86,16 @@ def test_lengths_around_every_bucket_edge(edge_model, length):
     assert model.generate([prompt], max_new_tokens=new)[0] == hf_greedy(hf, prompt, new, eos=None)
 
 
+def test_batch_sizes_around_every_batch_bucket(edge_model):
+    """Batch buckets are 1, 2, 4 (max_num_seqs 4): sizes 1..5, the last split in two calls."""
+    hf, model = edge_model
+    assert model.bucket_policy.batch_buckets == (1, 2, 4)
+    prompts = _prompts([7, 30, 19, 44, 12], seed=8)
+    want = [hf_greedy(hf, p, 5, eos=None) for p in prompts]
+    for size in range(1, 6):
+        assert model.generate(prompts[:size], max_new_tokens=5) == want[:size]
+
+
 def test_batch_of_prompts_in_the_last_partial_chunk(edge_model):
     """Several sequences whose chunk boundaries are offset, all ending in positions 64..74."""
     hf, model = edge_model
