@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jaxllm
+from jaxllm.batch import check_token_ids
 from jaxllm.engine import Request as EngineRequest
 from jaxllm.engine import RequestOutput
 from jaxllm.serve.async_engine import AsyncEngine
@@ -201,10 +202,10 @@ def _need_codec(state: ServerState) -> TextCodec:
 
 
 def _check_ids(state: ServerState, ids: list[int]) -> None:
-    vocab = state.engine.engine.model.config.vocab_size
-    for i in ids:
-        if not 0 <= i < vocab:
-            raise ApiError(f"Token id {i} is out of vocabulary (vocab_size={vocab})")
+    try:
+        check_token_ids(ids, state.engine.engine.model.config.vocab_size)
+    except ValueError as e:
+        raise ApiError(str(e)) from e
 
 
 def _encode_chat(codec: TextCodec, messages, add_generation_prompt: bool) -> list[int]:
