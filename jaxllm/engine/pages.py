@@ -15,14 +15,21 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def page_hashes(tokens: Sequence[int], page_size: int) -> list[bytes]:
-    """Chained 128-bit hashes of every full page of ``tokens`` (collisions would silently
-    share the wrong keys, so not Python's 64-bit ``hash``)."""
-    hashes, parent = [], b""
-    for start in range(0, len(tokens) - page_size + 1, page_size):
-        page = np.asarray(tokens[start : start + page_size], np.int64).tobytes()
-        parent = hashlib.blake2b(parent + page, digest_size=16).digest()
-        hashes.append(parent)
+def chain_hash(parent: bytes, page_tokens: Sequence[int]) -> bytes:
+    """128-bit hash of a page's tokens chained to the hash of the page before it (collisions
+    would silently share the wrong keys, so not Python's 64-bit ``hash``)."""
+    data = np.asarray(page_tokens, np.int64).tobytes()
+    return hashlib.blake2b(parent + data, digest_size=16).digest()
+
+
+def page_hashes(tokens: Sequence[int], page_size: int, known: Sequence[bytes] = ()
+                ) -> list[bytes]:
+    """Chained hashes of every full page of ``tokens``; ``known`` are those of its first
+    pages, already computed, which are extended rather than recomputed."""
+    hashes = list(known)
+    for start in range(len(hashes) * page_size, len(tokens) - page_size + 1, page_size):
+        hashes.append(chain_hash(hashes[-1] if hashes else b"",
+                                 tokens[start : start + page_size]))
     return hashes
 
 
@@ -73,9 +80,9 @@ class PageAllocator:
             pages.append(page)
         return pages
 
-    def register(self, pages: Sequence[int], tokens: Sequence[int]) -> None:
-        """Records the full pages of a sequence whose first ``len(tokens)`` are computed."""
-        for page, h in zip(pages, page_hashes(tokens, self.page_size), strict=False):
+    def register(self, pages: Sequence[int], hashes: Sequence[bytes]) -> None:
+        """Records full pages under their chained hashes (``hashes[i]`` for ``pages[i]``)."""
+        for page, h in zip(pages, hashes, strict=False):
             if page in self.hash_of:
                 continue
             if h not in self.by_hash:  # a different page may already hold this prefix

@@ -14,7 +14,7 @@ import enum
 from collections import deque
 
 from jaxllm.buckets import BucketPolicy
-from jaxllm.engine.pages import PageAllocator
+from jaxllm.engine.pages import PageAllocator, page_hashes
 from jaxllm.sampling import SamplingParams
 
 
@@ -36,6 +36,7 @@ class Request:
     pages: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the cache
     num_cached_prompt: int = 0  # of the prompt, found in the prefix cache at admission
+    page_hashes: list[bytes] = dataclasses.field(default_factory=list)  # of full pages
     status: Status = Status.WAITING
     finish_reason: str | None = None
 
@@ -151,4 +152,7 @@ class Scheduler:
         """Marks a chunk as run, and offers its now-full pages to the prefix cache."""
         request = scheduled.request
         request.num_computed += scheduled.num_tokens
-        self.pages.register(request.pages, request.tokens[: request.num_computed])
+        # Hashes depend on tokens only, so they survive preemption; only new pages hash.
+        request.page_hashes = page_hashes(request.tokens[: request.num_computed],
+                                          self.pages.page_size, request.page_hashes)
+        self.pages.register(request.pages, request.page_hashes)

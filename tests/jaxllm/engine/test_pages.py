@@ -27,7 +27,7 @@ def test_prefix_is_shared_and_survives_release_until_reused():
     pages = PageAllocator(6, page_size=2)
     tokens = [1, 2, 3, 4, 5, 6, 7]
     first = pages.allocate(4)
-    pages.register(first, tokens)  # three full pages
+    pages.register(first, page_hashes(tokens, 2))  # three full pages
     assert pages.match_prefix([1, 2, 3, 4, 9, 9]) == first[:2]
     assert pages.refs[first[0]] == 2
     pages.release(first[:2])
