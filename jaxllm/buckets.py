@@ -1,5 +1,9 @@
 """The one bucket policy: every shape a compiled program sees, and every length check.
 
+``BucketPolicy`` is also the engine's configuration: built once from the model (and the CLI)
+and passed down whole. It owns ``max_model_len`` and the step limits; the page size and page
+count belong to its ``cache`` (``jaxllm.kv_cache.CacheConfig``).
+
 Request lengths vary; compiled shapes do not. Prompt lengths round up to a length bucket
 (powers of two, then ``max_model_len`` itself), batches to a batch bucket, and every sequence
 owns a block table exactly ``ceil(max_model_len / page_size)`` pages wide. Masks, not shapes,
@@ -11,6 +15,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+
+from jaxllm.kv_cache import CacheConfig
+from jaxllm.layout import pages_for
 
 
 class ContextLengthError(ValueError):
@@ -29,7 +36,7 @@ def _powers_of_two_then(limit: int, start: int) -> tuple[int, ...]:
 @dataclasses.dataclass(frozen=True)
 class BucketPolicy:
     max_model_len: int
-    page_size: int = 16
+    cache: CacheConfig = CacheConfig()
     chunk_size: int | None = None
     max_num_seqs: int = 8
     min_length_bucket: int = 16
@@ -39,7 +46,7 @@ class BucketPolicy:
         if self.max_num_batched_tokens is None:
             object.__setattr__(self, "max_num_batched_tokens",
                                max(self.max_model_len, self.max_num_seqs))
-        for name in ("max_model_len", "page_size", "max_num_seqs", "min_length_bucket",
+        for name in ("max_model_len", "max_num_seqs", "min_length_bucket",
                      "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -49,9 +56,26 @@ class BucketPolicy:
                              f"size {self.chunk_size}")
 
     @property
+    def page_size(self) -> int:
+        return self.cache.page_size
+
+    @property
     def pages_per_seq(self) -> int:
         """Block-table width: enough pages for ``max_model_len`` tokens, and no more."""
-        return -(-self.max_model_len // self.page_size)
+        return pages_for(self.max_model_len, self.page_size)
+
+    def for_engine(self, num_pages: int | None = None,
+                   max_num_batched_tokens: int | None = None) -> BucketPolicy:
+        """This configuration with a sized cache (default: ``max_num_seqs`` sequences of
+        ``max_model_len``) and, if given, another step width."""
+        num_pages = num_pages or self.max_num_seqs * self.pages_per_seq
+        if num_pages < self.pages_per_seq:
+            raise ValueError(f"num_pages={num_pages} cannot hold one sequence of max_model_len="
+                             f"{self.max_model_len} ({self.pages_per_seq} pages of "
+                             f"{self.page_size} tokens)")
+        return dataclasses.replace(
+            self, cache=self.cache.with_pages(num_pages),
+            max_num_batched_tokens=max_num_batched_tokens or self.max_num_batched_tokens)
 
     @property
     def length_buckets(self) -> tuple[int, ...]:

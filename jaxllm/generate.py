@@ -1,79 +1,30 @@
-"""Batched generation: a pure, jittable prefill + ``lax.while_loop`` decode, and ``generate()``.
+"""Batched generation: a pure, jittable prefill + ``lax.while_loop`` decode, ``generate()``
+and its warm-up.
 
 The jittable core runs the same model forward as the serving engine: one flat prefill batch
 of every prompt, then one row per sequence per decode step, over a paged KV cache where
-sequence b owns pages ``b * W .. b * W + W - 1`` (W = pages per sequence).
+sequence b owns pages ``b * W .. b * W + W - 1`` (W = pages per sequence; the layouts are
+``jaxllm.layout.prefill_layout`` and ``decode_layout``).
 """
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.batch import check_token_ids
-from jaxllm.model import AttentionMetadata, init_kv_cache
+from jaxllm.api import Model
+from jaxllm.kv_cache import CacheConfig, init_kv_cache
+from jaxllm.layout import check_token_ids, decode_layout, pages_for, prefill_layout
 from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, sample
-
-if TYPE_CHECKING:
-    from jaxllm.api import Model
+from jaxllm.sharding import to_host
 
 MAX_STOP_IDS = 16  # stop ids per sequence, padded with -1 (a fixed shape: no recompiles)
-
-
-def prefill_layout(lengths: jax.Array, max_len: int, pages_per_seq: int, page_size: int):
-    """Packs prompts ``[B, max_len]`` of ``lengths`` back to back into flat rows.
-
-    Returns (row index of each (b, i) or B * max_len when i >= lengths[b], metadata with
-    positions). Prompt token i of sequence b sits at position i, in cache slot
-    ``b * W * page_size + i`` (its pages are contiguous).
-    """
-    batch = lengths.shape[0]
-    rows = batch * max_len
-    starts = jnp.cumsum(lengths) - lengths
-    i = jnp.arange(max_len)[None, :]
-    valid = i < lengths[:, None]
-    row = jnp.where(valid, starts[:, None] + i, rows)  # [B, max_len]
-    positions = jnp.zeros(rows, jnp.int32).at[row].set(
-        jnp.broadcast_to(i, row.shape), mode="drop")
-    slot = jnp.arange(batch)[:, None] * pages_per_seq * page_size + i
-    slot_mapping = jnp.full(rows, -1, jnp.int32).at[row].set(slot, mode="drop")
-    meta = AttentionMetadata(
-        slot_mapping=slot_mapping,
-        block_tables=_block_tables(batch, pages_per_seq),
-        seq_lens=lengths.astype(jnp.int32),
-        query_start_loc=jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(lengths)]),
-        num_seqs=jnp.int32(batch),
-    )
-    return row, positions, meta
-
-
-def _block_tables(batch: int, pages_per_seq: int) -> jax.Array:
-    return (jnp.arange(batch)[:, None] * pages_per_seq + jnp.arange(pages_per_seq)).astype(
-        jnp.int32)
-
-
-def decode_layout(positions: jax.Array, active: jax.Array, pages_per_seq: int, page_size: int):
-    """One row per sequence at ``positions [B]``; inactive rows write nothing.
-
-    Positions are clipped into the block table so that no index ever leaves it, even for a
-    finished sequence whose row is computed and discarded.
-    """
-    batch = positions.shape[0]
-    pos = jnp.clip(positions, 0, pages_per_seq * page_size - 1).astype(jnp.int32)
-    slot = jnp.arange(batch) * pages_per_seq * page_size + pos
-    return pos, AttentionMetadata(
-        slot_mapping=jnp.where(active, slot, -1).astype(jnp.int32),
-        block_tables=_block_tables(batch, pages_per_seq),
-        seq_lens=pos + 1,
-        query_start_loc=jnp.arange(batch + 1, dtype=jnp.int32),
-        num_seqs=jnp.int32(batch),
-    )
 
 
 def generate_tokens(
@@ -88,7 +39,7 @@ def generate_tokens(
     *,
     max_new_tokens: int,
     max_model_len: int,
-    page_size: int,
+    cache: CacheConfig,
     attention_impl: str,
 ) -> tuple[jax.Array, jax.Array]:
     """Generates up to ``max_new_tokens`` (static) tokens for each prompt; pure and jittable.
@@ -96,14 +47,15 @@ def generate_tokens(
     tokens [B, L] int32 prompts padded on the right, lengths [B] (>= 1); seeds [B] uint32
     per-row PRNG seeds; budgets [B] per-row token limits (<= max_new_tokens); stop_ids
     [B, MAX_STOP_IDS] (-1 = unused). A row stops after a stop id (which it keeps), its budget,
-    or when it reaches ``max_model_len`` tokens. Returns (out [B, max_new_tokens] padded with
-    -1, number generated [B]).
+    or when it reaches ``max_model_len`` tokens. ``cache`` gives the page size and dtype (its
+    page count is sized here: ``B`` sequences of ``max_model_len``). Returns
+    (out [B, max_new_tokens] padded with -1, number generated [B]).
     """
     model = nnx.merge(graphdef, params)
     batch, max_len = tokens.shape
-    pages_per_seq = -(-max_model_len // page_size)
-    cache = init_kv_cache(model.config, batch * pages_per_seq, page_size, model.embed.dtype,
-                          model.mesh)
+    page_size = cache.page_size
+    pages_per_seq = pages_for(max_model_len, page_size)
+    kv = init_kv_cache(model.config, cache.with_pages(batch * pages_per_seq), model.mesh)
     base_keys = jax.vmap(jax.random.PRNGKey)(seeds)
 
     def pick(hidden, step):  # step [B]: the index of the token being chosen in each row
@@ -114,28 +66,28 @@ def generate_tokens(
         is_stop = jnp.any(token[:, None] == stop_ids, axis=-1)
         return is_stop | (count >= budgets) | (lengths + count >= max_model_len)
 
-    row, positions, meta = prefill_layout(lengths, max_len, pages_per_seq, page_size)
+    row, meta = prefill_layout(lengths, max_len, pages_per_seq, page_size)
     flat = jnp.zeros(batch * max_len, jnp.int32).at[row].set(tokens, mode="drop")
-    hidden, cache = model(flat, positions, cache, meta, attention_impl=attention_impl)
+    hidden, kv = model(flat, kv, meta, attention_impl=attention_impl)
     first = pick(hidden[meta.query_start_loc[1:] - 1], jnp.zeros(batch, jnp.int32))
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
     count = jnp.ones(batch, jnp.int32)
-    state = (out, count, first, finished(first, count), cache)
+    state = (out, count, first, finished(first, count), kv)
 
     def cond(state):
         _, count, _, done, _ = state
         return jnp.any(~done) & (jnp.max(count) < max_new_tokens)
 
     def body(state):
-        out, count, last, done, cache = state
+        out, count, last, done, kv = state
         # The last generated token sits at position lengths + count - 1.
-        pos, meta = decode_layout(lengths + count - 1, ~done, pages_per_seq, page_size)
-        hidden, cache = model(last, pos, cache, meta, attention_impl=attention_impl)
+        meta = decode_layout(lengths + count - 1, ~done, pages_per_seq, page_size)
+        hidden, kv = model(last, kv, meta, attention_impl=attention_impl)
         token = pick(hidden, count)
         slot = jnp.where(done, max_new_tokens, count)
         out = out.at[jnp.arange(batch), slot].set(token, mode="drop")
         count = count + (~done)
-        return out, count, jnp.where(done, last, token), done | finished(token, count), cache
+        return out, count, jnp.where(done, last, token), done | finished(token, count), kv
 
     out, count, _, _, _ = jax.lax.while_loop(cond, body, state)
     return out, count
@@ -175,8 +127,7 @@ def generate(
     results: list[list[int]] = []
     for start in range(0, len(checked), policy.max_num_seqs):
         group = checked[start : start + policy.max_num_seqs]
-        out, count = model.run_generate(group, max_new_tokens, stops, sampling,
-                                        seed + start)
+        out, count = run_generate(model, group, max_new_tokens, stops, sampling, seed + start)
         results += [out[b, : count[b]].tolist() for b in range(len(group))]
     return results
 
@@ -201,3 +152,43 @@ def pack_inputs(
     seeds = (np.uint64(seed) + np.arange(batch, dtype=np.uint64)).astype(np.uint32)
     arrays = SamplingArrays.from_params([sampling] * batch)
     return tokens, lengths, seeds, budgets, stop_ids, arrays
+
+
+def run_generate(model: Model, prompts: Sequence[np.ndarray], max_new_tokens: int,
+                 stops: Sequence[int], sampling: SamplingParams,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One bucketed batch through the compiled generation program (host arrays out)."""
+    policy = model.bucket_policy
+    batch = policy.batch_bucket(len(prompts))
+    length = policy.length_bucket(max(len(p) for p in prompts))
+    inputs = pack_inputs(prompts, batch, length, max_new_tokens, stops, sampling, seed)
+    out, count = model.compiled("generate", lambda: _compile_generate(model))(
+        model.params, *inputs)
+    return to_host(out), to_host(count)
+
+
+def _compile_generate(model: Model):
+    policy = model.bucket_policy
+    fn = functools.partial(
+        generate_tokens, model.graphdef, max_new_tokens=max(1, policy.max_model_len - 1),
+        max_model_len=policy.max_model_len, cache=policy.cache,
+        attention_impl=model.attention_impl)
+    rep = model.replicated()
+    return jax.jit(fn, in_shardings=(model.param_shardings,) + (rep,) * 6, out_shardings=rep)
+
+
+def warmup(model: Model, progress: bool = True) -> int:
+    """Compiles generation for every (batch, prompt length) bucket; returns how many.
+
+    Afterwards no ``generate()`` call within ``max_num_seqs`` and ``max_model_len``
+    compiles anything.
+    """
+    from tqdm import tqdm
+
+    policy = model.bucket_policy
+    shapes = [(b, n) for b in policy.batch_buckets for n in policy.length_buckets]
+    for batch, length in tqdm(shapes, desc="warmup", unit="program", disable=not progress):
+        # The longest prompt a bucket holds; max_model_len itself leaves no room to generate.
+        prompts = [np.zeros(min(length, policy.max_model_len - 1), np.int32)] * batch
+        run_generate(model, prompts, 1, list(model.eos_token_ids), GREEDY, 0)
+    return len(shapes)

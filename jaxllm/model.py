@@ -14,7 +14,6 @@ Every parameter declares its logical axes (``vocab``, ``embed``, ``heads``, ``kv
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,28 +22,9 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.attention import paged_attention
 from jaxllm.config import Llama4Config, rope_inverse_frequencies
+from jaxllm.kv_cache import KVCache, write_kv_pages
+from jaxllm.layout import AttentionMetadata
 from jaxllm.sharding import constrain, logical_spec, padded_vocab_size, shard_axes
-from pallas_kernels import write_kv_pages
-
-
-class AttentionMetadata(NamedTuple):
-    """Where each flat row lives; shapes are static per compiled program (masks carry raggedness).
-
-    slot_mapping [T]: flat cache slot (page * p + offset) written by row t, -1 for padding.
-    block_tables [S, W]: pages of each sequence slot, in position order.
-    seq_lens [S]: tokens of each sequence after this step (cached + new).
-    query_start_loc [S + 1]: rows of sequence s are query_start_loc[s]:query_start_loc[s + 1].
-    num_seqs []: live sequence slots; rows past query_start_loc[num_seqs] are padding.
-    """
-
-    slot_mapping: jax.Array
-    block_tables: jax.Array
-    seq_lens: jax.Array
-    query_start_loc: jax.Array
-    num_seqs: jax.Array
-
-
-KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_pages, v_pages), each [P, p, K, d]
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, scale=0.02):
@@ -105,12 +85,11 @@ class Attention(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        positions: jax.Array,
         cache: tuple[jax.Array, jax.Array],
         meta: AttentionMetadata,
         attention_impl: str,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        c, layer = self.config, self.layer
+        c, layer, positions = self.config, self.layer, meta.positions
         q = jnp.einsum("TD,DHd->THd", x, self.wq[...])
         k = jnp.einsum("TD,DKd->TKd", x, self.wk[...])
         v = jnp.einsum("TD,DKd->TKd", x, self.wv[...])
@@ -254,8 +233,8 @@ class DecoderLayer(nnx.Module):
         else:
             self.ffn = MLP(D, config.intermediate_size_mlp, dtype, rngs)
 
-    def __call__(self, x, positions, cache, meta, attention_impl):
-        attn_out, cache = self.attn(self.input_norm(x), positions, cache, meta, attention_impl)
+    def __call__(self, x, cache, meta, attention_impl):
+        attn_out, cache = self.attn(self.input_norm(x), cache, meta, attention_impl)
         x = constrain(x + attn_out, ("tokens", "embed"), self.mesh)
         x = x + self.ffn(self.post_attn_norm(x))
         return constrain(x, ("tokens", "embed"), self.mesh), cache
@@ -283,13 +262,12 @@ class Llama4(nnx.Module):
     def __call__(
         self,
         tokens: jax.Array,
-        positions: jax.Array,
         cache: KVCache,
         meta: AttentionMetadata,
         *,
         attention_impl: str = "xla",
     ) -> tuple[jax.Array, KVCache]:
-        """Runs the flat batch ``tokens [T]`` at ``positions [T]``; returns (hidden [T, D], cache).
+        """Runs the flat batch ``tokens [T]`` at ``meta.positions``; returns (hidden [T, D], cache).
 
         The new keys/values are written into the cache before attention reads it, so a
         step's own tokens attend to each other through the same pages as to the prefix.
@@ -297,7 +275,7 @@ class Llama4(nnx.Module):
         x = self._embed(tokens)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, layer_cache = layer(x, positions, layer_cache, meta, attention_impl)
+            x, layer_cache = layer(x, layer_cache, meta, attention_impl)
             new_cache.append(layer_cache)
         return self.norm(x), new_cache
 
@@ -319,17 +297,3 @@ class Llama4(nnx.Module):
         is_real = jnp.arange(logits.shape[-1]) < self.config.vocab_size
         logits = jnp.where(is_real, logits, -jnp.inf)
         return constrain(logits, (None,) * (logits.ndim - 1) + ("vocab",), self.mesh)
-
-
-KV_CACHE_AXES = ("pages", "page_slots", "kv_heads", "head_dim")
-
-
-def init_kv_cache(config: Llama4Config, num_pages: int, page_size: int, dtype,
-                  mesh: Mesh | None = None) -> KVCache:
-    """Zeroed paged KV cache: one (k_pages, v_pages) pair of ``[P, p, K, d]`` per layer."""
-    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
-
-    def pages():
-        return constrain(jnp.zeros(shape, dtype), KV_CACHE_AXES, mesh)
-
-    return [(pages(), pages()) for _ in range(config.num_layers)]

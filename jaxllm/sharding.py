@@ -95,3 +95,21 @@ def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None) -> ja
 def shard_axes(spec: PartitionSpec) -> tuple[str, ...]:
     """Mesh axes that actually split an array with ``spec``."""
     return tuple(a for a in spec if a is not None)
+
+
+def param_shardings(params, mesh: Mesh | None):
+    """The sharding of every parameter (an ``nnx.State``), from its declared logical axes."""
+    from flax import nnx
+
+    return jax.tree.map(
+        lambda v: named_sharding(v.get_metadata()["logical_axes"], v.shape, mesh), params,
+        is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) array as one numpy array on this host."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -1,7 +1,8 @@
 """Tiny random Llama 4 models built with HF transformers, saved like real checkpoints.
 
 Used by the tests, the quickstart and the benchmarks; needs the `test` extra (torch,
-transformers), which the runtime package does not import.
+transformers). They are imported inside the functions that use them, so importing this
+module (or anything in the runtime package) never loads them.
 """
 
 from __future__ import annotations
@@ -10,10 +11,6 @@ import contextlib
 import json
 from pathlib import Path
 from typing import Any
-
-import torch
-from transformers import Llama4Config as HFLlama4Config
-from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
 
 BASE: dict[str, Any] = dict(
     vocab_size=333,  # deliberately divisible by none of 2, 4, 8
@@ -49,8 +46,11 @@ MAVERICK_LIKE: dict[str, Any] = dict(
 )
 
 
-def make_text_model(overrides: dict[str, Any], seed: int = 0,
-                    scale: float = 0.2) -> Llama4ForCausalLM:
+def make_text_model(overrides: dict[str, Any], seed: int = 0, scale: float = 0.2) -> Any:
+    """A random HF ``Llama4ForCausalLM`` of config ``overrides``."""
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
     torch.manual_seed(seed)
     config = Llama4TextConfig(**overrides)
     model = Llama4ForCausalLM(config).eval()
@@ -58,7 +58,12 @@ def make_text_model(overrides: dict[str, Any], seed: int = 0,
     return model
 
 
-def make_multimodal_model(text: dict[str, Any], seed: int = 0) -> Llama4ForConditionalGeneration:
+def make_multimodal_model(text: dict[str, Any], seed: int = 0) -> Any:
+    """A random HF ``Llama4ForConditionalGeneration`` whose text model has config ``text``."""
+    import torch
+    from transformers import Llama4Config as HFLlama4Config
+    from transformers import Llama4ForConditionalGeneration
+
     torch.manual_seed(seed)
     vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                   intermediate_size=48, image_size=28, patch_size=14, vision_output_dim=32,
@@ -70,10 +75,12 @@ def make_multimodal_model(text: dict[str, Any], seed: int = 0) -> Llama4ForCondi
     return model
 
 
-def _randomize(model: torch.nn.Module, scale: float = 0.2) -> None:
+def _randomize(model: Any, scale: float = 0.2) -> None:
     """HF initialises norms to 1 and expert weights to 0; randomise all so each one matters.
 
     A weight scale of 0.2 gives varied greedy continuations (smaller ones repeat a token)."""
+    import torch
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -82,15 +89,18 @@ def _randomize(model: torch.nn.Module, scale: float = 0.2) -> None:
                 p.copy_(scale * torch.randn_like(p))
 
 
-def save(model: torch.nn.Module, directory: Path, shard_size: str = "40KB") -> Path:
+def save(model: Any, directory: Path, shard_size: str = "40KB") -> Path:
     model.save_pretrained(directory, max_shard_size=shard_size, safe_serialization=True)
     return directory
 
 
-def hf_logits(model: torch.nn.Module, ids: list[list[int]]) -> Any:
+def hf_logits(model: Any, ids: list[list[int]]) -> Any:
     """HF's float32 logits. A multimodal model runs its own text model (``language_model``):
     text-only input takes exactly that path, and transformers 5.x's multimodal forward fails
     on outputs without images."""
+    import torch
+    from transformers import Llama4ForConditionalGeneration
+
     if isinstance(model, Llama4ForConditionalGeneration):
         model = model.language_model
     with torch.no_grad():

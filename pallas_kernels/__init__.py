@@ -1,12 +1,16 @@
-"""Attention kernels for jaxllm, each beside a pure-jnp reference of the same signature."""
+"""Attention kernels for jaxllm, grouped by family, each matched to a pure-jnp reference.
 
-from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
-from pallas_kernels.ragged_paged_attention import (
+``reference/`` holds the definitions; ``triton/`` the Triton-style Pallas kernels of the same
+signatures. Callers pick an implementation through ``jaxllm.attention``.
+"""
+
+from pallas_kernels.reference.flash_attention import flash_attention_reference
+from pallas_kernels.reference.ragged_paged_attention import (
     query_row_layout,
-    ragged_paged_attention,
     ragged_paged_attention_reference,
-    write_kv_pages,
 )
+from pallas_kernels.triton.flash_attention import flash_attention
+from pallas_kernels.triton.ragged_paged_attention import ragged_paged_attention
 
 __all__ = [
     "flash_attention",
@@ -14,5 +18,4 @@ __all__ = [
     "query_row_layout",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
-    "write_kv_pages",
 ]

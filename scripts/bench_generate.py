@@ -61,11 +61,11 @@ def main() -> int:
         rng = np.random.default_rng(0)
         prompts = rng.integers(3, spec["vocab_size"], (args.batch, args.prompt_len)).tolist()
 
-        model.generate(prompts, max_new_tokens=args.new_tokens)  # compile
+        jaxllm.generate(model, prompts, max_new_tokens=args.new_tokens)  # compile
         ours = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            out = model.generate(prompts, max_new_tokens=args.new_tokens)
+            out = jaxllm.generate(model, prompts, max_new_tokens=args.new_tokens)
             ours.append(time.perf_counter() - start)
         assert all(len(o) == args.new_tokens for o in out)
 

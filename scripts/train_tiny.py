@@ -29,9 +29,10 @@ from flax import nnx
 
 import jaxllm
 from jaxllm import checkpoint
-from jaxllm.batch import full_sequence_batch
 from jaxllm.config import Llama4Config
-from jaxllm.model import Llama4, init_kv_cache
+from jaxllm.kv_cache import CacheConfig, init_kv_cache
+from jaxllm.layout import SeqChunk, build_step, pages_for
+from jaxllm.model import Llama4
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARS = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
@@ -109,8 +110,13 @@ def train(config: Llama4Config, tokenizer, pairs, args) -> nnx.State:
     graphdef, params = nnx.split(model)
     if args.resume:  # continue from an earlier run's checkpoint
         params = jaxllm.load_model(args.resume, dtype="float32").params
-    positions, meta, num_pages = full_sequence_batch([SEQ_LEN] * args.batch, PAGE)
-    positions, meta = jnp.asarray(positions), jax.tree.map(jnp.asarray, meta)
+    # The batch's layout: each row a sequence at positions 0..SEQ_LEN-1, in its own pages.
+    width = pages_for(SEQ_LEN, PAGE)
+    cache = CacheConfig(page_size=PAGE, dtype=jnp.float32, num_pages=args.batch * width)
+    chunks = [SeqChunk(range(b * width, (b + 1) * width), 0, [0] * SEQ_LEN)
+              for b in range(args.batch)]
+    meta = jax.tree.map(jnp.asarray, build_step(
+        chunks, cache, width=width, num_rows=args.batch * SEQ_LEN, num_slots=args.batch).meta)
     warmup = min(200, args.steps // 10)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps, args.lr / 20)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
@@ -119,8 +125,7 @@ def train(config: Llama4Config, tokenizer, pairs, args) -> nnx.State:
 
     def loss_fn(params, tokens, mask):
         module = nnx.merge(graphdef, params)
-        cache = init_kv_cache(config, num_pages, PAGE, jnp.float32)
-        hidden, _ = module(tokens.reshape(-1), positions, cache, meta)
+        hidden, _ = module(tokens.reshape(-1), init_kv_cache(config, cache), meta)
         logits = module.logits(hidden).reshape(*tokens.shape, -1)[:, :-1]
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1)[..., 0]
         return jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:])
@@ -165,7 +170,7 @@ def evaluate(path: Path, pairs: np.ndarray) -> float:
     codec = TextCodec.from_dir(path)
     prompts = [codec.encode(codec.render_chat([{"role": "user", "content": question(a, b)}]),
                             add_special_tokens=False) for a, b in pairs]
-    outs = model.generate(prompts, max_new_tokens=4)
+    outs = jaxllm.generate(model, prompts, max_new_tokens=4)
     right = sum(codec.decode(o) == str(a + b) for o, (a, b) in zip(outs, pairs, strict=True))
     return right / len(pairs)
 

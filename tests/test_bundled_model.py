@@ -40,7 +40,7 @@ def test_bundled_model_adds_sums_it_never_saw():
     prompts = [codec.encode(codec.render_chat([{"role": "user",
                                                 "content": train.question(a, b)}]),
                             add_special_tokens=False) for a, b in pairs]
-    answers = [codec.decode(o) for o in model.generate(prompts, max_new_tokens=4)]
+    answers = [codec.decode(o) for o in jaxllm.generate(model, prompts, max_new_tokens=4)]
     right = sum(ans == str(a + b) for ans, (a, b) in zip(answers, pairs, strict=True))
     assert right >= 90, list(zip(answers, pairs.tolist(), strict=True))[:10]
 

@@ -1,7 +1,7 @@
 """The serving engine: continuous batching over a paged KV cache with prefix caching.
 
 Layers with one job each: ``pages`` owns the KV pages, ``scheduler`` decides what runs in a
-step, ``jaxllm.runner`` executes a step, ``engine`` ties requests to them.
+step, ``runner`` executes a step, ``engine`` ties requests to them.
 """
 
 from jaxllm.engine.engine import Engine, RequestOutput

@@ -9,11 +9,10 @@ import secrets
 from collections.abc import Sequence
 
 from jaxllm.api import Model
-from jaxllm.batch import check_token_ids
-from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.pages import PageAllocator
+from jaxllm.engine.runner import ModelRunner
 from jaxllm.engine.scheduler import Request, Scheduler
-from jaxllm.runner import ModelRunner, SeqChunk
+from jaxllm.layout import SeqChunk, check_token_ids, pages_for
 from jaxllm.sampling import SamplingParams
 
 
@@ -44,20 +43,12 @@ class Engine:
 
     def __init__(self, model: Model, *, num_pages: int | None = None,
                  max_num_batched_tokens: int | None = None, seed: int | None = None):
-        base = model.bucket_policy
         self.model = model
-        self.policy = BucketPolicy(
-            max_model_len=base.max_model_len, page_size=base.page_size,
-            chunk_size=base.chunk_size, max_num_seqs=base.max_num_seqs,
-            min_length_bucket=base.min_length_bucket,
-            max_num_batched_tokens=max_num_batched_tokens or base.max_num_batched_tokens)
-        num_pages = num_pages or base.max_num_seqs * base.pages_per_seq
-        if num_pages < self.policy.pages_per_seq:
-            raise ValueError(f"num_pages={num_pages} cannot hold one sequence of max_model_len="
-                             f"{base.max_model_len} ({self.policy.pages_per_seq} pages)")
-        self.pages = PageAllocator(num_pages, base.page_size)
+        # The engine's configuration, derived once and handed whole to every part.
+        self.policy = model.bucket_policy.for_engine(num_pages, max_num_batched_tokens)
+        self.pages = PageAllocator(self.policy.cache)
         self.scheduler = Scheduler(self.policy, self.pages)
-        self.runner = ModelRunner(model, num_pages, self.policy)
+        self.runner = ModelRunner(model, self.policy)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         # Seeds for requests that bring none: reproducible runs when the engine has a seed.
@@ -148,7 +139,7 @@ class Engine:
         for rows, seqs in tqdm(shapes, desc="warmup", unit="program", disable=not progress):
             last = rows - (seqs - 1)  # one token each, the rest to the last sequence
             chunks = [SeqChunk([0], 0, [0]) for _ in range(seqs - 1)]
-            chunks.append(SeqChunk(list(range(-(-last // page))), 0, [0] * last))
+            chunks.append(SeqChunk(list(range(pages_for(last, page))), 0, [0] * last))
             self.runner.sample_step(chunks, [SamplingParams(temperature=0.0)] * seqs,
                                     seeds=[0] * seqs, steps=[0] * seqs)
         return len(shapes)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxllm.kv_cache import CacheConfig
+
 
 def chain_hash(parent: bytes, page_tokens: Sequence[int]) -> bytes:
     """128-bit hash of a page's tokens chained to the hash of the page before it (collisions
@@ -34,14 +36,21 @@ def page_hashes(tokens: Sequence[int], page_size: int, known: Sequence[bytes] = 
 
 
 class PageAllocator:
-    def __init__(self, num_pages: int, page_size: int):
-        if num_pages < 1:
-            raise ValueError(f"num_pages={num_pages} must be >= 1")
-        self.num_pages, self.page_size = num_pages, page_size
+    """Hands out the pages of the cache ``cache`` describes (its page count and size)."""
+
+    def __init__(self, cache: CacheConfig):
+        if cache.num_pages is None:
+            raise ValueError("the page allocator needs a sized cache (num_pages)")
+        self.cache = cache
+        num_pages = self.num_pages = cache.num_pages
         self.refs = [0] * num_pages
         self.free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(num_pages))
         self.by_hash: dict[bytes, int] = {}
         self.hash_of: dict[int, bytes] = {}
+
+    @property
+    def page_size(self) -> int:
+        return self.cache.page_size
 
     @property
     def num_free(self) -> int:

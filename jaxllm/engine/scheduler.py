@@ -15,6 +15,7 @@ from collections import deque
 
 from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.pages import PageAllocator, page_hashes
+from jaxllm.layout import pages_for
 from jaxllm.sampling import SamplingParams
 
 
@@ -131,7 +132,7 @@ class Scheduler:
         return True
 
     def _grow(self, request: Request, n: int) -> bool:
-        need = -(-(request.num_computed + n) // self.pages.page_size) - len(request.pages)
+        need = pages_for(request.num_computed + n, self.pages.page_size) - len(request.pages)
         if need <= 0:
             return True
         fresh = self.pages.allocate(need)

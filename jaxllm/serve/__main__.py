@@ -53,9 +53,9 @@ def build_state(args: argparse.Namespace):
         mesh = jaxllm.make_mesh(model=args.tensor_parallel_size, devices=devices)
     model = jaxllm.load_model(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                               mesh=mesh, attention_impl=args.attention_impl,
-                              page_size=args.block_size, max_num_seqs=args.max_num_seqs)
-    engine = Engine(model, num_pages=args.num_kv_pages,
-                    max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+                              page_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                              max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = Engine(model, num_pages=args.num_kv_pages, seed=args.seed)
     if not args.skip_warmup:
         engine.warmup()
     name = args.served_model_name or Path(args.model).resolve().name

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,10 +21,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jaxllm
-from jaxllm.batch import check_token_ids
-from jaxllm.engine import Request as EngineRequest
-from jaxllm.engine import RequestOutput
+from jaxllm.layout import check_token_ids
 from jaxllm.serve.async_engine import AsyncEngine
+from jaxllm.serve.choice import Choice, chat_logprobs, completion_logprobs, token_text_fn
 from jaxllm.serve.metrics import Metrics
 from jaxllm.serve.protocol import (
     ChatCompletionRequest,
@@ -35,7 +33,8 @@ from jaxllm.serve.protocol import (
     _Sampling,
     error_body,
 )
-from jaxllm.serve.tokenizer import IncrementalDetokenizer, TextCodec
+from jaxllm.serve.streaming import stream_events
+from jaxllm.serve.tokenizer import TextCodec
 
 
 class ApiError(Exception):
@@ -55,48 +54,6 @@ class ServerState:
     @property
     def max_model_len(self) -> int:
         return self.engine.engine.policy.max_model_len
-
-
-@dataclasses.dataclass
-class _Choice:
-    """One generated sequence: its tokens, text (cut at a stop string) and finish reason."""
-
-    index: int
-    request: EngineRequest
-    stops: list[str]
-    codec: TextCodec | None
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[Any] = dataclasses.field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    finish_reason: str | None = None
-    first_token_at: float | None = None
-
-    def __post_init__(self):
-        self._detok = IncrementalDetokenizer(self.codec) if self.codec else None
-
-    def feed(self, out: RequestOutput) -> None:
-        self.first_token_at = self.first_token_at or time.perf_counter()
-        ids = out.new_token_ids
-        stopped_on_id = out.finish_reason == "stop" and ids and ids[-1] in self.request.stop_ids
-        self.token_ids += ids
-        self.logprobs += out.logprobs
-        visible = ids[:-1] if stopped_on_id else ids  # the stop token's text is not output
-        if self._detok is not None:
-            self.text += self._detok.add(visible)
-        if out.finished:
-            self.finish_reason = out.finish_reason
-        for stop in self.stops:
-            at = self.text.find(stop)
-            if at >= 0:
-                self.text, self.finish_reason = self.text[:at], "stop"
-
-    def take_delta(self) -> str:
-        """New text that can no longer turn out to be part of a stop string."""
-        hold = 0 if self.finish_reason else max((len(s) for s in self.stops), default=1) - 1
-        end = max(self.emitted, len(self.text) - hold)
-        delta, self.emitted = self.text[self.emitted:end], end
-        return delta
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -237,7 +194,7 @@ def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
     return out
 
 
-def _prepare(state: ServerState, req: _Sampling, prompts: list[list[int]]) -> list[_Choice]:
+def _prepare(state: ServerState, req: _Sampling, prompts: list[list[int]]) -> list[Choice]:
     """Every choice's engine request, all checked before any is submitted."""
     base = uuid.uuid4().hex[:16]
     choices = []
@@ -249,13 +206,13 @@ def _prepare(state: ServerState, req: _Sampling, prompts: list[list[int]]) -> li
                 sampling = req.sampling(req.max_tokens, seed_offset=index)
                 engine_request = state.engine.engine.prepare(
                     ids, sampling, f"{base}-{index}", ignore_eos=req.ignore_eos)
-                choices.append(_Choice(index, engine_request, stops, state.codec))
+                choices.append(Choice(index, engine_request, stops, state.codec))
     except ValueError as e:
         raise ApiError(str(e)) from e
     return choices
 
 
-async def _run_choice(state: ServerState, choice: _Choice) -> AsyncIterator[None]:
+async def _run_choice(state: ServerState, choice: Choice) -> AsyncIterator[None]:
     """Feeds one choice from the engine, yielding after each output; stops early at a stop
     string (which aborts the engine request)."""
     start = time.perf_counter()
@@ -277,8 +234,11 @@ async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], c
             "created": int(time.time()), "model": state.model_name}
     usage_of = lambda: _usage(prompts, req.n, choices)  # noqa: E731
     if req.stream:
-        return StreamingResponse(_stream(state, req, choices, head, kind, chat, usage_of),
-                                 media_type="text/event-stream")
+        events = stream_events(
+            choices, lambda c: _run_choice(state, c), head=head, chat=chat,
+            logprobs_of=lambda items: _logprobs(state, req, items, chat),
+            include_usage=req.include_usage, usage_of=usage_of)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     async def drain(choice):
         async for _ in _run_choice(state, choice):
@@ -292,105 +252,27 @@ async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], c
             "choices": [_final_choice(state, req, c, chat) for c in choices]}
 
 
-def _usage(prompts, n: int, choices: list[_Choice]) -> dict[str, int]:
+def _usage(prompts, n: int, choices: list[Choice]) -> dict[str, int]:
     prompt_tokens = sum(len(p) for p in prompts)
     completion = sum(len(c.token_ids) for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion}
 
 
-def _final_choice(state, req, c: _Choice, chat: bool) -> dict[str, Any]:
+def _logprobs(state: ServerState, req, items, chat: bool) -> dict[str, Any] | None:
+    token_text = token_text_fn(state.codec)
+    if chat:
+        return chat_logprobs(token_text, bool(req.logprobs), req.top_logprobs or 0, items)
+    return completion_logprobs(token_text, req.logprobs, items)
+
+
+def _final_choice(state, req, c: Choice, chat: bool) -> dict[str, Any]:
     c.take_delta()
     if chat:
         return {"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": _chat_logprobs(state, req, c.logprobs),
+                "logprobs": _logprobs(state, req, c.logprobs, chat),
                 "finish_reason": c.finish_reason}
     return {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-            "logprobs": _completion_logprobs(state, req, c.logprobs)}
+            "logprobs": _logprobs(state, req, c.logprobs, chat)}
 
 
-def _token_text(state: ServerState, token_id: int) -> str:
-    return state.codec.token_text(token_id) if state.codec else f"token_id:{token_id}"
-
-
-def _completion_logprobs(state, req, items) -> dict[str, Any] | None:
-    if req.logprobs is None:
-        return None
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = 0
-    for item in items:
-        text = _token_text(state, item.token_id)
-        out["tokens"].append(text)
-        out["token_logprobs"].append(item.logprob)
-        out["top_logprobs"].append({_token_text(state, t): lp
-                                    for t, lp in item.top[: req.logprobs]})
-        out["text_offset"].append(offset)
-        offset += len(text)
-    return out
-
-
-def _chat_logprobs(state, req, items) -> dict[str, Any] | None:
-    if not req.logprobs:
-        return None
-    top_n = req.top_logprobs or 0
-
-    def entry(token_id, logprob):
-        text = _token_text(state, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    return {"content": [{**entry(i.token_id, i.logprob),
-                         "top_logprobs": [entry(t, lp) for t, lp in i.top[:top_n]]}
-                        for i in items]}
-
-
-async def _stream(state, req, choices, head, kind, chat, usage_of) -> AsyncIterator[str]:
-    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def event(payload) -> str:
-        return f"data: {json.dumps(payload)}\n\n"
-
-    def chunk(c: _Choice, text: str, new_logprobs, finish) -> dict[str, Any]:
-        if chat:
-            body = {"index": c.index, "delta": {"content": text} if text else {},
-                    "logprobs": _chat_logprobs(state, req, new_logprobs),
-                    "finish_reason": finish}
-        else:
-            body = {"index": c.index, "text": text, "finish_reason": finish,
-                    "logprobs": _completion_logprobs(state, req, new_logprobs)}
-        return {**head, "object": chunk_kind, "choices": [body]}
-
-    out_queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(c: _Choice):
-        seen = 0
-        try:
-            async for _ in _run_choice(state, c):
-                new, seen = c.logprobs[seen:], len(c.logprobs)
-                await out_queue.put((c, c.take_delta(), new))
-        except Exception as e:  # reported in-stream: the status line has been sent
-            await out_queue.put((c, e, None))
-        await out_queue.put((c, None, None))
-
-    if chat:
-        for c in choices:
-            yield event({**head, "object": chunk_kind, "choices": [{
-                "index": c.index, "delta": {"role": "assistant", "content": ""},
-                "logprobs": None, "finish_reason": None}]})
-    tasks = [asyncio.create_task(pump(c)) for c in choices]
-    try:
-        remaining = len(choices)
-        while remaining:
-            c, delta, new_logprobs = await out_queue.get()
-            if isinstance(delta, Exception):
-                yield event({"error": error_body(str(delta), 500, "InternalServerError")})
-            elif delta is None:
-                remaining -= 1
-                yield event(chunk(c, c.take_delta(), [], c.finish_reason or "abort"))
-            elif delta or new_logprobs:  # one chunk per token, so clients can time them
-                yield event(chunk(c, delta, new_logprobs, None))
-        if req.include_usage:
-            yield event({**head, "object": chunk_kind, "choices": [], "usage": usage_of()})
-        yield "data: [DONE]\n\n"
-    finally:
-        for t in tasks:
-            t.cancel()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 import jaxllm
 from jaxllm import convert as convert_lib
@@ -182,7 +183,7 @@ def test_peak_memory_is_about_one_layer(tiny_model, tmp_path):
                intermediate_size_mlp=1024, num_local_experts=16, num_attention_heads=8,
                num_key_value_heads=2, head_dim=48, vocab_size=4096, num_hidden_layers=20)
     torch.manual_seed(0)
-    model = hf_models.Llama4ForCausalLM(hf_models.Llama4TextConfig(**big))
+    model = Llama4ForCausalLM(Llama4TextConfig(**big))
     hf_dir = hf_models.save(model, tmp_path / "hf", shard_size="100MB")
     size = sum(f.stat().st_size for f in hf_dir.glob("*.safetensors"))
     del model

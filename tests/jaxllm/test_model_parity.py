@@ -13,7 +13,8 @@ import pytest
 import jaxllm
 from jaxllm import model as model_lib
 from jaxllm import testing as hf_models
-from jaxllm.api import Model, abstract_model
+from jaxllm.api import Model
+from jaxllm.loading import abstract_model
 
 # Float32 on CPU. Max |ours - HF| over all logits, relative to the largest |HF logit|.
 REL_TOL = 1e-4
@@ -65,7 +66,8 @@ def test_single_token_and_batch_one(tiny_model):
 def _with_config(model: Model, **changes) -> Model:
     config = dataclasses.replace(model.config, **changes)
     graphdef, _ = abstract_model(config, model.dtype)
-    return Model(config, graphdef, model.params, dtype=model.dtype)
+    return Model(config, graphdef, model.params, dtype=model.dtype,
+                 bucket_policy=model.bucket_policy)
 
 
 def _rotate_half(x, positions, inv_freq):

@@ -127,12 +127,12 @@ def test_same_seed_same_tokens(tiny_model):
     model = jaxllm.load_model(tiny_model("scout")[2], max_model_len=64)
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
     hot = SamplingParams(temperature=1.0, seed=123)
-    a = model.generate(prompts, max_new_tokens=12, sampling=hot)
-    b = model.generate(prompts, max_new_tokens=12, sampling=hot)
-    c = model.generate(prompts, max_new_tokens=12, sampling=SamplingParams(temperature=1.0,
+    a = jaxllm.generate(model, prompts, max_new_tokens=12, sampling=hot)
+    b = jaxllm.generate(model, prompts, max_new_tokens=12, sampling=hot)
+    c = jaxllm.generate(model, prompts, max_new_tokens=12, sampling=SamplingParams(temperature=1.0,
                                                                              seed=124))
     assert a == b and a != c
     top1 = SamplingParams(temperature=1.0, top_k=1, seed=5)
-    assert model.generate(prompts, max_new_tokens=12, sampling=top1) == model.generate(
-        prompts, max_new_tokens=12)
+    greedy = jaxllm.generate(model, prompts, max_new_tokens=12)
+    assert jaxllm.generate(model, prompts, max_new_tokens=12, sampling=top1) == greedy
     assert hf_models.BASE["vocab_size"] > max(max(o) for o in a)

@@ -146,6 +146,6 @@ def test_two_processes_form_one_mesh(single, tmp_path):
 def test_sharded_generate_equals_single_device(tiny_model, shape):
     path = tiny_model("scout")[2]
     prompts = [[5, 41, 42, 83], list(range(100, 137))]
-    ref = jaxllm.load_model(path, max_model_len=64).generate(prompts, max_new_tokens=20)
+    ref = jaxllm.generate(jaxllm.load_model(path, max_model_len=64), prompts, max_new_tokens=20)
     sharded = jaxllm.load_model(path, max_model_len=64, mesh=make_mesh(**shape))
-    assert sharded.generate(prompts, max_new_tokens=20) == ref
+    assert jaxllm.generate(sharded, prompts, max_new_tokens=20) == ref

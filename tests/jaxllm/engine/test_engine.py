@@ -9,6 +9,7 @@ import torch
 import jaxllm
 from jaxllm import ContextLengthError, SamplingParams
 from jaxllm.engine import Engine
+from jaxllm.layout import SeqChunk
 from jaxllm.testing import count_compilations
 
 GREEDY_20 = SamplingParams(temperature=0.0, max_tokens=20)
@@ -115,3 +116,37 @@ def test_no_compilation_after_warmup(scout):
         engine.generate(_prompts([5, 20, 37, 50, 12, 33], seed=9),
                         SamplingParams(temperature=0.5, max_tokens=12, seed=1))
     assert compiles == []
+
+
+def test_every_layer_reads_the_one_page_size(scout, monkeypatch):
+    """Pages of 8 tokens (the default is 16): the cache, the allocator, the step builder and
+    the attention call all see 8, because all of them read the engine's one configuration."""
+    from jaxllm import attention
+
+    hf, model = scout
+    assert model.bucket_policy.page_size == 8 != jaxllm.CacheConfig().page_size
+    seen = []
+    real = attention._IMPLS[model.attention_impl]
+
+    def spy(q, k_pages, v_pages, meta, *, chunk_size):
+        seen.append((k_pages.shape, meta.block_tables.shape[1]))
+        return real(q, k_pages, v_pages, meta, chunk_size=chunk_size)
+
+    monkeypatch.setitem(attention._IMPLS, model.attention_impl, spy)
+    engine = Engine(model, num_pages=30)
+    assert engine.policy.cache.page_size == engine.pages.page_size == 8
+    assert engine.runner.cache[0][0].shape[:2] == (30, 8)
+    prompt = _prompts([21], seed=9)[0]
+    request = engine.prepare(prompt, GREEDY_20)
+    engine.submit(request)
+    out = engine.step()[0].new_token_ids  # the whole prompt in one step: 3 pages of 8
+    step = engine.runner._batch([SeqChunk(request.pages, 0, prompt)])
+    pages = np.asarray(request.pages)
+    np.testing.assert_array_equal(step.meta.slot_mapping[:21],
+                                  pages[np.arange(21) // 8] * 8 + np.arange(21) % 8)
+    assert len(request.pages) == 3
+    assert set(seen) == {((30, 8, 2, 16), 10)}  # table: ceil(80 / 8) pages
+    while engine.has_unfinished():
+        out += engine.step()[0].new_token_ids
+    assert engine.pages.num_free == 30
+    assert out == hf_greedy(hf, prompt, 20)

@@ -3,10 +3,11 @@
 import pytest
 
 from jaxllm.engine.pages import PageAllocator, page_hashes
+from jaxllm.kv_cache import CacheConfig
 
 
 def test_allocate_release_and_exhaustion():
-    pages = PageAllocator(4, page_size=2)
+    pages = PageAllocator(CacheConfig(page_size=2, num_pages=4))
     a = pages.allocate(3)
     assert sorted(a) == [0, 1, 2] and pages.num_free == 1
     assert pages.allocate(2) is None and pages.num_free == 1  # nothing taken on failure
@@ -24,7 +25,7 @@ def test_chained_hashes_depend_on_the_whole_prefix():
 
 
 def test_prefix_is_shared_and_survives_release_until_reused():
-    pages = PageAllocator(6, page_size=2)
+    pages = PageAllocator(CacheConfig(page_size=2, num_pages=6))
     tokens = [1, 2, 3, 4, 5, 6, 7]
     first = pages.allocate(4)
     pages.register(first, page_hashes(tokens, 2))  # three full pages

@@ -1,5 +1,5 @@
 """ragged_paged_attention (interpret mode) against ragged_paged_attention_reference, the
-reference against a naive per-sequence numpy attention, and write_kv_pages."""
+reference against a naive per-sequence numpy attention."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import triton as plgpu
 
+from jaxllm.kv_cache import write_kv_pages
 from pallas_kernels import (
     flash_attention,
     ragged_paged_attention,
     ragged_paged_attention_reference,
-    write_kv_pages,
 )
-from tests.pallas_kernels.test_flash_attention import check_triton_ir, lower_for_cuda
+from tests.pallas_kernels.triton.test_flash_attention import check_triton_ir, lower_for_cuda
 
 
 @dataclasses.dataclass
@@ -133,21 +133,6 @@ def test_reference_matches_naive_numpy():
         ref = ragged_paged_attention_reference(*batch.args, chunk_size=chunk_size)
         np.testing.assert_allclose(np.asarray(ref), naive_attention(batch, chunk_size),
                                    atol=1e-5, rtol=1e-5)
-
-
-def test_write_kv_pages_drops_padding_slots():
-    k_pages = jnp.zeros((3, 4, 1, 2))
-    new = jnp.arange(1.0, 6.0)[:, None, None] * jnp.ones((5, 1, 2))
-    slots = jnp.array([5, -1, 0, -1, 11], jnp.int32)
-    k_out, v_out = write_kv_pages(k_pages, k_pages, new, -new, slots)
-    flat = np.asarray(k_out).reshape(12, 2)
-    want = np.zeros((12, 2))
-    want[5], want[0], want[11] = 1.0, 3.0, 5.0
-    np.testing.assert_array_equal(flat, want)
-    np.testing.assert_array_equal(np.asarray(v_out).reshape(12, 2), -want)
-    # Only padding: nothing is written, in particular not the last slot (index -1 wrapped).
-    k_out, _ = write_kv_pages(k_pages, k_pages, new[:2], new[:2], jnp.array([-1, -1]))
-    assert not np.any(np.asarray(k_out))
 
 
 @pytest.mark.parametrize("chunk_size", [None, C])

@@ -13,7 +13,7 @@ import pytest
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import flash_attention, flash_attention_reference
-from pallas_kernels.flash_attention import kv_block_ranges
+from pallas_kernels.triton.common import kv_block_ranges
 
 BLOCK = 16  # block_q = block_k in the interpret tests (the Triton dot minimum)
 

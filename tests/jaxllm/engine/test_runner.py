@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
-import pytest
 
 import jaxllm
 from jaxllm import testing as hf_models
-from jaxllm.buckets import BucketPolicy
-from jaxllm.runner import ModelRunner, SeqChunk, build_step
+from jaxllm.engine.runner import ModelRunner
+from jaxllm.layout import SeqChunk
 
 REL_TOL = 1e-4
 
@@ -20,7 +17,7 @@ def test_chunked_prefill_and_decode_over_scattered_pages(tiny_model):
     chunks straddle the 16-token attention chunks at offset places; then decode steps."""
     hf, _, path = tiny_model("scout")
     model = jaxllm.load_model(path, max_model_len=75, page_size=8)
-    runner = ModelRunner(model, num_pages=24)
+    runner = ModelRunner(model, model.bucket_policy.for_engine(num_pages=24))
     rng = np.random.default_rng(0)
     a = rng.integers(3, 333, 70).tolist()
     b = rng.integers(3, 333, 40).tolist()
@@ -47,27 +44,7 @@ def test_chunked_prefill_and_decode_over_scattered_pages(tiny_model):
 
 def test_cache_is_donated(tiny_model):
     model = jaxllm.load_model(tiny_model("maverick")[2], max_model_len=32)
-    runner = ModelRunner(model, num_pages=4)
+    runner = ModelRunner(model, model.bucket_policy.for_engine(num_pages=4))
     before = runner.cache[0][0]
     runner.step([SeqChunk([0, 1], 0, [5, 6, 7])])
     assert before.is_deleted()  # updated in place, not copied
-
-
-def test_step_metadata_is_range_checked():
-    policy = BucketPolicy(max_model_len=40, page_size=8, max_num_seqs=4)
-    assert policy.pages_per_seq == 5
-    ok = build_step([SeqChunk([3, 1], 5, [1, 2, 3, 4])], policy, num_pages=6, vocab_size=10)
-    assert ok.meta.block_tables.shape == (1, 5) and ok.tokens.shape == (16,)
-    assert ok.meta.slot_mapping[:4].tolist() == [3 * 8 + 5, 3 * 8 + 6, 3 * 8 + 7, 1 * 8 + 0]
-    assert ok.positions[:4].tolist() == [5, 6, 7, 8] and ok.meta.slot_mapping[4:].max() == -1
-    cases = [
-        ([SeqChunk([0], 6, [1, 2, 3])], "1 pages for 9 tokens"),
-        ([SeqChunk([0, 1, 2, 3, 4], 38, [1, 2, 3])],
-         "maximum context length is 40 tokens. However, you requested 41 tokens"),
-        ([SeqChunk([0, 9], 0, [1])], "page ids must be in [0, 6)"),
-        ([SeqChunk([0], 0, [12])], "Token id 12 is out of vocabulary"),
-        ([SeqChunk([0], 0, [])], "needs >= 1 new token"),
-    ]
-    for chunks, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            build_step(chunks, policy, num_pages=6, vocab_size=10)

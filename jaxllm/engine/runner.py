@@ -1,0 +1,106 @@
+"""The runner: executes one engine step over a persistent paged cache. Nothing else.
+
+The scheduler decides which tokens of which sequences run; ``jaxllm.layout.build_step`` turns
+them into bucketed, range-checked arrays; ``ModelRunner`` runs the one model forward with the
+KV cache donated, so the pages are updated in place from step to step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.api import Model
+from jaxllm.buckets import BucketPolicy
+from jaxllm.kv_cache import init_kv_cache, kv_cache_sharding
+from jaxllm.layout import SeqChunk, StepBatch, build_step
+from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, sample
+
+TOP_LOGPROBS = 20  # the most the OpenAI API asks for
+
+
+class Sampled(NamedTuple):
+    """One step's picks, per sequence: token, its log-probability, and the top alternatives."""
+
+    tokens: np.ndarray  # [S] int32
+    logprobs: np.ndarray  # [S] float32
+    top_ids: np.ndarray  # [S, TOP_LOGPROBS] int32
+    top_logprobs: np.ndarray  # [S, TOP_LOGPROBS] float32
+
+
+class ModelRunner:
+    """Holds the paged KV cache and runs steps on it (cache donated: updated in place)."""
+
+    def __init__(self, model: Model, policy: BucketPolicy):
+        """``policy`` is the engine's configuration, its cache sized (``for_engine``)."""
+        self.model = model
+        self.policy = policy
+        config, cache = model.config, policy.cache
+        sharding = kv_cache_sharding(config, cache, model.mesh)
+        self.cache = jax.jit(
+            lambda: init_kv_cache(config, cache, model.mesh),
+            out_shardings=[(sharding, sharding)] * config.num_layers)()
+        graphdef, impl, mesh = model.graphdef, model.attention_impl, model.mesh
+
+        def forward(params, cache, tokens, meta, logits_rows):
+            module = nnx.merge(graphdef, params)
+            hidden, cache = module(tokens, cache, meta, attention_impl=impl)
+            return module.logits(hidden[logits_rows]), cache
+
+        def forward_and_sample(params, cache, tokens, meta, logits_rows, sampling, seeds,
+                               steps):
+            logits, cache = forward(params, cache, tokens, meta, logits_rows)
+            # A row's key depends only on its request's seed and token index, so a seeded
+            # request samples the same tokens whatever else shares its batch.
+            keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.PRNGKey)(seeds), steps)
+            tokens = sample(logits, sampling, keys, mesh)
+            # Log-probabilities under the model's own distribution (before temperature and
+            # filters), for the chosen token and the TOP_LOGPROBS most likely ones.
+            logprobs = jax.nn.log_softmax(logits, axis=-1)
+            chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+            top_values, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+            return (tokens, chosen, top_ids, top_values), cache
+
+        rep = model.replicated()
+        self._logits = jax.jit(forward, donate_argnums=(1,),
+                               in_shardings=(model.param_shardings, None) + (rep,) * 3)
+        self._sample = jax.jit(forward_and_sample, donate_argnums=(1,),
+                               in_shardings=(model.param_shardings, None) + (rep,) * 6)
+
+    def _batch(self, chunks: Sequence[SeqChunk]) -> StepBatch:
+        policy = self.policy
+        return build_step(chunks, policy.cache, width=policy.pages_per_seq,
+                          num_rows=policy.token_bucket(sum(len(c.tokens) for c in chunks)),
+                          num_slots=policy.batch_bucket(len(chunks)))
+
+    def step(self, chunks: Sequence[SeqChunk]) -> np.ndarray:
+        """Runs one step; returns float32 logits ``[len(chunks), V]`` of each last token."""
+        batch = self._batch(chunks)
+        logits, self.cache = self._logits(self.model.params, self.cache, batch.tokens,
+                                          batch.meta, batch.logits_rows)
+        return np.asarray(logits)[: batch.num_seqs, : self.model.config.vocab_size]
+
+    def sample_step(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
+                    seeds: Sequence[int], steps: Sequence[int]) -> Sampled:
+        """Runs one step and picks each sequence's next token on device.
+
+        ``seeds`` and ``steps`` (the index of the token being picked) key each row's sampler.
+        """
+        batch = self._batch(chunks)
+        slots = batch.logits_rows.shape[0]
+        pad = slots - len(chunks)
+        arrays = SamplingArrays.from_params(list(sampling) + [GREEDY] * pad)
+        seeds_arr = np.zeros(slots, np.uint32)
+        seeds_arr[: len(chunks)] = np.asarray(seeds, np.uint64).astype(np.uint32)
+        steps_arr = np.zeros(slots, np.int32)
+        steps_arr[: len(chunks)] = steps
+        out, self.cache = self._sample(self.model.params, self.cache, batch.tokens,
+                                       batch.meta, batch.logits_rows, arrays, seeds_arr,
+                                       steps_arr)
+        n = batch.num_seqs
+        return Sampled(*(np.asarray(a)[:n] for a in out))

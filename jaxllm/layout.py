@@ -1,0 +1,199 @@
+"""The one host -> device contract: where every flat row of a step lives, and its checks.
+
+Every index the device sees (positions, cache slots, page ids, block tables, row ranges) is
+built here, by the host-side step builder (the engine and ``Model.logits``) or by the in-jit
+layouts of ``generate()``, from one slot rule and one page count, and checked before it leaves.
+
+Glossary: T flat rows, S sequence slots, W block-table width (pages per sequence), p page
+size, B batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.kv_cache import CacheConfig
+
+
+class AttentionMetadata(NamedTuple):
+    """Where each flat row lives; shapes are static per compiled program (masks carry raggedness).
+
+    positions [T]: absolute position of row t in its sequence (0 for padding rows).
+    slot_mapping [T]: flat cache slot (``slot_of``) written by row t, -1 for padding.
+    block_tables [S, W]: pages of each sequence slot, in position order.
+    seq_lens [S]: tokens of each sequence after this step (cached + new).
+    query_start_loc [S + 1]: rows of sequence s are query_start_loc[s]:query_start_loc[s + 1].
+    num_seqs []: live sequence slots; rows past query_start_loc[num_seqs] are padding.
+
+    The rows of sequence s are its last ``q_len`` positions, so ``positions`` equals
+    ``seq_lens[s] - q_len + i`` for its row i: the kernels rely on that, and the layout
+    tests check every builder keeps it.
+    """
+
+    positions: jax.Array
+    slot_mapping: jax.Array
+    block_tables: jax.Array
+    seq_lens: jax.Array
+    query_start_loc: jax.Array
+    num_seqs: jax.Array
+
+
+def check_token_ids(token_ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
+    """Returns the ids as int32, or raises ValueError naming the first id outside the vocab.
+
+    Called once, where ids enter (a request's admission, ``generate()``, ``Model.logits``).
+    """
+    ids = np.asarray(token_ids)
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        first = ids[bad].flat[0]
+        raise ValueError(f"Token id {int(first)} is out of vocabulary (vocab_size={vocab_size})")
+    return ids.astype(np.int32)
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages that hold ``num_tokens`` tokens (the one ceiling division)."""
+    return -(-num_tokens // page_size)
+
+
+def slot_of(block_tables, positions, page_size: int):
+    """The slot rule: position j of a sequence lives in flat cache slot
+    ``block_tables[..., j // p] * p + j % p``.
+
+    ``block_tables [..., W]`` and ``positions [..., n]`` share their leading dims; numpy in,
+    numpy out (host builders), jax in, jax out (in-jit layouts).
+    """
+    xp = jnp if isinstance(block_tables, jax.Array) or isinstance(positions, jax.Array) else np
+    pages = xp.take_along_axis(block_tables, positions // page_size, axis=-1)
+    return pages * page_size + positions % page_size
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqChunk:
+    """The next tokens of one sequence: ``num_cached`` tokens are already in its pages."""
+
+    pages: Sequence[int]  # the sequence's pages in position order (its block-table row)
+    num_cached: int
+    tokens: Sequence[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBatch:
+    tokens: np.ndarray  # [T] int32
+    meta: AttentionMetadata  # numpy arrays
+    logits_rows: np.ndarray  # [S] row of each sequence's last token (0 for padding slots)
+    num_seqs: int
+
+
+def build_step(chunks: Sequence[SeqChunk], cache: CacheConfig, *, width: int, num_rows: int,
+               num_slots: int) -> StepBatch:
+    """Flat-batch arrays for ``chunks``, padded to ``num_rows`` rows and ``num_slots``
+    sequence slots with block tables ``width`` pages wide; every index is checked here,
+    before any device work. Token ids were checked at admission.
+    """
+    if not chunks:
+        raise ValueError("a step needs at least one sequence")
+    for s, c in enumerate(chunks):
+        _check_chunk(s, c, cache, width)
+    rows = sum(len(c.tokens) for c in chunks)
+    if rows > num_rows or len(chunks) > num_slots:
+        raise ValueError(f"{rows} rows of {len(chunks)} sequences do not fit a step of "
+                         f"{num_rows} rows and {num_slots} sequence slots")
+    tokens = np.zeros(num_rows, np.int32)
+    positions = np.zeros(num_rows, np.int32)
+    slots = np.full(num_rows, -1, np.int32)
+    tables = np.zeros((num_slots, width), np.int32)
+    seq_lens = np.zeros(num_slots, np.int32)
+    starts = np.zeros(num_slots + 1, np.int32)
+    last = np.zeros(num_slots, np.int32)
+    row = 0
+    for s, c in enumerate(chunks):
+        n, end = len(c.tokens), c.num_cached + len(c.tokens)
+        tables[s, : len(c.pages)] = c.pages
+        pos = np.arange(c.num_cached, end)
+        tokens[row : row + n] = c.tokens
+        positions[row : row + n] = pos
+        slots[row : row + n] = slot_of(tables[s], pos, cache.page_size)
+        seq_lens[s] = end
+        row += n
+        starts[s + 1] = row
+        last[s] = row - 1
+    starts[len(chunks) + 1 :] = row
+    meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=tables,
+                             seq_lens=seq_lens, query_start_loc=starts,
+                             num_seqs=np.int32(len(chunks)))
+    return StepBatch(tokens, meta, last, len(chunks))
+
+
+def _check_chunk(s: int, c: SeqChunk, cache: CacheConfig, width: int) -> None:
+    end, page = c.num_cached + len(c.tokens), cache.page_size
+    if len(c.tokens) < 1 or c.num_cached < 0:
+        raise ValueError(f"sequence {s}: needs >= 1 new token and num_cached >= 0")
+    pages = np.asarray(c.pages, np.int64)
+    if len(pages) < pages_for(end, page) or len(pages) > width:
+        raise ValueError(f"sequence {s}: {len(pages)} pages for {end} tokens (page size "
+                         f"{page}, at most {width} pages per sequence)")
+    if pages.size and (pages.min() < 0 or pages.max() >= cache.num_pages):
+        raise ValueError(f"sequence {s}: page ids must be in [0, {cache.num_pages}), got "
+                         f"{pages.min()}..{pages.max()}")
+
+
+def contiguous_block_tables(batch: int, width: int):
+    """Sequence b owns pages ``b * W .. b * W + W - 1`` (``generate()`` and ``Model.logits``)."""
+    return (jnp.arange(batch)[:, None] * width + jnp.arange(width)).astype(jnp.int32)
+
+
+def prefill_layout(lengths: jax.Array, max_len: int, width: int,
+                   page_size: int) -> tuple[jax.Array, AttentionMetadata]:
+    """In-jit layout of prompts ``[B, max_len]`` of ``lengths`` packed back to back.
+
+    Returns (flat row of each (b, i), ``B * max_len`` where i >= lengths[b]; metadata).
+    Prompt token i of sequence b sits at position i in its contiguous block table.
+    """
+    batch = lengths.shape[0]
+    rows = batch * max_len
+    starts = jnp.cumsum(lengths) - lengths
+    i = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32)[None, :], (batch, max_len))
+    valid = i < lengths[:, None]
+    row = jnp.where(valid, starts[:, None] + i, rows)  # [B, max_len]
+    tables = contiguous_block_tables(batch, width)
+    slot = slot_of(tables, jnp.minimum(i, width * page_size - 1), page_size)
+    meta = AttentionMetadata(
+        positions=jnp.zeros(rows, jnp.int32).at[row].set(i, mode="drop"),
+        slot_mapping=jnp.full(rows, -1, jnp.int32).at[row].set(slot, mode="drop"),
+        block_tables=tables,
+        seq_lens=lengths.astype(jnp.int32),
+        query_start_loc=jnp.concatenate([jnp.zeros(1, jnp.int32),
+                                         jnp.cumsum(lengths).astype(jnp.int32)]),
+        num_seqs=jnp.int32(batch),
+    )
+    return row, meta
+
+
+def decode_layout(positions: jax.Array, active: jax.Array, width: int,
+                  page_size: int) -> AttentionMetadata:
+    """In-jit layout of one row per sequence at ``positions [B]``; inactive rows write nothing.
+
+    Positions are clipped into the block table so that no index ever leaves it, even for a
+    finished sequence whose row is computed and discarded.
+    """
+    batch = positions.shape[0]
+    pos = jnp.clip(positions, 0, width * page_size - 1).astype(jnp.int32)
+    tables = contiguous_block_tables(batch, width)
+    slot = slot_of(tables, pos[:, None], page_size)[:, 0]
+    return AttentionMetadata(
+        positions=pos,
+        slot_mapping=jnp.where(active, slot, -1).astype(jnp.int32),
+        block_tables=tables,
+        seq_lens=pos + 1,
+        query_start_loc=jnp.arange(batch + 1, dtype=jnp.int32),
+        num_seqs=jnp.int32(batch),
+    )

@@ -1,0 +1,92 @@
+"""One generated choice as the client sees it: text cut at stop strings, incremental
+detokenization, finish reason, and the OpenAI shapes of its log-probabilities."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+from jaxllm.engine import Request as EngineRequest
+from jaxllm.engine import RequestOutput
+from jaxllm.serve.tokenizer import IncrementalDetokenizer, TextCodec
+
+TokenText = Callable[[int], str]  # a token id as text (its piece, or "token_id:N")
+
+
+@dataclasses.dataclass
+class Choice:
+    """One generated sequence: its tokens, text (cut at a stop string) and finish reason."""
+
+    index: int
+    request: EngineRequest
+    stops: list[str]
+    codec: TextCodec | None
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[Any] = dataclasses.field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+
+    def __post_init__(self):
+        self._detok = IncrementalDetokenizer(self.codec) if self.codec else None
+
+    def feed(self, out: RequestOutput) -> None:
+        self.first_token_at = self.first_token_at or time.perf_counter()
+        ids = out.new_token_ids
+        stopped_on_id = out.finish_reason == "stop" and ids and ids[-1] in self.request.stop_ids
+        self.token_ids += ids
+        self.logprobs += out.logprobs
+        visible = ids[:-1] if stopped_on_id else ids  # the stop token's text is not output
+        if self._detok is not None:
+            self.text += self._detok.add(visible)
+        if out.finished:
+            self.finish_reason = out.finish_reason
+        for stop in self.stops:
+            at = self.text.find(stop)
+            if at >= 0:
+                self.text, self.finish_reason = self.text[:at], "stop"
+
+    def take_delta(self) -> str:
+        """New text that can no longer turn out to be part of a stop string."""
+        hold = 0 if self.finish_reason else max((len(s) for s in self.stops), default=1) - 1
+        end = max(self.emitted, len(self.text) - hold)
+        delta, self.emitted = self.text[self.emitted:end], end
+        return delta
+
+
+def token_text_fn(codec: TextCodec | None) -> TokenText:
+    return codec.token_text if codec else (lambda token_id: f"token_id:{token_id}")
+
+
+def completion_logprobs(token_text: TokenText, top_n: int | None, items) -> dict[str, Any] | None:
+    """The /v1/completions ``logprobs`` object (None when not asked for)."""
+    if top_n is None:
+        return None
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for item in items:
+        text = token_text(item.token_id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(item.logprob)
+        out["top_logprobs"].append({token_text(t): lp for t, lp in item.top[:top_n]})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(token_text: TokenText, wanted: bool, top_n: int, items
+                  ) -> dict[str, Any] | None:
+    """The /v1/chat/completions ``logprobs`` object (None when not asked for)."""
+    if not wanted:
+        return None
+
+    def entry(token_id, logprob):
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(i.token_id, i.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in i.top[:top_n]]}
+                        for i in items]}

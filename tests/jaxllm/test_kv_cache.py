@@ -1,0 +1,62 @@
+"""The KV cache: its configuration's checks and sizes, its sharding, and the page writer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import testing as hf_models
+from jaxllm.config import Llama4Config
+from jaxllm.kv_cache import CacheConfig, init_kv_cache, kv_cache_sharding, write_kv_pages
+from jaxllm.sharding import make_mesh
+
+
+def _config() -> Llama4Config:
+    return Llama4Config.from_hf(dict(hf_models.SCOUT_LIKE, model_type="llama4_text"))
+
+
+def test_cache_config_checks_and_sizes():
+    config = _config()
+    cache = CacheConfig(page_size=8, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="no size yet"):
+        cache.page_shape(config)
+    sized = cache.with_pages(5)
+    assert sized.page_shape(config) == (5, 8, config.num_kv_heads, config.head_dim)
+    # Two (K, V) x kv heads x head dim x 2 bytes, on every layer.
+    assert cache.bytes_per_token(config) == (
+        config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2)
+    for bad in (dict(page_size=0), dict(num_pages=0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            CacheConfig(**bad)
+
+
+def test_init_kv_cache_shards_kv_heads_over_model():
+    config = _config()
+    cache = CacheConfig(page_size=4, dtype=jnp.float32, num_pages=3)
+    mesh = make_mesh(model=2, devices=jax.devices()[:2])
+    layers = init_kv_cache(config, cache, mesh)
+    assert len(layers) == config.num_layers
+    k = layers[0][0]
+    assert k.shape == (3, 4, config.num_kv_heads, config.head_dim) and k.dtype == jnp.float32
+    assert not np.any(np.asarray(k))
+    spec = kv_cache_sharding(config, cache, mesh).spec
+    assert spec[2] == "model"
+
+
+def test_write_kv_pages_drops_padding_slots():
+    k_pages = jnp.zeros((3, 4, 1, 2))
+    new = jnp.arange(1.0, 6.0)[:, None, None] * jnp.ones((5, 1, 2))
+    slots = jnp.array([5, -1, 0, -1, 11], jnp.int32)
+    k_out, v_out = write_kv_pages(k_pages, k_pages, new, -new, slots)
+    flat = np.asarray(k_out).reshape(12, 2)
+    want = np.zeros((12, 2))
+    want[5], want[0], want[11] = 1.0, 3.0, 5.0
+    np.testing.assert_array_equal(flat, want)
+    np.testing.assert_array_equal(np.asarray(v_out).reshape(12, 2), -want)
+    # Only padding: nothing is written, in particular not the last slot (index -1 wrapped).
+    k_out, _ = write_kv_pages(k_pages, k_pages, new[:2], new[:2], jnp.array([-1, -1]))
+    assert not np.any(np.asarray(k_out))
+
+

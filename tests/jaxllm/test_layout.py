@@ -1,0 +1,130 @@
+"""The host -> device contract: the slot rule, the step builder's checks, and the host and
+in-jit builders agreeing with each other and with the kernels' own reading of the metadata."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxllm.kv_cache import CacheConfig
+from jaxllm.layout import (
+    SeqChunk,
+    build_step,
+    check_token_ids,
+    decode_layout,
+    pages_for,
+    prefill_layout,
+    slot_of,
+)
+from pallas_kernels import query_row_layout
+
+
+def test_pages_for_and_slot_rule():
+    assert [pages_for(n, 8) for n in (0, 1, 8, 9, 16, 17)] == [0, 1, 1, 2, 2, 3]
+    table = np.array([[7, 2, 5]])
+    pos = np.array([[0, 3, 4, 9, 11]])
+    # Written out from the definition: page table[j // 4], offset j % 4.
+    want = [[7 * 4 + 0, 7 * 4 + 3, 2 * 4 + 0, 5 * 4 + 1, 5 * 4 + 3]]
+    assert slot_of(table, pos, 4).tolist() == want
+    assert np.asarray(slot_of(jnp.asarray(table), jnp.asarray(pos), 4)).tolist() == want
+
+
+def test_check_token_ids():
+    assert check_token_ids([0, 9], 10).dtype == np.int32
+    with pytest.raises(ValueError, match="Token id 10 is out of vocabulary"):
+        check_token_ids([3, 10], 10)
+    with pytest.raises(ValueError, match="Token id -1 is out of vocabulary"):
+        check_token_ids([-1], 10)
+    with pytest.raises(ValueError, match="must be integers"):
+        check_token_ids([1.5], 10)
+
+
+def test_build_step_is_range_checked():
+    cache = CacheConfig(page_size=8, num_pages=6)
+    ok = build_step([SeqChunk([3, 1], 5, [1, 2, 3, 4])], cache, width=5, num_rows=16,
+                    num_slots=1)
+    assert ok.meta.block_tables.shape == (1, 5) and ok.tokens.shape == (16,)
+    assert ok.meta.slot_mapping[:4].tolist() == [3 * 8 + 5, 3 * 8 + 6, 3 * 8 + 7, 1 * 8 + 0]
+    assert ok.meta.positions[:4].tolist() == [5, 6, 7, 8] and ok.meta.slot_mapping[4:].max() == -1
+    cases = [
+        ([SeqChunk([0], 6, [1, 2, 3])], "1 pages for 9 tokens"),
+        ([SeqChunk([0, 1, 2, 3, 4, 5], 38, [1, 2, 3])], "at most 5 pages per sequence"),
+        ([SeqChunk([0, 9], 0, [1])], "page ids must be in [0, 6)"),
+        ([SeqChunk([0], 0, [])], "needs >= 1 new token"),
+        ([SeqChunk([0, 1, 2], 0, [1] * 17)], "17 rows of 1 sequences do not fit a step of 16"),
+    ]
+    for chunks, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_step(chunks, cache, width=5, num_rows=16, num_slots=1)
+
+
+def _host(chunks, page_size, width, num_rows, num_slots, num_pages):
+    cache = CacheConfig(page_size=page_size, num_pages=num_pages)
+    return build_step(chunks, cache, width=width, num_rows=num_rows, num_slots=num_slots).meta
+
+
+def _same(a, b) -> None:
+    for name, x, y in zip(a._fields, a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+
+
+@pytest.mark.parametrize("page_size", [4, 16])
+def test_host_and_in_jit_prefill_layouts_agree(page_size):
+    lengths, max_len, width = [5, 1, 12], 12, pages_for(12, page_size)
+    row, meta = jax.jit(prefill_layout, static_argnums=(1, 2, 3))(
+        jnp.asarray(lengths, jnp.int32), max_len, width, page_size)
+    chunks = [SeqChunk(range(b * width, (b + 1) * width), 0, [0] * n)
+              for b, n in enumerate(lengths)]
+    host = _host(chunks, page_size, width, len(lengths) * max_len, len(lengths),
+                 len(lengths) * width)
+    _same(meta, host)
+    # Token i of prompt b goes to the flat row the host builder gave it.
+    starts = np.cumsum([0] + lengths)
+    for b, n in enumerate(lengths):
+        assert np.asarray(row)[b, :n].tolist() == list(range(starts[b], starts[b] + n))
+
+
+@pytest.mark.parametrize("page_size", [4, 16])
+def test_host_and_in_jit_decode_layouts_agree(page_size):
+    positions, width = np.array([4, 0, 31]), pages_for(32, page_size)
+    meta = jax.jit(decode_layout, static_argnums=(2, 3))(
+        jnp.asarray(positions, jnp.int32), jnp.ones(3, bool), width, page_size)
+    chunks = [SeqChunk(range(b * width, (b + 1) * width), int(p), [0])
+              for b, p in enumerate(positions)]
+    _same(meta, _host(chunks, page_size, width, 3, 3, 3 * width))
+
+
+def _kernel_positions(meta) -> np.ndarray:
+    """Positions as the kernels derive them, from seq_lens and query_start_loc."""
+    num_rows = meta.positions.shape[0]
+    _, pos, is_real = query_row_layout(jnp.asarray(meta.query_start_loc),
+                                       jnp.asarray(meta.seq_lens),
+                                       jnp.asarray(meta.num_seqs), num_rows)
+    return np.where(np.asarray(is_real), np.asarray(pos), 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 20)), min_size=1, max_size=5),
+       st.sampled_from([1, 4, 16]), st.integers(0, 7))
+def test_host_positions_are_what_the_kernels_read(seqs, page_size, padding):
+    """Every builder's ``positions`` (used by RoPE and temperature tuning) equal the positions
+    the attention kernels derive from ``seq_lens`` and ``query_start_loc``."""
+    width = pages_for(60, page_size)
+    chunks = [SeqChunk(range(s * width, (s + 1) * width), cached, [0] * new)
+              for s, (cached, new) in enumerate(seqs)]
+    rows = sum(new for _, new in seqs) + padding
+    meta = _host(chunks, page_size, width, rows, len(seqs) + padding % 3, len(seqs) * width)
+    np.testing.assert_array_equal(_kernel_positions(meta), meta.positions)
+
+
+def test_in_jit_positions_are_what_the_kernels_read():
+    _, meta = prefill_layout(jnp.asarray([3, 7, 1], jnp.int32), 8, 4, 4)
+    np.testing.assert_array_equal(_kernel_positions(meta), np.asarray(meta.positions))
+    meta = decode_layout(jnp.asarray([9, 0, 13], jnp.int32), jnp.ones(3, bool), 4, 4)
+    np.testing.assert_array_equal(_kernel_positions(meta), np.asarray(meta.positions))
