@@ -19,7 +19,14 @@ from jaxllm.attention import check_attention_impl
 from jaxllm.buckets import BucketPolicy
 from jaxllm.config import Llama4Config
 from jaxllm.kv_cache import init_kv_cache
-from jaxllm.layout import SeqChunk, build_step, check_token_ids, pages_for
+from jaxllm.layout import (
+    SeqChunk,
+    build_step,
+    check_token_ids,
+    contiguous_num_pages,
+    contiguous_pages,
+    pages_for,
+)
 from jaxllm.model import Llama4
 from jaxllm.sharding import named_sharding, param_shardings, to_host
 
@@ -78,10 +85,11 @@ class Model:
         batch, length = ids.shape
         self.bucket_policy.check_length(length)
         width = pages_for(length, self.bucket_policy.page_size)
-        cache = self.bucket_policy.cache.with_pages(batch * width)
+        cache = self.bucket_policy.cache.contiguous(contiguous_num_pages(1, batch, width))
         data = 1 if self.mesh is None else int(self.mesh.shape["data"])
         num_rows = -(-batch * length // data) * data  # the token axis splits over "data"
-        chunks = [SeqChunk(range(s * width, (s + 1) * width), 0, ids[s]) for s in range(batch)]
+        chunks = [SeqChunk([contiguous_pages(0, s, batch, width)], 0, ids[s])
+                  for s in range(batch)]
         step = build_step(chunks, cache, width=width, num_rows=num_rows, num_slots=batch)
         fn = self.compiled(("logits", num_rows, cache.num_pages),
                            lambda: self._compile_logits(num_rows, cache))

@@ -3,7 +3,9 @@
 Each implementation computes the attention of the flat query rows ``q [T, H, d]`` over the
 paged cache described by ``AttentionMetadata``, with Llama 4's chunked local mask when
 ``chunk_size`` is set. ``"pallas"`` (the default on GPU) runs the Triton-style kernels of
-``pallas_kernels``; ``"xla"`` (the default elsewhere) runs the pure-jnp definition.
+``pallas_kernels``; ``"xla"`` (the default elsewhere) runs the blockwise jnp implementation
+(memory O(rows * block), whatever the context); ``"reference"`` runs the definition itself,
+which materialises every key of every sequence per row (for checks, not for serving).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax
 
 from jaxllm.layout import AttentionMetadata
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.xla.ragged_paged_attention import ragged_paged_attention_blockwise
 
 AttentionFn = Callable[..., jax.Array]  # (q, k_pages, v_pages, meta, *, chunk_size) -> [T, H, d]
 
@@ -61,6 +64,13 @@ def _kernel_args(q, k_pages, v_pages, meta: AttentionMetadata) -> tuple:
 
 @register("xla")
 def _xla(q, k_pages, v_pages, meta: AttentionMetadata, *, chunk_size: int | None) -> jax.Array:
+    return ragged_paged_attention_blockwise(*_kernel_args(q, k_pages, v_pages, meta),
+                                            chunk_size=chunk_size)
+
+
+@register("reference")
+def _reference(q, k_pages, v_pages, meta: AttentionMetadata, *, chunk_size: int | None
+               ) -> jax.Array:
     return ragged_paged_attention_reference(*_kernel_args(q, k_pages, v_pages, meta),
                                             chunk_size=chunk_size)
 

@@ -16,8 +16,20 @@ from __future__ import annotations
 import bisect
 import dataclasses
 
+import jax
+
 from jaxllm.kv_cache import CacheConfig
 from jaxllm.layout import pages_for
+
+GPU_MAX_NUM_BATCHED_TOKENS = 8192  # vLLM's default for an H100 server
+CPU_MAX_NUM_BATCHED_TOKENS = 512  # keeps CPU steps (and the bundled model's warm-up) short
+
+
+def default_max_num_batched_tokens() -> int:
+    """Rows of one engine step unless told otherwise: independent of ``max_model_len`` (chunked
+    prefill splits longer prompts), so step memory and the program count stay bounded."""
+    gpu = jax.default_backend() == "gpu"
+    return GPU_MAX_NUM_BATCHED_TOKENS if gpu else CPU_MAX_NUM_BATCHED_TOKENS
 
 
 class ContextLengthError(ValueError):
@@ -40,20 +52,19 @@ class BucketPolicy:
     chunk_size: int | None = None
     max_num_seqs: int = 8
     min_length_bucket: int = 16
-    max_num_batched_tokens: int | None = None  # rows of one engine step; default max_model_len
+    max_num_batched_tokens: int | None = None  # rows of one engine step (default below)
 
     def __post_init__(self):
         if self.max_num_batched_tokens is None:
-            object.__setattr__(self, "max_num_batched_tokens",
-                               max(self.max_model_len, self.max_num_seqs))
+            default = default_max_num_batched_tokens()
+            object.__setattr__(self, "max_num_batched_tokens", max(self.max_num_seqs, min(
+                default, self.max_num_seqs * self.max_model_len)))
         for name in ("max_model_len", "max_num_seqs", "min_length_bucket",
                      "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.chunk_size is not None and self.chunk_size % self.page_size:
-            # Chunks must start on page boundaries so a kernel can skip whole pages.
-            raise ValueError(f"page_size={self.page_size} must divide the attention chunk "
-                             f"size {self.chunk_size}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size={self.chunk_size} must be >= 1")
 
     @property
     def page_size(self) -> int:
@@ -91,6 +102,14 @@ class BucketPolicy:
         """Flat row counts of one engine step (prefill chunks and decode rows together)."""
         return _powers_of_two_then(self.max_num_batched_tokens,
                                    min(self.min_length_bucket, self.max_num_batched_tokens))
+
+    def step_shapes(self) -> list[tuple[int, int]]:
+        """Every (token bucket, batch bucket) an engine step can have: the programs to warm up.
+
+        A step of b sequences has at least b rows, and its rows (one each for b - 1 sequences,
+        the rest for the last) fit in ``max_model_len``."""
+        return [(t, b) for t in self.token_buckets for b in self.batch_buckets
+                if b <= t and t - b + 1 <= self.max_model_len]
 
     def token_bucket(self, rows: int) -> int:
         return self._bucket(rows, self.token_buckets, "step token count",

@@ -20,7 +20,13 @@ from flax import nnx
 
 from jaxllm.api import Model
 from jaxllm.kv_cache import CacheConfig, init_kv_cache
-from jaxllm.layout import check_token_ids, decode_layout, pages_for, prefill_layout
+from jaxllm.layout import (
+    check_token_ids,
+    contiguous_num_pages,
+    decode_layout,
+    pages_for,
+    prefill_layout,
+)
 from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, sample
 from jaxllm.sharding import to_host
 
@@ -55,7 +61,9 @@ def generate_tokens(
     batch, max_len = tokens.shape
     page_size = cache.page_size
     pages_per_seq = pages_for(max_model_len, page_size)
-    kv = init_kv_cache(model.config, cache.with_pages(batch * pages_per_seq), model.mesh)
+    kv = init_kv_cache(model.config,
+                       cache.contiguous(contiguous_num_pages(1, batch, pages_per_seq)),
+                       model.mesh)
     base_keys = jax.vmap(jax.random.PRNGKey)(seeds)
 
     def pick(hidden, step):  # step [B]: the index of the token being chosen in each row

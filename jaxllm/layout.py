@@ -5,7 +5,8 @@ built here, by the host-side step builder (the engine and ``Model.logits``) or b
 layouts of ``generate()``, from one slot rule and one page count, and checked before it leaves.
 
 Glossary: T flat rows, S sequence slots, W block-table width (pages per sequence), p page
-size, B batch.
+size, B batch, G layer groups (``jaxllm.kv_cache.LayerGroups``: each has its own block
+table; a chunked group's table holds ``NULL_PAGE`` where its chunk no longer reaches).
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.kv_cache import CacheConfig
+from jaxllm.kv_cache import NULL_PAGE, CacheConfig
 
 
 class AttentionMetadata(NamedTuple):
     """Where each flat row lives; shapes are static per compiled program (masks carry raggedness).
 
     positions [T]: absolute position of row t in its sequence (0 for padding rows).
-    slot_mapping [T]: flat cache slot (``slot_of``) written by row t, -1 for padding.
-    block_tables [S, W]: pages of each sequence slot, in position order.
+    slot_mapping [G, T]: flat cache slot (``slot_of``) written by row t in each layer group,
+        -1 for padding.
+    block_tables [G, S, W]: pages of each sequence slot in each group, in position order.
     seq_lens [S]: tokens of each sequence after this step (cached + new).
     query_start_loc [S + 1]: rows of sequence s are query_start_loc[s]:query_start_loc[s + 1].
     num_seqs []: live sequence slots; rows past query_start_loc[num_seqs] are padding.
@@ -42,6 +44,11 @@ class AttentionMetadata(NamedTuple):
     seq_lens: jax.Array
     query_start_loc: jax.Array
     num_seqs: jax.Array
+
+    def for_group(self, group: int) -> AttentionMetadata:
+        """The metadata one layer sees: its group's slots and block tables."""
+        return self._replace(slot_mapping=self.slot_mapping[group],
+                             block_tables=self.block_tables[group])
 
 
 def check_token_ids(token_ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
@@ -76,11 +83,19 @@ def slot_of(block_tables, positions, page_size: int):
     return pages * page_size + positions % page_size
 
 
+def first_needed_page(num_cached: int, page_size: int, chunk_size: int | None) -> int:
+    """The first page a group must still hold when rows from position ``num_cached`` on run:
+    0 for a global group, the page of the current chunk's start for a chunked one."""
+    if chunk_size is None:
+        return 0
+    return num_cached // chunk_size * chunk_size // page_size
+
+
 @dataclasses.dataclass(frozen=True)
 class SeqChunk:
     """The next tokens of one sequence: ``num_cached`` tokens are already in its pages."""
 
-    pages: Sequence[int]  # the sequence's pages in position order (its block-table row)
+    pages: Sequence[Sequence[int]]  # per layer group: pages in position order (table row)
     num_cached: int
     tokens: Sequence[int]
 
@@ -94,34 +109,37 @@ class StepBatch:
 
 
 def build_step(chunks: Sequence[SeqChunk], cache: CacheConfig, *, width: int, num_rows: int,
-               num_slots: int) -> StepBatch:
+               num_slots: int, group_chunk: Sequence[int | None] = (None,)) -> StepBatch:
     """Flat-batch arrays for ``chunks``, padded to ``num_rows`` rows and ``num_slots``
-    sequence slots with block tables ``width`` pages wide; every index is checked here,
-    before any device work. Token ids were checked at admission.
+    sequence slots with block tables ``width`` pages wide, one per layer group (whose chunk
+    sizes are ``group_chunk``); every index is checked here, before any device work. Token
+    ids were checked at admission.
     """
     if not chunks:
         raise ValueError("a step needs at least one sequence")
     for s, c in enumerate(chunks):
-        _check_chunk(s, c, cache, width)
+        _check_chunk(s, c, cache, width, group_chunk)
     rows = sum(len(c.tokens) for c in chunks)
     if rows > num_rows or len(chunks) > num_slots:
         raise ValueError(f"{rows} rows of {len(chunks)} sequences do not fit a step of "
                          f"{num_rows} rows and {num_slots} sequence slots")
+    groups = len(group_chunk)
     tokens = np.zeros(num_rows, np.int32)
     positions = np.zeros(num_rows, np.int32)
-    slots = np.full(num_rows, -1, np.int32)
-    tables = np.zeros((num_slots, width), np.int32)
+    slots = np.full((groups, num_rows), -1, np.int32)
+    tables = np.full((groups, num_slots, width), NULL_PAGE, np.int32)
     seq_lens = np.zeros(num_slots, np.int32)
     starts = np.zeros(num_slots + 1, np.int32)
     last = np.zeros(num_slots, np.int32)
     row = 0
     for s, c in enumerate(chunks):
         n, end = len(c.tokens), c.num_cached + len(c.tokens)
-        tables[s, : len(c.pages)] = c.pages
         pos = np.arange(c.num_cached, end)
         tokens[row : row + n] = c.tokens
         positions[row : row + n] = pos
-        slots[row : row + n] = slot_of(tables[s], pos, cache.page_size)
+        for g, pages in enumerate(c.pages):
+            tables[g, s, : len(pages)] = pages
+            slots[g, row : row + n] = slot_of(tables[g, s], pos, cache.page_size)
         seq_lens[s] = end
         row += n
         starts[s + 1] = row
@@ -133,30 +151,53 @@ def build_step(chunks: Sequence[SeqChunk], cache: CacheConfig, *, width: int, nu
     return StepBatch(tokens, meta, last, len(chunks))
 
 
-def _check_chunk(s: int, c: SeqChunk, cache: CacheConfig, width: int) -> None:
+def _check_chunk(s: int, c: SeqChunk, cache: CacheConfig, width: int,
+                 group_chunk: Sequence[int | None]) -> None:
     end, page = c.num_cached + len(c.tokens), cache.page_size
     if len(c.tokens) < 1 or c.num_cached < 0:
         raise ValueError(f"sequence {s}: needs >= 1 new token and num_cached >= 0")
-    pages = np.asarray(c.pages, np.int64)
-    if len(pages) < pages_for(end, page) or len(pages) > width:
-        raise ValueError(f"sequence {s}: {len(pages)} pages for {end} tokens (page size "
-                         f"{page}, at most {width} pages per sequence)")
-    if pages.size and (pages.min() < 0 or pages.max() >= cache.num_pages):
-        raise ValueError(f"sequence {s}: page ids must be in [0, {cache.num_pages}), got "
-                         f"{pages.min()}..{pages.max()}")
+    if len(c.pages) != len(group_chunk):
+        raise ValueError(f"sequence {s}: pages for {len(c.pages)} layer groups, the cache has "
+                         f"{len(group_chunk)}")
+    for g, (group_pages, chunk) in enumerate(zip(c.pages, group_chunk, strict=True)):
+        pages = np.asarray(group_pages, np.int64)
+        if len(pages) < pages_for(end, page) or len(pages) > width:
+            raise ValueError(f"sequence {s}: {len(pages)} pages for {end} tokens (page size "
+                             f"{page}, at most {width} pages per sequence)")
+        if pages.size and (pages.min() < 0 or pages.max() > cache.num_pages):
+            raise ValueError(f"sequence {s}: page ids must be in [0, {cache.num_pages}], got "
+                             f"{pages.min()}..{pages.max()}")
+        needed = pages[first_needed_page(c.num_cached, page, chunk) : pages_for(end, page)]
+        if np.any(needed == NULL_PAGE):
+            raise ValueError(f"sequence {s}: layer group {g} has dropped a page that positions "
+                             f"{c.num_cached}..{end - 1} still need")
 
 
-def contiguous_block_tables(batch: int, width: int):
-    """Sequence b owns pages ``b * W .. b * W + W - 1`` (``generate()`` and ``Model.logits``)."""
-    return (jnp.arange(batch)[:, None] * width + jnp.arange(width)).astype(jnp.int32)
+def contiguous_pages(group: int, seq: int, batch: int, width: int) -> range:
+    """Pages of sequence ``seq`` of ``batch`` in layer group ``group`` when every sequence owns
+    ``width`` contiguous pages (``generate()`` and ``Model.logits``); page 0 stays the null
+    page. The cache holds ``contiguous_num_pages`` pages."""
+    first = 1 + (group * batch + seq) * width
+    return range(first, first + width)
 
 
-def prefill_layout(lengths: jax.Array, max_len: int, width: int,
-                   page_size: int) -> tuple[jax.Array, AttentionMetadata]:
+def contiguous_num_pages(groups: int, batch: int, width: int) -> int:
+    return groups * batch * width
+
+
+def contiguous_block_tables(groups: int, batch: int, width: int) -> jax.Array:
+    """``[G, B, W]`` tables of ``contiguous_pages``, in-jit."""
+    g = jnp.arange(groups)[:, None, None]
+    b = jnp.arange(batch)[None, :, None]
+    return (1 + (g * batch + b) * width + jnp.arange(width)).astype(jnp.int32)
+
+
+def prefill_layout(lengths: jax.Array, max_len: int, width: int, page_size: int,
+                   groups: int = 1) -> tuple[jax.Array, AttentionMetadata]:
     """In-jit layout of prompts ``[B, max_len]`` of ``lengths`` packed back to back.
 
     Returns (flat row of each (b, i), ``B * max_len`` where i >= lengths[b]; metadata).
-    Prompt token i of sequence b sits at position i in its contiguous block table.
+    Prompt token i of sequence b sits at position i in its contiguous block tables.
     """
     batch = lengths.shape[0]
     rows = batch * max_len
@@ -164,11 +205,11 @@ def prefill_layout(lengths: jax.Array, max_len: int, width: int,
     i = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32)[None, :], (batch, max_len))
     valid = i < lengths[:, None]
     row = jnp.where(valid, starts[:, None] + i, rows)  # [B, max_len]
-    tables = contiguous_block_tables(batch, width)
-    slot = slot_of(tables, jnp.minimum(i, width * page_size - 1), page_size)
+    tables = contiguous_block_tables(groups, batch, width)
+    slot = slot_of(tables, jnp.minimum(i, width * page_size - 1)[None], page_size)  # [G, B, L]
     meta = AttentionMetadata(
         positions=jnp.zeros(rows, jnp.int32).at[row].set(i, mode="drop"),
-        slot_mapping=jnp.full(rows, -1, jnp.int32).at[row].set(slot, mode="drop"),
+        slot_mapping=jnp.full((groups, rows), -1, jnp.int32).at[:, row].set(slot, mode="drop"),
         block_tables=tables,
         seq_lens=lengths.astype(jnp.int32),
         query_start_loc=jnp.concatenate([jnp.zeros(1, jnp.int32),
@@ -178,8 +219,8 @@ def prefill_layout(lengths: jax.Array, max_len: int, width: int,
     return row, meta
 
 
-def decode_layout(positions: jax.Array, active: jax.Array, width: int,
-                  page_size: int) -> AttentionMetadata:
+def decode_layout(positions: jax.Array, active: jax.Array, width: int, page_size: int,
+                  groups: int = 1) -> AttentionMetadata:
     """In-jit layout of one row per sequence at ``positions [B]``; inactive rows write nothing.
 
     Positions are clipped into the block table so that no index ever leaves it, even for a
@@ -187,11 +228,12 @@ def decode_layout(positions: jax.Array, active: jax.Array, width: int,
     """
     batch = positions.shape[0]
     pos = jnp.clip(positions, 0, width * page_size - 1).astype(jnp.int32)
-    tables = contiguous_block_tables(batch, width)
-    slot = slot_of(tables, pos[:, None], page_size)[:, 0]
+    tables = contiguous_block_tables(groups, batch, width)
+    slot = slot_of(tables, jnp.broadcast_to(pos[None, :, None], (groups, batch, 1)),
+                   page_size)[..., 0]  # [G, B]
     return AttentionMetadata(
         positions=pos,
-        slot_mapping=jnp.where(active, slot, -1).astype(jnp.int32),
+        slot_mapping=jnp.where(active[None], slot, -1).astype(jnp.int32),
         block_tables=tables,
         seq_lens=pos + 1,
         query_start_loc=jnp.arange(batch + 1, dtype=jnp.int32),

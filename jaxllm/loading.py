@@ -40,13 +40,16 @@ def load_model(
     page_size: int = 16,
     max_num_seqs: int = 8,
     max_num_batched_tokens: int | None = None,
+    hybrid_kv_cache: bool = True,
 ) -> Model:
     """Loads a checkpoint written by ``scripts/convert_hf_to_orbax.py``.
 
     ``dtype`` defaults to the checkpoint's own. Each parameter is restored straight into its
     sharding on ``mesh`` (a single device without one): every device reads only its shard.
     The shape limits (``max_model_len``, ``page_size``, ``max_num_seqs``,
-    ``max_num_batched_tokens``) become the model's one ``BucketPolicy``.
+    ``max_num_batched_tokens``) and the cache layout become the model's one
+    ``BucketPolicy``. With ``hybrid_kv_cache`` the serving engine keeps, in chunked-local
+    layers, only the pages of the current attention chunk (``jaxllm.kv_cache``).
     """
     path = Path(path)
     manifest = checkpoint.read_manifest(path)
@@ -56,7 +59,8 @@ def load_model(
     if max_model_len <= 0:
         raise ValueError(f"max_model_len={max_model_len} must be positive")
     policy = BucketPolicy(
-        max_model_len=max_model_len, cache=CacheConfig(page_size=page_size, dtype=dtype),
+        max_model_len=max_model_len,
+        cache=CacheConfig(page_size=page_size, dtype=dtype, hybrid=hybrid_kv_cache),
         chunk_size=config.attention_chunk_size, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens)
     graphdef, state = abstract_model(config, dtype, mesh)

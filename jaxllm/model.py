@@ -22,7 +22,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.attention import paged_attention
 from jaxllm.config import Llama4Config, rope_inverse_frequencies
-from jaxllm.kv_cache import KVCache, write_kv_pages
+from jaxllm.kv_cache import KVCache, LayerGroups, layer_groups, write_kv_pages
 from jaxllm.layout import AttentionMetadata
 from jaxllm.sharding import constrain, logical_spec, padded_vocab_size, shard_axes
 
@@ -266,18 +266,23 @@ class Llama4(nnx.Module):
         meta: AttentionMetadata,
         *,
         attention_impl: str = "xla",
+        groups: LayerGroups | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Runs the flat batch ``tokens [T]`` at ``meta.positions``; returns (hidden [T, D], cache).
 
-        The new keys/values are written into the cache before attention reads it, so a
-        step's own tokens attend to each other through the same pages as to the prefix.
+        ``groups`` says which slab of ``cache`` and which of ``meta``'s block tables each
+        layer uses (default: one group, a slab per layer). The new keys/values are written
+        into the cache before attention reads it, so a step's own tokens attend to each other
+        through the same pages as to the prefix.
         """
+        groups = groups or layer_groups(self.config, hybrid=False)
         x = self._embed(tokens)
-        new_cache = []
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, layer_cache = layer(x, layer_cache, meta, attention_impl)
-            new_cache.append(layer_cache)
-        return self.norm(x), new_cache
+        cache = list(cache)
+        for i, layer in enumerate(self.layers):
+            slab = groups.layer_slab[i]
+            x, cache[slab] = layer(x, cache[slab], meta.for_group(groups.layer_group[i]),
+                                   attention_impl)
+        return self.norm(x), cache
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         table, mesh = self.embed[...], self.mesh

@@ -31,7 +31,13 @@ import jaxllm
 from jaxllm import checkpoint
 from jaxllm.config import Llama4Config
 from jaxllm.kv_cache import CacheConfig, init_kv_cache
-from jaxllm.layout import SeqChunk, build_step, pages_for
+from jaxllm.layout import (
+    SeqChunk,
+    build_step,
+    contiguous_num_pages,
+    contiguous_pages,
+    pages_for,
+)
 from jaxllm.model import Llama4
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -112,8 +118,9 @@ def train(config: Llama4Config, tokenizer, pairs, args) -> nnx.State:
         params = jaxllm.load_model(args.resume, dtype="float32").params
     # The batch's layout: each row a sequence at positions 0..SEQ_LEN-1, in its own pages.
     width = pages_for(SEQ_LEN, PAGE)
-    cache = CacheConfig(page_size=PAGE, dtype=jnp.float32, num_pages=args.batch * width)
-    chunks = [SeqChunk(range(b * width, (b + 1) * width), 0, [0] * SEQ_LEN)
+    cache = CacheConfig(page_size=PAGE, dtype=jnp.float32,
+                        num_pages=contiguous_num_pages(1, args.batch, width))
+    chunks = [SeqChunk([contiguous_pages(0, b, args.batch, width)], 0, [0] * SEQ_LEN)
               for b in range(args.batch)]
     meta = jax.tree.map(jnp.asarray, build_step(
         chunks, cache, width=width, num_rows=args.batch * SEQ_LEN, num_slots=args.batch).meta)

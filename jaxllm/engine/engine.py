@@ -46,7 +46,8 @@ class Engine:
         self.model = model
         # The engine's configuration, derived once and handed whole to every part.
         self.policy = model.bucket_policy.for_engine(num_pages, max_num_batched_tokens)
-        self.pages = PageAllocator(self.policy.cache)
+        self.groups = self.policy.cache.groups(model.config)
+        self.pages = PageAllocator(self.policy.cache, self.groups.group_chunk)
         self.scheduler = Scheduler(self.policy, self.pages)
         self.runner = ModelRunner(model, self.policy)
         self.requests: dict[str, Request] = {}
@@ -134,12 +135,14 @@ class Engine:
         policy, page = self.policy, self.policy.page_size
         if self.pages.num_free != self.pages.num_pages:
             raise RuntimeError("warm up before submitting requests")
-        shapes = [(t, b) for t in policy.token_buckets for b in policy.batch_buckets
-                  if b <= t and t - b + 1 <= policy.max_model_len]
+        shapes = policy.step_shapes()
         for rows, seqs in tqdm(shapes, desc="warmup", unit="program", disable=not progress):
             last = rows - (seqs - 1)  # one token each, the rest to the last sequence
-            chunks = [SeqChunk([0], 0, [0]) for _ in range(seqs - 1)]
-            chunks.append(SeqChunk(list(range(pages_for(last, page))), 0, [0] * last))
+            # Free pages, given to every group at once (warm-up output is never read).
+            groups = self.groups.num_groups
+            chunks = [SeqChunk([[1]] * groups, 0, [0]) for _ in range(seqs - 1)]
+            chunks.append(SeqChunk([list(range(1, 1 + pages_for(last, page)))] * groups, 0,
+                                   [0] * last))
             self.runner.sample_step(chunks, [SamplingParams(temperature=0.0)] * seqs,
                                     seeds=[0] * seqs, steps=[0] * seqs)
         return len(shapes)

@@ -1,9 +1,10 @@
-"""KV-cache pages: allocation, reference counts and prefix caching.
+"""KV-cache pages: one pool shared by every layer group, reference counts, prefix caching.
 
-A page that is full of computed tokens is registered under a hash of its tokens chained with
-the hash of the page before it, so equal prefixes (not just equal pages) map to one page. A
-freed page keeps its contents and hash until it is handed out again, oldest freed first, so a
-later request with the same prefix can pick it back up.
+A page that is full of computed tokens is registered under (its layer group, a hash of its
+tokens chained with the hash of the page before it), so equal prefixes (not just equal pages)
+map to one page. A freed page keeps its contents and hash until it is handed out again, oldest
+freed first, so a later request with the same prefix can pick it back up. Page 0 is the null
+page (``NULL_PAGE``): never handed out, it fills the table entries a chunked group dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxllm.kv_cache import CacheConfig
+from jaxllm.kv_cache import NULL_PAGE, CacheConfig
+from jaxllm.layout import first_needed_page
 
 
 def chain_hash(parent: bytes, page_tokens: Sequence[int]) -> bytes:
@@ -36,21 +38,27 @@ def page_hashes(tokens: Sequence[int], page_size: int, known: Sequence[bytes] = 
 
 
 class PageAllocator:
-    """Hands out the pages of the cache ``cache`` describes (its page count and size)."""
+    """Hands out the pages of the cache ``cache`` describes to the layer groups whose chunk
+    sizes are ``group_chunk`` (None: a global group, which keeps a sequence's whole history)."""
 
-    def __init__(self, cache: CacheConfig):
+    def __init__(self, cache: CacheConfig, group_chunk: Sequence[int | None] = (None,)):
         if cache.num_pages is None:
             raise ValueError("the page allocator needs a sized cache (num_pages)")
-        self.cache = cache
-        num_pages = self.num_pages = cache.num_pages
-        self.refs = [0] * num_pages
-        self.free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(num_pages))
-        self.by_hash: dict[bytes, int] = {}
-        self.hash_of: dict[int, bytes] = {}
+        self.cache, self.group_chunk = cache, tuple(group_chunk)
+        self.num_pages = cache.num_pages
+        self.refs = [0] * (self.num_pages + 1)
+        self.free: OrderedDict[int, None] = OrderedDict(
+            (p, None) for p in range(1, self.num_pages + 1))
+        self.by_hash: dict[tuple[int, bytes], int] = {}
+        self.hash_of: dict[int, tuple[int, bytes]] = {}
 
     @property
     def page_size(self) -> int:
         return self.cache.page_size
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_chunk)
 
     @property
     def num_free(self) -> int:
@@ -70,35 +78,57 @@ class PageAllocator:
 
     def release(self, pages: Sequence[int]) -> None:
         for page in pages:
+            if page == NULL_PAGE:
+                continue
             if self.refs[page] <= 0:
                 raise RuntimeError(f"page {page} released more often than taken")
             self.refs[page] -= 1
             if self.refs[page] == 0:
                 self.free[page] = None
 
-    def match_prefix(self, tokens: Sequence[int]) -> list[int]:
-        """Takes (adds a reference to) the cached pages holding the longest cached prefix."""
-        pages = []
-        for h in page_hashes(tokens, self.page_size):
-            page = self.by_hash.get(h)
-            if page is None:
+    def match_prefix(self, tokens: Sequence[int]) -> list[list[int]]:
+        """Takes (adds a reference to) the cached pages of the longest prefix of ``tokens``
+        that every group can resume from: global groups need every page of it, chunked
+        groups the pages of its last chunk. Returns each group's table row."""
+        hashes = page_hashes(tokens, self.page_size)
+        length = 0  # pages every global group has
+        while length < len(hashes) and all(
+                (g, hashes[length]) in self.by_hash
+                for g, c in enumerate(self.group_chunk) if c is None):
+            length += 1
+        while length:
+            first = {g: first_needed_page(length * self.page_size, self.page_size, c)
+                     for g, c in enumerate(self.group_chunk)}
+            missing = [j for g in first for j in range(first[g], length)
+                       if (g, hashes[j]) not in self.by_hash]
+            if not missing:
                 break
-            if self.refs[page] == 0:
-                del self.free[page]
-            self.refs[page] += 1
-            pages.append(page)
-        return pages
+            length = min(missing)  # resume before the first page a chunked group lacks
+        rows = []
+        for g in range(self.num_groups):
+            start = first_needed_page(length * self.page_size, self.page_size,
+                                      self.group_chunk[g]) if length else 0
+            row = [NULL_PAGE] * start
+            for j in range(start, length):
+                page = self.by_hash[(g, hashes[j])]
+                if self.refs[page] == 0:
+                    del self.free[page]
+                self.refs[page] += 1
+                row.append(page)
+            rows.append(row)
+        return rows
 
-    def register(self, pages: Sequence[int], hashes: Sequence[bytes]) -> None:
-        """Records full pages under their chained hashes (``hashes[i]`` for ``pages[i]``)."""
+    def register(self, group: int, pages: Sequence[int], hashes: Sequence[bytes]) -> None:
+        """Records a group's full pages under their chained hashes (``hashes[i]`` for
+        ``pages[i]``); null entries are skipped."""
         for page, h in zip(pages, hashes, strict=False):
-            if page in self.hash_of:
+            if page == NULL_PAGE or page in self.hash_of:
                 continue
-            if h not in self.by_hash:  # a different page may already hold this prefix
-                self.by_hash[h] = page
-                self.hash_of[page] = h
+            if (group, h) not in self.by_hash:  # a different page may hold this prefix
+                self.by_hash[(group, h)] = page
+                self.hash_of[page] = (group, h)
 
     def _forget(self, page: int) -> None:
-        h = self.hash_of.pop(page, None)
-        if h is not None and self.by_hash.get(h) == page:
-            del self.by_hash[h]
+        key = self.hash_of.pop(page, None)
+        if key is not None and self.by_hash.get(key) == page:
+            del self.by_hash[key]

@@ -41,15 +41,16 @@ class ModelRunner:
         self.model = model
         self.policy = policy
         config, cache = model.config, policy.cache
+        self.groups = groups = cache.groups(config)
         sharding = kv_cache_sharding(config, cache, model.mesh)
         self.cache = jax.jit(
             lambda: init_kv_cache(config, cache, model.mesh),
-            out_shardings=[(sharding, sharding)] * config.num_layers)()
+            out_shardings=[(sharding, sharding)] * groups.num_slabs)()
         graphdef, impl, mesh = model.graphdef, model.attention_impl, model.mesh
 
         def forward(params, cache, tokens, meta, logits_rows):
             module = nnx.merge(graphdef, params)
-            hidden, cache = module(tokens, cache, meta, attention_impl=impl)
+            hidden, cache = module(tokens, cache, meta, attention_impl=impl, groups=groups)
             return module.logits(hidden[logits_rows]), cache
 
         def forward_and_sample(params, cache, tokens, meta, logits_rows, sampling, seeds,
@@ -76,7 +77,8 @@ class ModelRunner:
         policy = self.policy
         return build_step(chunks, policy.cache, width=policy.pages_per_seq,
                           num_rows=policy.token_bucket(sum(len(c.tokens) for c in chunks)),
-                          num_slots=policy.batch_bucket(len(chunks)))
+                          num_slots=policy.batch_bucket(len(chunks)),
+                          group_chunk=self.groups.group_chunk)
 
     def step(self, chunks: Sequence[SeqChunk]) -> np.ndarray:
         """Runs one step; returns float32 logits ``[len(chunks), V]`` of each last token."""

@@ -5,6 +5,10 @@ Each step has a token budget (``max_num_batched_tokens``) and a sequence budget
 chunk); waiting requests are admitted after, oldest first, each starting from its longest
 cached prefix. When pages run out, the most recently admitted running request is preempted:
 its pages are released and it is recomputed later (its generated tokens are kept).
+
+A request holds a table row of pages per layer group; a chunked group's row gives back the
+pages before the current chunk as the request moves past them (``NULL_PAGE`` takes their
+place), so a long sequence holds only a chunk's worth of pages in those groups.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from collections import deque
 
 from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.pages import PageAllocator, page_hashes
-from jaxllm.layout import pages_for
+from jaxllm.kv_cache import NULL_PAGE
+from jaxllm.layout import first_needed_page, pages_for
 from jaxllm.sampling import SamplingParams
 
 
@@ -34,7 +39,7 @@ class Request:
     seed: int
     stop_ids: frozenset[int] = frozenset()
     output: list[int] = dataclasses.field(default_factory=list)
-    pages: list[int] = dataclasses.field(default_factory=list)
+    pages: list[list[int]] = dataclasses.field(default_factory=list)  # per layer group
     num_computed: int = 0  # tokens whose keys/values are in the cache
     num_cached_prompt: int = 0  # of the prompt, found in the prefix cache at admission
     page_hashes: list[bytes] = dataclasses.field(default_factory=list)  # of full pages
@@ -44,6 +49,10 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def held_pages(self) -> list[int]:
+        return [p for row in self.pages for p in row if p != NULL_PAGE]
 
     @property
     def num_pending(self) -> int:
@@ -93,8 +102,7 @@ class Scheduler:
                 self._take_cached_prefix(request)
             n = min(request.num_pending, budget)
             if not self._grow(request, n):
-                self.pages.release(request.pages)  # retry whole when pages are free again
-                request.pages, request.num_computed = [], 0
+                self._drop_pages(request)  # retry whole when pages are free again
                 break
             self.waiting.popleft()
             request.status = Status.RUNNING
@@ -109,14 +117,17 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.pages.release(request.pages)
-        request.pages = []
+        self._drop_pages(request)
+
+    def _drop_pages(self, request: Request) -> None:
+        self.pages.release(request.held_pages)
+        request.pages, request.num_computed = [], 0
 
     def _take_cached_prefix(self, request: Request) -> None:
         # At least the last token is computed, so the step yields logits for it.
         usable = request.tokens[: len(request.tokens) - 1]
         request.pages = self.pages.match_prefix(usable)
-        request.num_computed = len(request.pages) * self.pages.page_size
+        request.num_computed = len(request.pages[0]) * self.pages.page_size
         if request.num_cached_prompt == 0 and not request.output:
             request.num_cached_prompt = request.num_computed
 
@@ -132,20 +143,23 @@ class Scheduler:
         return True
 
     def _grow(self, request: Request, n: int) -> bool:
-        need = pages_for(request.num_computed + n, self.pages.page_size) - len(request.pages)
-        if need <= 0:
-            return True
-        fresh = self.pages.allocate(need)
+        """Pages for ``n`` more tokens in every group, all or none."""
+        if not request.pages:
+            request.pages = [[] for _ in range(self.pages.num_groups)]
+        total = pages_for(request.num_computed + n, self.pages.page_size)
+        need = [max(0, total - len(row)) for row in request.pages]
+        fresh = self.pages.allocate(sum(need))
         if fresh is None:
             return False
-        request.pages += fresh
+        for row, k in zip(request.pages, need, strict=True):
+            row += fresh[:k]
+            fresh = fresh[k:]
         return True
 
     def _preempt(self, request: Request) -> None:
         self.num_preemptions += 1
         self.running.remove(request)
-        self.pages.release(request.pages)
-        request.pages, request.num_computed = [], 0
+        self._drop_pages(request)
         request.status = Status.WAITING
         self.waiting.appendleft(request)
 
@@ -156,4 +170,12 @@ class Scheduler:
         # Hashes depend on tokens only, so they survive preemption; only new pages hash.
         request.page_hashes = page_hashes(request.tokens[: request.num_computed],
                                           self.pages.page_size, request.page_hashes)
-        self.pages.register(request.pages, request.page_hashes)
+        for group, row in enumerate(request.pages):
+            self.pages.register(group, row, request.page_hashes)
+            # A chunked group gives back the pages its chunk has left behind.
+            first = first_needed_page(request.num_computed, self.pages.page_size,
+                                      self.pages.group_chunk[group])
+            dropped = [p for p in row[:first] if p != NULL_PAGE]
+            if dropped:
+                self.pages.release(dropped)
+                row[:first] = [NULL_PAGE] * first

@@ -40,6 +40,14 @@ VARIANTS = {
     "scout_unit_logits": lambda: hf_models.make_text_model(hf_models.SCOUT_LIKE, seed=6,
                                                            scale=0.08),
     "scout_legacy_rope": lambda: hf_models.make_text_model(hf_models.SCOUT_LIKE, seed=3),
+    # Attention chunks that do not fall on 16-token page boundaries.
+    "scout_chunk20": lambda: hf_models.make_text_model(
+        dict(hf_models.SCOUT_LIKE, attention_chunk_size=20), seed=7),
+    "maverick_chunk24": lambda: hf_models.make_text_model(
+        dict(hf_models.MAVERICK_LIKE, attention_chunk_size=24), seed=8),
+    "scout_chunk1000": lambda: hf_models.make_text_model(
+        dict(hf_models.SCOUT_LIKE, attention_chunk_size=1000, max_position_embeddings=4000),
+        seed=9),
     "multimodal": lambda: hf_models.make_multimodal_model(hf_models.MAVERICK_LIKE, seed=4),
     "multimodal_scout": lambda: hf_models.make_multimodal_model(hf_models.SCOUT_LIKE, seed=5),
 }

@@ -9,7 +9,6 @@ import torch
 import jaxllm
 from jaxllm import ContextLengthError, SamplingParams
 from jaxllm.engine import Engine
-from jaxllm.layout import SeqChunk
 from jaxllm.testing import count_compilations
 
 GREEDY_20 = SamplingParams(temperature=0.0, max_tokens=20)
@@ -135,17 +134,21 @@ def test_every_layer_reads_the_one_page_size(scout, monkeypatch):
     monkeypatch.setitem(attention._IMPLS, model.attention_impl, spy)
     engine = Engine(model, num_pages=30)
     assert engine.policy.cache.page_size == engine.pages.page_size == 8
-    assert engine.runner.cache[0][0].shape[:2] == (30, 8)
+    assert engine.runner.cache[0][0].shape[:2] == (31, 8)  # 30 pages and the null page
+    steps = []
+    build = engine.runner._batch
+    monkeypatch.setattr(engine.runner, "_batch", lambda chunks: steps.append(
+        ([[list(row) for row in c.pages] for c in chunks], build(chunks))) or steps[-1][1])
     prompt = _prompts([21], seed=9)[0]
-    request = engine.prepare(prompt, GREEDY_20)
-    engine.submit(request)
+    engine.submit(engine.prepare(prompt, GREEDY_20))
     out = engine.step()[0].new_token_ids  # the whole prompt in one step: 3 pages of 8
-    step = engine.runner._batch([SeqChunk(request.pages, 0, prompt)])
-    pages = np.asarray(request.pages)
-    np.testing.assert_array_equal(step.meta.slot_mapping[:21],
-                                  pages[np.arange(21) // 8] * 8 + np.arange(21) % 8)
-    assert len(request.pages) == 3
-    assert set(seen) == {((30, 8, 2, 16), 10)}  # table: ceil(80 / 8) pages
+    (rows,), step = steps[0]
+    for group, row in enumerate(rows):
+        pages = np.asarray(row)
+        assert len(pages) == 3
+        np.testing.assert_array_equal(step.meta.slot_mapping[group, :21],
+                                      pages[np.arange(21) // 8] * 8 + np.arange(21) % 8)
+    assert set(seen) == {((31, 8, 2, 16), 10)}  # table: ceil(80 / 8) pages
     while engine.has_unfinished():
         out += engine.step()[0].new_token_ids
     assert engine.pages.num_free == 30

@@ -16,12 +16,12 @@ def test_chunked_prefill_and_decode_over_scattered_pages(tiny_model):
     """Two sequences with interleaved, out-of-order pages; prefill split at odd points so
     chunks straddle the 16-token attention chunks at offset places; then decode steps."""
     hf, _, path = tiny_model("scout")
-    model = jaxllm.load_model(path, max_model_len=75, page_size=8)
+    model = jaxllm.load_model(path, max_model_len=75, page_size=8, hybrid_kv_cache=False)
     runner = ModelRunner(model, model.bucket_policy.for_engine(num_pages=24))
     rng = np.random.default_rng(0)
     a = rng.integers(3, 333, 70).tolist()
     b = rng.integers(3, 333, 40).tolist()
-    pages_a = [20, 3, 11, 0, 7, 15, 22, 5, 9, 1]  # 10 pages: the table is ceil(75 / 8) wide
+    pages_a = [20, 3, 11, 24, 7, 15, 22, 5, 9, 1]  # 10 pages: the table is ceil(75 / 8) wide
     pages_b = [4, 18, 2, 13, 21, 8]
     ref_a, ref_b = hf_models.hf_logits(hf, [a])[0], hf_models.hf_logits(hf, [b])[0]
 
@@ -38,13 +38,15 @@ def test_chunked_prefill_and_decode_over_scattered_pages(tiny_model):
     ]
     seqs = {"a": (a, pages_a, ref_a), "b": (b, pages_b, ref_b)}
     for step in schedule:
-        chunks = [SeqChunk(seqs[k][1], done, seqs[k][0][done:done + n]) for k, done, n in step]
+        chunks = [SeqChunk([seqs[k][1]], done, seqs[k][0][done:done + n])
+                  for k, done, n in step]
         check(runner.step(chunks), [seqs[k][2][done + n - 1] for k, done, n in step])
 
 
 def test_cache_is_donated(tiny_model):
-    model = jaxllm.load_model(tiny_model("maverick")[2], max_model_len=32)
+    model = jaxllm.load_model(tiny_model("maverick")[2], max_model_len=32,
+                              hybrid_kv_cache=False)
     runner = ModelRunner(model, model.bucket_policy.for_engine(num_pages=4))
     before = runner.cache[0][0]
-    runner.step([SeqChunk([0, 1], 0, [5, 6, 7])])
+    runner.step([SeqChunk([[1, 2]], 0, [5, 6, 7])])
     assert before.is_deleted()  # updated in place, not copied
