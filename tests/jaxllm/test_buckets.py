@@ -96,6 +96,14 @@ def test_for_engine_refuses_a_cache_smaller_than_one_sequence():
                             "(7 pages of 16 tokens)")
 
 
+def test_for_engine_refuses_zero_rather_than_taking_the_default():
+    policy = _policy(max_model_len=100)
+    with pytest.raises(ValueError, match="num_pages=0"):
+        policy.for_engine(num_pages=0)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=0"):
+        policy.for_engine(max_num_batched_tokens=0)
+
+
 def test_check_length_allows_max_model_len_and_words_the_error_like_the_cuda_engine():
     policy = _policy(max_model_len=100)
     policy.check_length(100)
