@@ -181,3 +181,21 @@ def test_after_shutdown_generate_raises_engine_dead(make_async):
     with pytest.raises(EngineDead):
         asyncio.run(_collect(async_engine.generate(_request("late", 0, 1))))
 
+
+
+def test_a_request_id_already_streaming_is_refused_without_touching_the_first(make_async):
+    engine = FakeEngine(gated=True)
+    async_engine = make_async(engine)
+
+    async def main():
+        first = async_engine.generate(_request("same", 10, 2))
+        engine.gate.release()
+        head = await _collect(first, limit=1)  # the engine now waits in its second step
+        with pytest.raises(ValueError, match="already in use"):
+            await _collect(async_engine.generate(_request("same", 90, 2)))
+        engine.gate.release()
+        return head + await _collect(first)
+
+    outputs = asyncio.run(main())
+    assert _tokens(outputs) == [10, 11] and outputs[-1].finished
+    assert engine.aborted == []
