@@ -79,14 +79,17 @@ class BucketPolicy:
                    max_num_batched_tokens: int | None = None) -> BucketPolicy:
         """This configuration with a sized cache (default: ``max_num_seqs`` sequences of
         ``max_model_len``) and, if given, another step width."""
-        num_pages = num_pages or self.max_num_seqs * self.pages_per_seq
+        if num_pages is None:
+            num_pages = self.max_num_seqs * self.pages_per_seq
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = self.max_num_batched_tokens
         if num_pages < self.pages_per_seq:
             raise ValueError(f"num_pages={num_pages} cannot hold one sequence of max_model_len="
                              f"{self.max_model_len} ({self.pages_per_seq} pages of "
                              f"{self.page_size} tokens)")
         return dataclasses.replace(
             self, cache=self.cache.with_pages(num_pages),
-            max_num_batched_tokens=max_num_batched_tokens or self.max_num_batched_tokens)
+            max_num_batched_tokens=max_num_batched_tokens)
 
     @property
     def length_buckets(self) -> tuple[int, ...]:

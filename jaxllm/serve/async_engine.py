@@ -47,6 +47,8 @@ class AsyncEngine:
         (a client that disconnects) aborts it."""
         if not self.alive:
             raise EngineDead("the engine thread is not running")
+        if request.request_id in self._streams:  # its outputs and abort would go astray
+            raise ValueError(f"request id {request.request_id!r} is already in use")
         out_queue: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = (asyncio.get_running_loop(), out_queue)
         self._inbox.put(("add", request))

@@ -72,3 +72,38 @@ def tiny_model(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+def random_model(attention_impl: str | None = "xla", *, max_model_len: int = 32,
+                 page_size: int = 8, seed: int = 0):
+    """A one-layer Llama 4 ``Model`` with random float32 weights, built in memory (no HF, no
+    conversion): for tests of the handle and the attention registry, not of parity."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxllm.api import Model
+    from jaxllm.buckets import BucketPolicy
+    from jaxllm.config import Llama4Config
+    from jaxllm.kv_cache import CacheConfig
+    from jaxllm.loading import abstract_model
+
+    config = Llama4Config.from_hf(dict(hf_models.SCOUT_LIKE, num_hidden_layers=1,
+                                       model_type="llama4_text"))
+    graphdef, state = abstract_model(config, jnp.float32)
+    rng = np.random.default_rng(seed)
+
+    def fill(leaf):
+        return np.asarray(rng.normal(0.0, 0.2, leaf.shape), np.float32)
+
+    nnx.replace_by_pure_dict(state, _map_leaves(fill, nnx.to_pure_dict(state)))
+    policy = BucketPolicy(max_model_len=max_model_len,
+                          cache=CacheConfig(page_size=page_size, dtype=jnp.float32))
+    return Model(config, graphdef, state, dtype=jnp.float32, bucket_policy=policy,
+                 attention_impl=attention_impl)
+
+
+def _map_leaves(fn, tree):
+    if isinstance(tree, dict):
+        return {k: _map_leaves(fn, v) for k, v in tree.items()}
+    return fn(tree)

@@ -1,0 +1,69 @@
+"""Prometheus metrics: what a step and a finished request record, and the exposition."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from jaxllm.serve.metrics import Metrics
+from tests.jaxllm.serve.fakes import output
+
+LABEL = {"model_name": "tiny"}
+
+
+def _engine(running: int, waiting: int, free: int, total: int):
+    return SimpleNamespace(scheduler=SimpleNamespace(running=[None] * running,
+                                                     waiting=[None] * waiting),
+                           pages=SimpleNamespace(num_free=free, num_pages=total))
+
+
+def _value(metrics: Metrics, name: str, **labels) -> float | None:
+    return metrics.registry.get_sample_value(name, {**LABEL, **labels})
+
+
+def test_a_step_sets_the_gauges_and_counts_generated_tokens():
+    metrics = Metrics("tiny")
+    metrics.on_step(_engine(3, 2, free=30, total=40),
+                    [output("a", [1]), output("b", [2, 3]), output("c", [])], 0.2)
+    assert _value(metrics, "jaxllm:num_requests_running") == 3
+    assert _value(metrics, "jaxllm:num_requests_waiting") == 2
+    assert _value(metrics, "jaxllm:kv_cache_usage_perc") == 0.25
+    assert _value(metrics, "jaxllm:generation_tokens_total") == 3
+    assert _value(metrics, "jaxllm:engine_step_seconds_count") == 1
+    assert _value(metrics, "jaxllm:engine_step_seconds_sum") == 0.2
+    metrics.on_step(_engine(0, 0, free=40, total=40), [], 0.1)
+    assert _value(metrics, "jaxllm:num_requests_running") == 0
+    assert _value(metrics, "jaxllm:kv_cache_usage_perc") == 0.0
+    assert _value(metrics, "jaxllm:generation_tokens_total") == 3
+    assert _value(metrics, "jaxllm:engine_step_seconds_count") == 2
+
+
+def test_finished_requests_by_reason_prompt_tokens_and_latencies():
+    metrics = Metrics("tiny")
+    metrics.on_finish("stop", 10, ttft=0.03, e2e=0.5)
+    metrics.on_finish("stop", 4, ttft=0.02, e2e=0.3)
+    metrics.on_finish("abort", 6, ttft=None, e2e=0.1)  # never produced a token
+    assert _value(metrics, "jaxllm:request_success_total", finished_reason="stop") == 2
+    assert _value(metrics, "jaxllm:request_success_total", finished_reason="abort") == 1
+    assert _value(metrics, "jaxllm:request_success_total", finished_reason="length") is None
+    assert _value(metrics, "jaxllm:prompt_tokens_total") == 20
+    assert _value(metrics, "jaxllm:time_to_first_token_seconds_count") == 2
+    assert _value(metrics, "jaxllm:e2e_request_latency_seconds_count") == 3
+    assert _value(metrics, "jaxllm:e2e_request_latency_seconds_bucket", le="0.25") == 1
+
+
+def test_render_is_prometheus_text_of_this_server_only():
+    metrics = Metrics("tiny")
+    metrics.on_finish("length", 1, 0.01, 0.01)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    assert {"jaxllm:request_success", "jaxllm:prompt_tokens", "jaxllm:generation_tokens",
+            "jaxllm:num_requests_running", "jaxllm:num_requests_waiting",
+            "jaxllm:kv_cache_usage_perc", "jaxllm:time_to_first_token_seconds",
+            "jaxllm:e2e_request_latency_seconds", "jaxllm:engine_step_seconds"} <= set(families)
+    samples = families["jaxllm:request_success"].samples
+    assert any(s.labels == {**LABEL, "finished_reason": "length"} and s.value == 1
+               for s in samples)
+    assert all(name.startswith("jaxllm:") for name in families)  # no process collectors
+    # Two servers in one process keep separate registries.
+    assert _value(Metrics("tiny"), "jaxllm:prompt_tokens_total") == 0

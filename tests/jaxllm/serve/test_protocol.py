@@ -1,0 +1,120 @@
+"""OpenAI request models: validation bounds, stop strings, sampling parameters, error body."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from jaxllm.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    error_body,
+)
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def _chat(**kwargs) -> ChatCompletionRequest:
+    return ChatCompletionRequest(messages=MESSAGES, **kwargs)
+
+
+@pytest.mark.parametrize("field, ok, bad", [
+    ("max_tokens", [1, 10_000], [0, -1]),
+    ("temperature", [0.0, 100.0], [-0.01, 100.01]),
+    ("top_p", [1e-6, 1.0], [0.0, 1.01]),
+    ("top_k", [-1, 0, 50], [-2]),
+    ("min_p", [0.0, 1.0], [-0.1, 1.1]),
+    ("n", [1, 16], [0, 17]),
+    ("seed", [0, 2**63 - 1], [-1, 2**63]),
+    ("max_completion_tokens", [1], [0]),
+    ("top_logprobs", [0, 20], [-1, 21]),
+])
+def test_chat_validation_bounds(field, ok, bad):
+    for value in ok:
+        assert getattr(_chat(**{field: value}), field) == value
+    for value in bad:
+        with pytest.raises(ValidationError, match=field):
+            _chat(**{field: value})
+
+
+@pytest.mark.parametrize("logprobs, valid", [(0, True), (20, True), (21, False), (-1, False)])
+def test_completion_logprobs_bounds(logprobs, valid):
+    if valid:
+        assert CompletionRequest(prompt="x", logprobs=logprobs).logprobs == logprobs
+    else:
+        with pytest.raises(ValidationError, match="logprobs"):
+            CompletionRequest(prompt="x", logprobs=logprobs)
+
+
+@pytest.mark.parametrize("prompt", ["text", [1, 2, 3], ["a", "b"], [[1, 2], [3]]])
+def test_completion_prompt_forms(prompt):
+    assert CompletionRequest(prompt=prompt).prompt == prompt
+
+
+def test_chat_needs_messages_with_known_roles():
+    with pytest.raises(ValidationError, match="messages"):
+        ChatCompletionRequest(messages=[])
+    with pytest.raises(ValidationError, match="role"):
+        ChatCompletionRequest(messages=[{"role": "robot", "content": "hi"}])
+    parts = [{"type": "text", "text": "hi"}]
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": parts}])
+    assert req.messages[0].content == parts
+
+
+def test_unknown_fields_are_accepted():
+    req = _chat(frequency_penalty=0.5, logit_bias={"1": 2})
+    assert req.model_extra == {"frequency_penalty": 0.5, "logit_bias": {"1": 2}}
+
+
+def test_defaults():
+    req = _chat()
+    assert (req.temperature, req.top_p, req.top_k, req.min_p, req.n) == (1.0, 1.0, -1, 0.0, 1)
+    assert req.max_tokens is None and req.seed is None and not req.stream
+    assert req.logprobs is False and req.add_generation_prompt is True
+    assert req.stop_strings() == [] and req.include_usage is False
+
+
+@pytest.mark.parametrize("stop, expected", [
+    (None, []), ("###", ["###"]), (["a", "bc"], ["a", "bc"]), ([], []),
+])
+def test_stop_strings(stop, expected):
+    assert _chat(stop=stop).stop_strings() == expected
+
+
+@pytest.mark.parametrize("stop", ["", ["ok", ""]])
+def test_empty_stop_string_is_refused(stop):
+    with pytest.raises(ValueError, match="stop strings must not be empty"):
+        _chat(stop=stop).stop_strings()
+
+
+def test_sampling_parameters_carry_every_field():
+    req = _chat(temperature=0.5, top_p=0.9, top_k=7, min_p=0.1, seed=11,
+                stop_token_ids=[3, 4])
+    params = req.sampling(max_tokens=20, seed_offset=2)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p) == (0.5, 0.9, 7, 0.1)
+    assert params.max_tokens == 20 and params.stop_token_ids == (3, 4)
+    assert params.seed == 13  # each choice of n gets the request's seed plus its index
+
+
+def test_seed_offset_wraps_into_the_valid_range_and_no_seed_stays_none():
+    assert _chat(seed=2**63 - 1).sampling(None, seed_offset=3).seed == 2
+    assert _chat().sampling(None, seed_offset=3).seed is None
+    assert _chat().sampling(None, 0).stop_token_ids == ()
+
+
+def test_include_usage_needs_stream_options():
+    assert not _chat(stream=True).include_usage
+    assert not _chat(stream=True, stream_options={"include_usage": False}).include_usage
+    assert _chat(stream=True, stream_options={"include_usage": True}).include_usage
+
+
+def test_tokenize_request_defaults():
+    req = TokenizeRequest(prompt="x")
+    assert req.messages is None and req.add_special_tokens is True
+
+
+def test_error_body():
+    assert error_body("bad", 400) == {"object": "error", "message": "bad",
+                                      "type": "BadRequestError", "code": 400}
+    assert error_body("gone", 404, "NotFoundError")["type"] == "NotFoundError"
