@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -36,9 +37,25 @@ def test_batch_and_token_buckets():
     assert [policy.token_bucket(t) for t in (1, 16, 17, 32, 33, 48)] == [16, 16, 32, 32, 48, 48]
 
 
-def test_step_width_defaults_to_the_larger_of_max_model_len_and_max_num_seqs():
-    assert _policy(max_model_len=40, max_num_seqs=8).max_num_batched_tokens == 40
-    assert _policy(max_model_len=4, max_num_seqs=8).max_num_batched_tokens == 8
+def test_step_width_default_does_not_grow_with_max_model_len(monkeypatch):
+    """512 rows on CPU, 8192 on a GPU (vLLM's H100 default), never more than max_num_seqs
+    full sequences, never fewer than max_num_seqs rows."""
+    assert _policy(max_model_len=40, max_num_seqs=8).max_num_batched_tokens == 8 * 40
+    assert _policy(max_model_len=1_000_000, max_num_seqs=8).max_num_batched_tokens == 512
+    assert _policy(max_model_len=1, max_num_seqs=8).max_num_batched_tokens == 8
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _policy(max_model_len=1_000_000).max_num_batched_tokens == 8192
+
+
+def test_program_count_is_the_same_at_32k_and_1m():
+    """The engine's warm-up programs depend on the step buckets, not on max_model_len."""
+    shapes = {n: _policy(max_model_len=n, max_num_seqs=8).step_shapes()
+              for n in (32_768, 1_000_000)}
+    print(f"\nwarm-up programs: max_model_len 32768 -> {len(shapes[32_768])}, "
+          f"1000000 -> {len(shapes[1_000_000])}")
+    assert shapes[32_768] == shapes[1_000_000]
+    # token buckets 16..512 (6) x batch buckets 1, 2, 4, 8
+    assert len(shapes[1_000_000]) == 6 * 4
 
 
 @pytest.mark.parametrize("method, value, message", [
@@ -70,10 +87,11 @@ def test_non_positive_limits_are_refused(field):
         _policy(**kwargs)
 
 
-def test_attention_chunk_must_be_a_whole_number_of_pages():
-    _policy(max_model_len=64, chunk_size=32)
-    with pytest.raises(ValueError, match="page_size=16 must divide the attention chunk size 24"):
-        _policy(max_model_len=64, chunk_size=24)
+def test_any_attention_chunk_size_is_accepted():
+    for chunk in (32, 24, 20, 1000, 1):
+        assert _policy(max_model_len=64, chunk_size=chunk).chunk_size == chunk
+    with pytest.raises(ValueError, match="chunk_size=0 must be >= 1"):
+        _policy(max_model_len=64, chunk_size=0)
 
 
 def test_for_engine_sizes_the_cache_and_keeps_everything_else():
@@ -83,7 +101,7 @@ def test_for_engine_sizes_the_cache_and_keeps_everything_else():
     assert sized.cache == CacheConfig(page_size=16, dtype=jnp.float32, num_pages=3 * 7)
     assert policy.cache.num_pages is None  # the model's policy is not changed
     assert (sized.max_model_len, sized.max_num_seqs, sized.chunk_size,
-            sized.max_num_batched_tokens) == (100, 3, 32, 100)
+            sized.max_num_batched_tokens) == (100, 3, 32, 3 * 100)
     wider = policy.for_engine(num_pages=7, max_num_batched_tokens=256)
     assert wider.cache.num_pages == 7 and wider.max_num_batched_tokens == 256
 

@@ -75,7 +75,7 @@ def test_chunked_prefill_runs_a_long_prompt_in_budget_sized_chunks():
     seen = []
     for _ in range(3):
         seen += _step(sched)
-        seen.append((request.num_computed, len(request.pages)))
+        seen.append((request.num_computed, len(request.held_pages)))
     assert seen == [("long", 4, False), (4, 1),
                     ("long", 4, False), (8, 2),
                     ("long", 2, True), (10, 3)]
@@ -109,7 +109,7 @@ def test_preemption_evicts_the_most_recently_admitted():
     assert list(sched.waiting) == [c]
     assert c.status is Status.WAITING and c.pages == [] and c.num_computed == 0
     assert c.output == [7]  # its generated token is kept and recomputed later
-    assert len(a.pages) == len(b.pages) == 2 and sched.pages.num_free == 0
+    assert len(a.held_pages) == len(b.held_pages) == 2 and sched.pages.num_free == 0
 
 
 def test_a_request_with_nothing_later_to_evict_preempts_itself():
@@ -140,13 +140,13 @@ def test_prefix_cache_admission_starts_from_cached_pages():
     sched = _scheduler(page_size=4, num_pages=16)
     first = _request("first", list(range(10)), max_tokens=1)
     sched.add(first)
-    _step(sched)  # 10 tokens: pages 0 and 1 are full and registered; then finished
+    _step(sched)  # 10 tokens: pages 1 and 2 are full and registered; then finished
     assert first.status is Status.FINISHED and sched.pages.num_free == 16
     second = _request("second", list(range(8)) + [77, 78, 79])
     sched.add(second)
     assert _step(sched) == [("second", 3, True)]  # only the 3 uncached tokens run
     assert second.num_cached_prompt == 8
-    assert second.pages[:2] == [0, 1]  # the first request's two full pages
+    assert second.pages[0][:2] == [1, 2]  # the first request's two full pages
     assert second.num_computed == 11
 
 
@@ -181,7 +181,7 @@ def test_cached_pages_taken_for_a_request_that_does_not_fit_are_given_back():
     sched.finish(holder, "abort")
     # The cached pages kept their contents: late now starts after them.
     assert _step(sched) == [("late", 10, True)]
-    assert late.pages[:2] == [0, 1]
+    assert late.pages[0][:2] == [1, 2]
 
 
 def test_finish_releases_pages_of_running_and_waiting_requests():
@@ -197,3 +197,25 @@ def test_finish_releases_pages_of_running_and_waiting_requests():
     assert running.pages == [] and sched.pages.num_free == 8 and running not in sched.running
     sched.finish(waiting, "abort")
     assert not sched.waiting and not sched.has_work()
+
+
+def test_a_chunked_group_gives_back_pages_behind_its_chunk():
+    """Group 0 global, group 1 chunked (chunk 8 = 2 pages of 4). A 20-token prompt runs in
+    steps of 6 tokens: after each step group 1 holds only pages from the current chunk's
+    start, and the pool gets the rest back."""
+    policy = BucketPolicy(max_model_len=64, cache=CacheConfig(page_size=4, num_pages=32),
+                          max_num_seqs=4, max_num_batched_tokens=6)
+    sched = Scheduler(policy, PageAllocator(policy.cache, group_chunk=(None, 8)))
+    request = _request("r", list(range(100, 120)), max_tokens=4)
+    sched.add(request)
+    held = []
+    for _ in range(4):  # computed: 6, 12, 18, 20 tokens
+        _step(sched)
+        global_row, local_row = request.pages
+        held.append((len(global_row), [p != 0 for p in local_row].count(True),
+                     local_row.count(0)))
+    # (global pages, live chunked pages, null entries): chunk starts 0, 8, 16, 16.
+    assert held == [(2, 2, 0), (3, 1, 2), (5, 1, 4), (5, 1, 4)]
+    assert sched.pages.num_free == 32 - 5 - 1
+    sched.finish(request, "abort")
+    assert sched.pages.num_free == 32
