@@ -9,8 +9,9 @@ import secrets
 from collections.abc import Sequence
 
 from jaxllm.api import Model
+from jaxllm.engine.memory import pages_for_sequence, plan_kv_cache, startup_report
 from jaxllm.engine.pages import PageAllocator
-from jaxllm.engine.runner import ModelRunner
+from jaxllm.engine.runner import ModelRunner, step_temp_bytes
 from jaxllm.engine.scheduler import Request, Scheduler
 from jaxllm.layout import SeqChunk, check_token_ids, pages_for
 from jaxllm.sampling import SamplingParams
@@ -38,16 +39,31 @@ class RequestOutput:
 class Engine:
     """Continuous batching over ``model``'s paged KV cache.
 
-    ``num_pages`` defaults to room for ``max_num_seqs`` sequences of ``max_model_len``.
+    The KV cache holds ``num_pages`` pages, or what ``kv_cache_memory_bytes`` holds, or the
+    device's ``gpu_memory_utilization`` share after the weights and the step's temporaries
+    (``jaxllm.engine.memory.plan_kv_cache``).
     """
 
     def __init__(self, model: Model, *, num_pages: int | None = None,
+                 kv_cache_memory_bytes: int | None = None,
+                 gpu_memory_utilization: float | None = None,
                  max_num_batched_tokens: int | None = None, seed: int | None = None):
         self.model = model
-        # The engine's configuration, derived once and handed whole to every part.
-        self.policy = model.bucket_policy.for_engine(num_pages, max_num_batched_tokens)
-        self.groups = self.policy.cache.groups(model.config)
-        self.pages = PageAllocator(self.policy.cache, self.groups.group_chunk)
+        # The engine's configuration, derived once and handed whole to every part: the
+        # model's, with its step width and a cache sized by the memory plan.
+        base = model.bucket_policy
+        if max_num_batched_tokens is not None:
+            base = dataclasses.replace(base, max_num_batched_tokens=max_num_batched_tokens)
+        groups = base.cache.groups(model.config)
+        probe = base.for_engine(max(base.pages_per_seq,
+                                    pages_for_sequence(base, groups, base.max_model_len)))
+        self.plan = plan_kv_cache(
+            model, base, num_pages=num_pages, kv_cache_memory_bytes=kv_cache_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
+            step_temp_bytes=lambda: step_temp_bytes(model, probe))
+        self.policy = base.for_engine(self.plan.num_pages)
+        self.groups = groups
+        self.pages = PageAllocator(self.policy.cache, groups.group_chunk)
         self.scheduler = Scheduler(self.policy, self.pages)
         self.runner = ModelRunner(model, self.policy)
         self.requests: dict[str, Request] = {}
@@ -126,6 +142,10 @@ class Engine:
                 request.request_id, [token], [logprob], reason is not None, reason,
                 len(request.prompt), request.num_cached_prompt, len(request.output)))
         return outputs
+
+    def report(self) -> list[str]:
+        """The start-up report: memory, pages, concurrency (``jaxllm.engine.memory``)."""
+        return startup_report(self.model, self.policy, self.plan)
 
     def warmup(self, progress: bool = True) -> int:
         """Compiles the step program for every (token bucket, batch bucket) pair, so serving

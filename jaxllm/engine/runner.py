@@ -7,6 +7,7 @@ KV cache donated, so the pages are updated in place from step to step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -17,8 +18,8 @@ from flax import nnx
 
 from jaxllm.api import Model
 from jaxllm.buckets import BucketPolicy
-from jaxllm.kv_cache import init_kv_cache, kv_cache_sharding
-from jaxllm.layout import SeqChunk, StepBatch, build_step
+from jaxllm.kv_cache import LayerGroups, init_kv_cache, kv_cache_sharding
+from jaxllm.layout import AttentionMetadata, SeqChunk, StepBatch, build_step
 from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, sample
 
 TOP_LOGPROBS = 20  # the most the OpenAI API asks for
@@ -31,6 +32,63 @@ class Sampled(NamedTuple):
     logprobs: np.ndarray  # [S] float32
     top_ids: np.ndarray  # [S, TOP_LOGPROBS] int32
     top_logprobs: np.ndarray  # [S, TOP_LOGPROBS] float32
+
+
+def _step_programs(model: Model, groups: LayerGroups):
+    """The two jitted step programs (cache donated): logits of each sequence's last row, and
+    logits + on-device sampling + log-probabilities."""
+    graphdef, impl, mesh = model.graphdef, model.attention_impl, model.mesh
+
+    def forward(params, cache, tokens, meta, logits_rows):
+        module = nnx.merge(graphdef, params)
+        hidden, cache = module(tokens, cache, meta, attention_impl=impl, groups=groups)
+        return module.logits(hidden[logits_rows]), cache
+
+    def forward_and_sample(params, cache, tokens, meta, logits_rows, sampling, seeds, steps):
+        logits, cache = forward(params, cache, tokens, meta, logits_rows)
+        # A row's key depends only on its request's seed and token index, so a seeded
+        # request samples the same tokens whatever else shares its batch.
+        keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.PRNGKey)(seeds), steps)
+        tokens = sample(logits, sampling, keys, mesh)
+        # Log-probabilities under the model's own distribution (before temperature and
+        # filters), for the chosen token and the TOP_LOGPROBS most likely ones.
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        top_values, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+        return (tokens, chosen, top_ids, top_values), cache
+
+    rep = model.replicated()
+    logits_fn = jax.jit(forward, donate_argnums=(1,),
+                        in_shardings=(model.param_shardings, None) + (rep,) * 3)
+    sample_fn = jax.jit(forward_and_sample, donate_argnums=(1,),
+                        in_shardings=(model.param_shardings, None) + (rep,) * 6)
+    return logits_fn, sample_fn
+
+
+def step_temp_bytes(model: Model, policy: BucketPolicy) -> int:
+    """Temporary device memory of the widest step (largest token and batch bucket), read from
+    the compiled program (``memory_analysis``); compiled with abstract inputs, so nothing is
+    allocated. Cached on the model per configuration."""
+
+    def measure() -> int:
+        config, cache = model.config, policy.cache
+        groups = cache.groups(config)
+        rows, slots = policy.token_buckets[-1], policy.batch_buckets[-1]
+        width, num_groups = policy.pages_per_seq, groups.num_groups
+        pages = jax.ShapeDtypeStruct(cache.page_shape(config), cache.dtype,
+                                     sharding=kv_cache_sharding(config, cache, model.mesh))
+        i32 = functools.partial(jax.ShapeDtypeStruct, dtype=np.int32)
+        meta = AttentionMetadata(i32((rows,)), i32((num_groups, rows)),
+                                 i32((num_groups, slots, width)), i32((slots,)),
+                                 i32((slots + 1,)), i32(()))
+        _, sample_fn = _step_programs(model, groups)
+        compiled = sample_fn.lower(
+            model.params, [(pages, pages)] * groups.num_slabs, i32((rows,)), meta,
+            i32((slots,)), SamplingArrays.from_params([GREEDY] * slots),
+            jax.ShapeDtypeStruct((slots,), np.uint32), i32((slots,))).compile()
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+
+    return model.compiled(("step_temp_bytes", policy), measure)
 
 
 class ModelRunner:
@@ -46,32 +104,7 @@ class ModelRunner:
         self.cache = jax.jit(
             lambda: init_kv_cache(config, cache, model.mesh),
             out_shardings=[(sharding, sharding)] * groups.num_slabs)()
-        graphdef, impl, mesh = model.graphdef, model.attention_impl, model.mesh
-
-        def forward(params, cache, tokens, meta, logits_rows):
-            module = nnx.merge(graphdef, params)
-            hidden, cache = module(tokens, cache, meta, attention_impl=impl, groups=groups)
-            return module.logits(hidden[logits_rows]), cache
-
-        def forward_and_sample(params, cache, tokens, meta, logits_rows, sampling, seeds,
-                               steps):
-            logits, cache = forward(params, cache, tokens, meta, logits_rows)
-            # A row's key depends only on its request's seed and token index, so a seeded
-            # request samples the same tokens whatever else shares its batch.
-            keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.PRNGKey)(seeds), steps)
-            tokens = sample(logits, sampling, keys, mesh)
-            # Log-probabilities under the model's own distribution (before temperature and
-            # filters), for the chosen token and the TOP_LOGPROBS most likely ones.
-            logprobs = jax.nn.log_softmax(logits, axis=-1)
-            chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-            top_values, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
-            return (tokens, chosen, top_ids, top_values), cache
-
-        rep = model.replicated()
-        self._logits = jax.jit(forward, donate_argnums=(1,),
-                               in_shardings=(model.param_shardings, None) + (rep,) * 3)
-        self._sample = jax.jit(forward_and_sample, donate_argnums=(1,),
-                               in_shardings=(model.param_shardings, None) + (rep,) * 6)
+        self._logits, self._sample = _step_programs(model, groups)
 
     def _batch(self, chunks: Sequence[SeqChunk]) -> StepBatch:
         policy = self.policy

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-llama4"
+log = logging.getLogger("jaxllm.serve")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,9 +22,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the checkpoint directory's name)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=8)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="rows of one engine step (default: 8192 on a GPU, 512 on CPU; longer "
+                   "prompts are prefilled in chunks)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="share of device memory for weights, step temporaries and the KV "
+                   "cache (default: 0.9 on a GPU; on CPU 0.3 of the RAM, the cache capped at "
+                   "max-num-seqs sequences of max-model-len)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV cache size in bytes per device (overrides the utilization)")
     p.add_argument("--num-kv-pages", type=int, default=None,
-                   help="KV cache pages (default: max-num-seqs sequences of max-model-len)")
+                   help="KV cache pages (overrides both memory flags)")
+    p.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                   help="keep every layer's whole history (chunked-local layers otherwise "
+                   "keep only the pages of their current chunk)")
+    p.add_argument("--compilation-cache-dir", default=None,
+                   help="persistent XLA compilation cache (default: $JAXLLM_CACHE_DIR or "
+                   "~/.cache/jaxllm/xla; '' turns it off)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--block-size", type=int, default=16, help="KV cache page size in tokens")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -38,13 +53,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_state(args: argparse.Namespace):
+    import time
+
     import jaxllm
+    from jaxllm import compile_cache
     from jaxllm.engine import Engine
     from jaxllm.serve.app import ServerState
     from jaxllm.serve.async_engine import AsyncEngine
     from jaxllm.serve.metrics import Metrics
     from jaxllm.serve.tokenizer import TextCodec
 
+    cache_dir = (compile_cache.default_cache_dir() if args.compilation_cache_dir is None
+                 else args.compilation_cache_dir)
+    cache_dir = compile_cache.enable(cache_dir)
+    log.info("compilation cache: %s", cache_dir or "off")
+    start = time.perf_counter()
     mesh = None
     if args.tensor_parallel_size > 1:
         import jax
@@ -54,10 +77,19 @@ def build_state(args: argparse.Namespace):
     model = jaxllm.load_model(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                               mesh=mesh, attention_impl=args.attention_impl,
                               page_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens)
-    engine = Engine(model, num_pages=args.num_kv_pages, seed=args.seed)
-    if not args.skip_warmup:
-        engine.warmup()
+                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              hybrid_kv_cache=not args.disable_hybrid_kv_cache_manager)
+    with compile_cache.CompileCounter() as compiles:
+        engine = Engine(model, num_pages=args.num_kv_pages,
+                        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+        for line in engine.report():
+            log.info("%s", line)
+        warm = time.perf_counter()
+        programs = 0 if args.skip_warmup else engine.warmup()
+    log.info("warm-up: %d step programs in %.1f s; programs compiled: %d, loaded from the "
+             "compilation cache: %d; start-up %.1f s", programs, time.perf_counter() - warm,
+             compiles.compiled, compiles.cache_hits, time.perf_counter() - start)
     name = args.served_model_name or Path(args.model).resolve().name
     metrics = Metrics(name)
     return ServerState(AsyncEngine(engine, metrics), TextCodec.from_dir(args.model), name,
@@ -66,7 +98,10 @@ def build_state(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # force: an imported library may already have configured the root logger.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every read at INFO
     if not Path(args.model).is_dir():
         print(f"error: --model {args.model} is not a directory", file=sys.stderr)
         return 2

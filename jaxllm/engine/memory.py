@@ -1,0 +1,155 @@
+"""Sizing the KV cache from a memory budget (vLLM's flags), and the start-up report.
+
+The pool gets what is left of the budget after the weights and the largest step's temporary
+memory (read from the compiled step, not guessed); a page costs ``CacheConfig.bytes_per_page``.
+A sequence of L tokens needs ``pages_for(L)`` pages in each global layer group and, in each
+chunked group, at most the pages one chunk plus one step can span.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import jax
+
+from jaxllm.api import Model
+from jaxllm.buckets import BucketPolicy
+from jaxllm.kv_cache import LayerGroups
+from jaxllm.layout import pages_for
+
+GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of a GPU
+CPU_MEMORY_UTILIZATION = 0.3  # of the machine's RAM (shared by every simulated device)
+
+
+def pages_for_sequence(policy: BucketPolicy, groups: LayerGroups, length: int) -> int:
+    """Pages one sequence of ``length`` tokens can hold at once, over every layer group."""
+    full = pages_for(length, policy.page_size)
+    total = 0
+    for chunk in groups.group_chunk:
+        if chunk is None:
+            total += full
+        else:  # the current chunk and one step past it, and a page of straddle
+            window = pages_for(chunk + policy.max_num_batched_tokens, policy.page_size) + 1
+            total += min(full, window)
+    return total
+
+
+def longest_fitting_length(policy: BucketPolicy, groups: LayerGroups, num_pages: int) -> int:
+    """The largest L with ``pages_for_sequence(L) <= num_pages`` (0 if none)."""
+    lo, hi = 0, policy.max_model_len
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if pages_for_sequence(policy, groups, mid) <= num_pages:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def device_memory_bytes() -> int:
+    """Memory of one local device: the GPU's limit, or a CPU device's share of the RAM."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform == "gpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // jax.local_device_count()
+
+
+def weights_bytes_per_device(model: Model) -> int:
+    """Bytes of parameters on the first device (its shards of every weight)."""
+    return sum(leaf.addressable_shards[0].data.nbytes
+               for leaf in jax.tree.leaves(model.params))
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPlan:
+    """How big the KV cache is, and why (the numbers of the start-up report)."""
+
+    num_pages: int
+    page_bytes: int
+    source: str  # "--num-kv-pages", "--kv-cache-memory-bytes" or "--gpu-memory-utilization"
+    device_bytes: int | None = None
+    utilization: float | None = None
+    weights_bytes: int | None = None
+    step_temp_bytes: int | None = None
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+
+def plan_kv_cache(
+    model: Model,
+    policy: BucketPolicy,
+    *,
+    num_pages: int | None = None,
+    kv_cache_memory_bytes: int | None = None,
+    gpu_memory_utilization: float | None = None,
+    step_temp_bytes: Callable[[], int] | None = None,
+) -> KVPlan:
+    """Pages for the KV cache: ``num_pages`` if given, else what ``kv_cache_memory_bytes``
+    holds, else the device's ``gpu_memory_utilization`` share less the weights and the
+    step's temporary memory (``step_temp_bytes()``, measured on the compiled step). Raises
+    ValueError, naming both numbers and the longest max_model_len that fits, when one
+    sequence of ``max_model_len`` does not fit."""
+    config, groups = model.config, policy.cache.groups(model.config)
+    page_bytes = policy.cache.bytes_per_page(config)
+    need = pages_for_sequence(policy, groups, policy.max_model_len)
+    if num_pages is not None:
+        plan = KVPlan(num_pages, page_bytes, "--num-kv-pages")
+    elif kv_cache_memory_bytes is not None:
+        plan = KVPlan(kv_cache_memory_bytes // page_bytes, page_bytes, "--kv-cache-memory-bytes")
+    else:
+        on_gpu = jax.default_backend() == "gpu"
+        default = GPU_MEMORY_UTILIZATION if on_gpu else CPU_MEMORY_UTILIZATION
+        utilization = default if gpu_memory_utilization is None else gpu_memory_utilization
+        if not 0 < utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={utilization} must be in (0, 1]")
+        device, weights = device_memory_bytes(), weights_bytes_per_device(model)
+        temp = step_temp_bytes() if step_temp_bytes is not None else 0
+        pages = max(0, int(device * utilization) - weights - temp) // page_bytes
+        if not on_gpu:  # RAM is shared: never take more than max_num_seqs sequences can use
+            pages = min(pages, policy.max_num_seqs * need)
+        plan = KVPlan(pages, page_bytes, "--gpu-memory-utilization", device, utilization,
+                      weights, temp)
+    if plan.num_pages < need:
+        fits = longest_fitting_length(policy, groups, plan.num_pages)
+        raise ValueError(
+            f"the KV cache ({plan.source}) holds {plan.num_pages} pages = {plan.kv_bytes} "
+            f"bytes; one sequence of max_model_len={policy.max_model_len} needs {need} pages "
+            f"= {need * page_bytes} bytes. The longest max_model_len that fits is {fits}: "
+            f"lower --max-model-len or give the cache more memory.")
+    return plan
+
+
+def startup_report(model: Model, policy: BucketPolicy, plan: KVPlan) -> list[str]:
+    """vLLM-style lines: weights and KV per device, tokens that fit, maximum concurrency."""
+    config, groups = model.config, policy.cache.groups(model.config)
+    gib = 2**30
+    per_token_layer = policy.cache.bytes_per_token(config)
+    kinds = {"global": sum(c is None for c in groups.group_chunk),
+             "chunked": sum(c is not None for c in groups.group_chunk)}
+    slabs = groups.num_slabs
+    need = pages_for_sequence(policy, groups, policy.max_model_len)
+    tokens = plan.num_pages // groups.num_groups * policy.page_size
+    lines = [
+        f"weights: {weights_bytes_per_device(model) / gib:.3f} GiB per device",
+        f"KV cache: {plan.num_pages} pages of {policy.page_size} tokens, "
+        f"{plan.kv_bytes / gib:.3f} GiB per device (sized by {plan.source}); "
+        f"{per_token_layer} bytes per token per layer; layer groups: "
+        + ", ".join(f"{n} {kind} x {slabs} layers" for kind, n in kinds.items() if n)
+        + ("" if policy.cache.hybrid else " (hybrid cache off)"),
+        f"KV cache holds {tokens} tokens of every layer; one max_model_len="
+        f"{policy.max_model_len} sequence takes {need} pages",
+        f"Maximum concurrency for {policy.max_model_len} tokens per request: "
+        f"{plan.num_pages / need:.2f}x",
+    ]
+    if plan.device_bytes is not None:
+        lines.append(
+            f"budget: {plan.utilization:.2f} x {plan.device_bytes / gib:.2f} GiB device memory"
+            f" - {plan.weights_bytes / gib:.3f} GiB weights - {plan.step_temp_bytes / gib:.3f}"
+            f" GiB step temporaries (compiled)")
+    return lines
