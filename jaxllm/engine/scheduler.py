@@ -170,8 +170,11 @@ class Scheduler:
         # Hashes depend on tokens only, so they survive preemption; only new pages hash.
         request.page_hashes = page_hashes(request.tokens[: request.num_computed],
                                           self.pages.page_size, request.page_hashes)
+        # After a preemption the request may know more hashes than it has recomputed pages:
+        # only pages that are full now may be offered (a half-written one must never be).
+        full = request.num_computed // self.pages.page_size
         for group, row in enumerate(request.pages):
-            self.pages.register(group, row, request.page_hashes)
+            self.pages.register(group, row[:full], request.page_hashes[:full])
             # A chunked group gives back the pages its chunk has left behind.
             first = first_needed_page(request.num_computed, self.pages.page_size,
                                       self.pages.group_chunk[group])

@@ -153,3 +153,38 @@ def test_every_layer_reads_the_one_page_size(scout, monkeypatch):
         out += engine.step()[0].new_token_ids
     assert engine.pages.num_free == 30
     assert out == hf_greedy(hf, prompt, 20)
+
+
+def _run_counting(engine, prompts, sampling):
+    """Runs to completion; returns (outputs, most requests sampling in one step)."""
+    ids = [engine.add_request(p, sampling) for p in prompts]
+    produced, widest = {i: [] for i in ids}, 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        widest = max(widest, len(outs))
+        for out in outs:
+            produced[out.request_id] += out.new_token_ids
+    return [produced[i] for i in ids], widest
+
+
+def test_hybrid_cache_runs_four_long_requests_where_two_would_fit(tiny_model):
+    """A budget of two 256-token sequences on every layer. Four requests of 7/8 of
+    max_model_len (chunk 16) decode together with the hybrid cache, with no preemption;
+    without it the same bytes hold two at a time."""
+    hf, _, path = tiny_model("scout")
+    prompts = _prompts([184] * 4, seed=11)
+    sampling = SamplingParams(temperature=0.0, max_tokens=40)
+    expected = [hf_greedy(hf, p, 40) for p in prompts]
+    widest = {}
+    for hybrid in (True, False):
+        model = jaxllm.load_model(path, max_model_len=256, max_num_seqs=4,
+                                  hybrid_kv_cache=hybrid)
+        config, cache = model.config, model.bucket_policy.cache
+        budget = 2 * 256 * config.num_layers * cache.bytes_per_token(config)
+        engine = Engine(model, kv_cache_memory_bytes=budget, max_num_batched_tokens=32)
+        outs, widest[hybrid] = _run_counting(engine, prompts, sampling)
+        assert outs == expected
+        assert engine.pages.num_free == engine.pages.num_pages
+        if hybrid:
+            assert engine.scheduler.num_preemptions == 0
+    assert widest == {True: 4, False: 2}

@@ -219,3 +219,26 @@ def test_a_chunked_group_gives_back_pages_behind_its_chunk():
     assert sched.pages.num_free == 32 - 5 - 1
     sched.finish(request, "abort")
     assert sched.pages.num_free == 32
+
+
+def test_a_recomputed_half_page_is_never_offered_to_the_prefix_cache():
+    """After a preemption a request still knows the hashes of all six pages it had; while it
+    recomputes, a page that is only half written again must not be registered under them
+    (a later prefix hit would read its unwritten half)."""
+    sched = _scheduler(page_size=4, num_pages=32, max_num_batched_tokens=24)
+    request = _request("r", list(range(100, 125)))
+    sched.add(request)
+    _step(sched)  # 24 of 25 prompt tokens: six full pages
+    assert len(request.page_hashes) == 6
+    sched._preempt(request)
+    # Everything it had is cached and free: re-admission takes the five pages of its first
+    # 24 tokens it may reuse back (the last token always runs), so recompute from scratch.
+    sched.pages.allocate(sched.pages.num_free)  # forgets every cached page
+    sched.pages = PageAllocator(sched.pages.cache)
+    sched.policy = BucketPolicy(max_model_len=64, cache=sched.pages.cache, max_num_seqs=4,
+                                max_num_batched_tokens=10)
+    _step(sched)  # tokens 0..9: pages 0, 1 full, page 2 half written
+    row = request.pages[0]
+    assert request.num_computed == 10 and len(row) == 3
+    assert row[2] not in sched.pages.hash_of
+    assert [sched.pages.hash_of[p][1] for p in row[:2]] == request.page_hashes[:2]
