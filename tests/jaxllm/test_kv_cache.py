@@ -9,7 +9,13 @@ import pytest
 
 from jaxllm import testing as hf_models
 from jaxllm.config import Llama4Config
-from jaxllm.kv_cache import CacheConfig, init_kv_cache, kv_cache_sharding, write_kv_pages
+from jaxllm.kv_cache import (
+    CacheConfig,
+    init_kv_cache,
+    kv_cache_sharding,
+    layer_groups,
+    write_kv_pages,
+)
 from jaxllm.sharding import make_mesh
 
 
@@ -23,10 +29,16 @@ def test_cache_config_checks_and_sizes():
     with pytest.raises(ValueError, match="no size yet"):
         cache.page_shape(config)
     sized = cache.with_pages(5)
-    assert sized.page_shape(config) == (5, 8, config.num_kv_heads, config.head_dim)
-    # Two (K, V) x kv heads x head dim x 2 bytes, on every layer.
-    assert cache.bytes_per_token(config) == (
-        config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2)
+    # Five pages to hand out and the null page 0.
+    assert sized.page_shape(config) == (6, 8, config.num_kv_heads, config.head_dim)
+    # (K, V) x kv heads x head dim x 2 bytes, in one layer.
+    per_token = 2 * config.num_kv_heads * config.head_dim * 2
+    assert cache.bytes_per_token(config) == per_token
+    # A page id is a page in every slab: every layer without the hybrid cache, one layer
+    # with it (three chunked layers and one global one: groups of gcd(3, 1) = 1 layer).
+    assert cache.bytes_per_page(config) == config.num_layers * 8 * per_token
+    hybrid = CacheConfig(page_size=8, dtype=jnp.bfloat16, hybrid=True)
+    assert hybrid.bytes_per_page(config) == 8 * per_token
     for bad in (dict(page_size=0), dict(num_pages=0)):
         with pytest.raises(ValueError, match="must be >= 1"):
             CacheConfig(**bad)
@@ -37,9 +49,9 @@ def test_init_kv_cache_shards_kv_heads_over_model():
     cache = CacheConfig(page_size=4, dtype=jnp.float32, num_pages=3)
     mesh = make_mesh(model=2, devices=jax.devices()[:2])
     layers = init_kv_cache(config, cache, mesh)
-    assert len(layers) == config.num_layers
+    assert len(layers) == config.num_layers  # one slab per layer without the hybrid cache
     k = layers[0][0]
-    assert k.shape == (3, 4, config.num_kv_heads, config.head_dim) and k.dtype == jnp.float32
+    assert k.shape == (4, 4, config.num_kv_heads, config.head_dim) and k.dtype == jnp.float32
     assert not np.any(np.asarray(k))
     spec = kv_cache_sharding(config, cache, mesh).spec
     assert spec[2] == "model"
@@ -60,3 +72,24 @@ def test_write_kv_pages_drops_padding_slots():
     assert not np.any(np.asarray(k_out))
 
 
+
+
+def test_layer_groups():
+    """Scout-like: layers 0-2 chunked, 3 global. Hybrid: a group per layer, in one slab;
+    otherwise one group and a slab per layer. Scout's 36 chunked + 12 global layers make
+    groups of 12 (gcd), so 4 groups and 12 slabs."""
+    config = _config()
+    hybrid = layer_groups(config, hybrid=True)
+    assert hybrid.group_chunk == (None, 16, 16, 16)
+    assert hybrid.layer_group == (1, 2, 3, 0) and hybrid.layer_slab == (0, 0, 0, 0)
+    plain = layer_groups(config, hybrid=False)
+    assert plain.group_chunk == (None,) and plain.layer_slab == (0, 1, 2, 3)
+    scout = Llama4Config.from_hf(dict(hf_models.SCOUT_LIKE, model_type="llama4_text",
+                                      num_hidden_layers=48, attention_chunk_size=8192))
+    groups = layer_groups(scout, hybrid=True)
+    assert (groups.num_groups, groups.num_slabs) == (4, 12)
+    assert groups.group_chunk == (None, 8192, 8192, 8192)
+    for g in range(4):  # every group has one layer in every slab
+        assert sorted(s for s, gg in zip(groups.layer_slab, groups.layer_group, strict=True)
+                      if gg == g) == list(range(12))
+    assert [i for i in range(48) if groups.layer_group[i] == 0] == list(range(3, 48, 4))
