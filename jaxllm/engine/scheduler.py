@@ -111,6 +111,15 @@ class Scheduler:
             budget -= n
         return out
 
+    def pages_held_by_group(self) -> list[int]:
+        """Pages each layer group holds for running requests (prefix-cache pages that no
+        request holds are free)."""
+        held = [0] * self.pages.num_groups
+        for request in self.running:
+            for group, row in enumerate(request.pages):
+                held[group] += len(row) - row.count(NULL_PAGE)
+        return held
+
     def finish(self, request: Request, reason: str) -> None:
         request.status, request.finish_reason = Status.FINISHED, reason
         if request in self.running:

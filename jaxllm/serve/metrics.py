@@ -30,7 +30,14 @@ class Metrics:
                              buckets=_LATENCY, registry=r).labels(**label)
         self.step_time = Histogram("jaxllm:engine_step_seconds", "Engine step time", names,
                                    buckets=_LATENCY, registry=r).labels(**label)
+        self.preemptions = Counter("jaxllm:num_preemptions", "Requests preempted (recomputed "
+                                   "later) for want of KV pages", names,
+                                   registry=r).labels(**label)
+        self.group_usage = Gauge("jaxllm:kv_cache_group_usage_perc", "Fraction of the KV "
+                                 "page pool held by each layer group", names + ["group"],
+                                 registry=r)
         self._label = label
+        self._preempted = 0
 
     def on_step(self, engine, outputs, seconds: float) -> None:
         self.step_time.observe(seconds)
@@ -38,6 +45,12 @@ class Metrics:
         self.waiting.set(len(engine.scheduler.waiting))
         pages = engine.pages
         self.cache_usage.set(1.0 - pages.num_free / pages.num_pages)
+        self.preemptions.inc(engine.scheduler.num_preemptions - self._preempted)
+        self._preempted = engine.scheduler.num_preemptions
+        for group, held in enumerate(engine.scheduler.pages_held_by_group()):
+            kind = "global" if pages.group_chunk[group] is None else "chunked"
+            self.group_usage.labels(group=f"{group}-{kind}", **self._label).set(
+                held / pages.num_pages)
         self.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
 
     def on_finish(self, reason: str, prompt_tokens: int, ttft: float | None, e2e: float):

@@ -12,10 +12,13 @@ from tests.jaxllm.serve.fakes import output
 LABEL = {"model_name": "tiny"}
 
 
-def _engine(running: int, waiting: int, free: int, total: int):
-    return SimpleNamespace(scheduler=SimpleNamespace(running=[None] * running,
-                                                     waiting=[None] * waiting),
-                           pages=SimpleNamespace(num_free=free, num_pages=total))
+def _engine(running: int, waiting: int, free: int, total: int, preemptions: int = 0,
+            held: tuple[int, ...] = (0, 0)):
+    return SimpleNamespace(
+        scheduler=SimpleNamespace(running=[None] * running, waiting=[None] * waiting,
+                                  num_preemptions=preemptions,
+                                  pages_held_by_group=lambda: list(held)),
+        pages=SimpleNamespace(num_free=free, num_pages=total, group_chunk=(None, 16)))
 
 
 def _value(metrics: Metrics, name: str, **labels) -> float | None:
@@ -37,6 +40,15 @@ def test_a_step_sets_the_gauges_and_counts_generated_tokens():
     assert _value(metrics, "jaxllm:kv_cache_usage_perc") == 0.0
     assert _value(metrics, "jaxllm:generation_tokens_total") == 3
     assert _value(metrics, "jaxllm:engine_step_seconds_count") == 2
+
+
+def test_preemptions_and_the_pages_of_each_layer_group():
+    metrics = Metrics("tiny")
+    metrics.on_step(_engine(2, 0, free=30, total=40, preemptions=2, held=(6, 4)), [], 0.1)
+    metrics.on_step(_engine(2, 0, free=30, total=40, preemptions=3, held=(8, 2)), [], 0.1)
+    assert _value(metrics, "jaxllm:num_preemptions_total") == 3
+    assert _value(metrics, "jaxllm:kv_cache_group_usage_perc", group="0-global") == 8 / 40
+    assert _value(metrics, "jaxllm:kv_cache_group_usage_perc", group="1-chunked") == 2 / 40
 
 
 def test_finished_requests_by_reason_prompt_tokens_and_latencies():

@@ -11,23 +11,38 @@ import time
 import httpx
 
 
-def _start(args: list[str], timeout: float = 600) -> tuple[str, float]:
-    """Starts the server, waits for /health, stops it; returns (its log, seconds to healthy)."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 900,
+                 track_rss: bool = False) -> int:
+    """Polls /health until 200; returns the peak RSS seen meanwhile (0 if not tracked)."""
+    import psutil
+
+    begin, peak = time.monotonic(), 0
+    while True:
+        if track_rss:
+            peak = max(peak, psutil.Process(proc.pid).memory_info().rss)
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return peak
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() - begin < timeout, proc.stdout.read()
+        time.sleep(0.2)
+
+
+def _start(args: list[str]) -> tuple[str, float]:
+    """Starts the server, waits for /health, stops it; returns (its log, seconds to healthy)."""
+    port = free_port()
     begin = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "jaxllm.serve", *args, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() - begin < timeout, proc.stdout.read()
-            time.sleep(0.2)
+        wait_healthy(proc, port)
         ready = time.monotonic() - begin
     finally:
         proc.terminate()
