@@ -127,9 +127,9 @@ def test_every_layer_reads_the_one_page_size(scout, monkeypatch):
     seen = []
     real = attention._IMPLS[model.attention_impl]
 
-    def spy(q, k_pages, v_pages, meta, *, chunk_size):
+    def spy(q, k_pages, v_pages, meta, *, chunk_size, mesh):
         seen.append((k_pages.shape, meta.block_tables.shape[1]))
-        return real(q, k_pages, v_pages, meta, chunk_size=chunk_size)
+        return real(q, k_pages, v_pages, meta, chunk_size=chunk_size, mesh=mesh)
 
     monkeypatch.setitem(attention._IMPLS, model.attention_impl, spy)
     engine = Engine(model, num_pages=30)
