@@ -68,8 +68,10 @@ def temperature_scale(positions: jax.Array, floor_scale: float, attn_scale: floa
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: Llama4Config, layer: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Llama4Config, layer: int, dtype, rngs: nnx.Rngs,
+                 mesh: Mesh | None = None):
         c = config
+        self.mesh = mesh
         D, H, K, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         self.config, self.layer = config, layer
         self.wq = _param(rngs, (D, H, d), ("embed", "heads", "head_dim"), dtype)
@@ -106,7 +108,8 @@ class Attention(nnx.Module):
 
         k_pages, v_pages = write_kv_pages(*cache, k, v, meta.slot_mapping)
         out = paged_attention(
-            q, k_pages, v_pages, meta, chunk_size=c.chunk_size(layer), impl=attention_impl)
+            q, k_pages, v_pages, meta, chunk_size=c.chunk_size(layer), impl=attention_impl,
+            mesh=self.mesh)
         out = jnp.einsum("THd,HdD->TD", out, self.wo[...])
         if c.attention_bias:
             out = out + self.bo[...]
@@ -226,7 +229,7 @@ class DecoderLayer(nnx.Module):
         D = config.hidden_size
         self.mesh = mesh
         self.input_norm = RMSNorm(D, config.rms_norm_eps, dtype)
-        self.attn = Attention(config, layer, dtype, rngs)
+        self.attn = Attention(config, layer, dtype, rngs, mesh)
         self.post_attn_norm = RMSNorm(D, config.rms_norm_eps, dtype)
         if config.is_moe(layer):
             self.ffn = MoE(config, dtype, rngs, mesh)

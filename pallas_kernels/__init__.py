@@ -9,6 +9,7 @@ from pallas_kernels.reference.ragged_paged_attention import (
     query_row_layout,
     ragged_paged_attention_reference,
 )
+from pallas_kernels.triton.common import targets_gpu
 from pallas_kernels.triton.flash_attention import flash_attention
 from pallas_kernels.triton.ragged_paged_attention import ragged_paged_attention
 
@@ -18,4 +19,5 @@ __all__ = [
     "query_row_layout",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
+    "targets_gpu",
 ]

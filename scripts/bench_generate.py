@@ -43,8 +43,12 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="override the preset's layer count (fewer layers build faster)")
     args = parser.parse_args()
-    spec = PRESETS[args.preset]
+    spec = dict(PRESETS[args.preset])
+    if args.num_layers is not None:
+        spec["num_hidden_layers"] = args.num_layers
     max_len = args.prompt_len + args.new_tokens
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,9 +94,9 @@ def main() -> int:
 
     tokens = args.batch * args.new_tokens
     ours_tps, hf_tps = tokens / min(ours), tokens / min(theirs)
-    print(f"preset={args.preset} batch={args.batch} prompt={args.prompt_len} "
-          f"new={args.new_tokens} dtype={args.dtype} jax={jax.__version__} "
-          f"device={jax.devices()[0].device_kind} hf_device={device}")
+    print(f"preset={args.preset} layers={spec['num_hidden_layers']} batch={args.batch} "
+          f"prompt={args.prompt_len} new={args.new_tokens} dtype={args.dtype} "
+          f"jax={jax.__version__} device={jax.devices()[0].device_kind} hf_device={device}")
     print(f"{'engine':<16}{'best s':>10}{'tokens/s':>12}")
     print(f"{'jaxllm':<16}{min(ours):>10.3f}{ours_tps:>12.1f}")
     print(f"{'HF transformers':<16}{min(theirs):>10.3f}{hf_tps:>12.1f}")

@@ -8,13 +8,14 @@ KV cache donated, so the pages are updated in place from step to step.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxllm.api import Model
 from jaxllm.buckets import BucketPolicy
@@ -34,14 +35,20 @@ class Sampled(NamedTuple):
     top_logprobs: np.ndarray  # [S, TOP_LOGPROBS] float32
 
 
-def _step_programs(model: Model, groups: LayerGroups):
-    """The two jitted step programs (cache donated): logits of each sequence's last row, and
-    logits + on-device sampling + log-probabilities."""
-    graphdef, impl, mesh = model.graphdef, model.attention_impl, model.mesh
+def step_functions(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None,
+                   groups: LayerGroups) -> tuple[Callable, Callable]:
+    """The step's pure functions, (forward, forward_and_sample), for the runner's jit and for
+    compiling the same step ahead of time (``jaxllm.aot``).
+
+    forward(params, cache, tokens, meta, logits_rows) -> (logits, cache);
+    forward_and_sample(..., sampling, seeds, steps) -> ((tokens, logprobs, top ids, top
+    logprobs), cache).
+    """
 
     def forward(params, cache, tokens, meta, logits_rows):
         module = nnx.merge(graphdef, params)
-        hidden, cache = module(tokens, cache, meta, attention_impl=impl, groups=groups)
+        hidden, cache = module(tokens, cache, meta, attention_impl=attention_impl,
+                               groups=groups)
         return module.logits(hidden[logits_rows]), cache
 
     def forward_and_sample(params, cache, tokens, meta, logits_rows, sampling, seeds, steps):
@@ -57,6 +64,14 @@ def _step_programs(model: Model, groups: LayerGroups):
         top_values, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
         return (tokens, chosen, top_ids, top_values), cache
 
+    return forward, forward_and_sample
+
+
+def _step_programs(model: Model, groups: LayerGroups):
+    """The two jitted step programs (cache donated): logits of each sequence's last row, and
+    logits + on-device sampling + log-probabilities."""
+    forward, forward_and_sample = step_functions(model.graphdef, model.attention_impl,
+                                                 model.mesh, groups)
     rep = model.replicated()
     logits_fn = jax.jit(forward, donate_argnums=(1,),
                         in_shardings=(model.param_shardings, None) + (rep,) * 3)

@@ -15,6 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The definition in float32: on a GPU the default precision would multiply in TF32.
+HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
@@ -76,11 +79,12 @@ def flash_attention_reference(
     vf = jnp.where(owned, v.astype(jnp.float32), 0.0)
     qg = q.astype(jnp.float32).reshape(batch, num_q, kv_heads, heads // kv_heads, head_dim)
 
-    scores = jnp.einsum("BTKgd,BSKd->BKgTS", qg, kf) * scale
+    scores = jnp.einsum("BTKgd,BSKd->BKgTS", qg, kf, precision=HIGHEST) * scale
     scores = jnp.where(visible, scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     probs = jnp.where(visible, jnp.exp(scores - row_max), 0.0)
     denom = jnp.sum(probs, axis=-1, keepdims=True)
-    out = jnp.einsum("BKgTS,BSKd->BTKgd", probs / jnp.where(denom > 0, denom, 1.0), vf)
+    out = jnp.einsum("BKgTS,BSKd->BTKgd", probs / jnp.where(denom > 0, denom, 1.0), vf,
+                     precision=HIGHEST)
     return out.reshape(batch, num_q, heads, head_dim).astype(q.dtype)

@@ -18,6 +18,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The definition in float32: on a GPU the default precision would multiply in TF32.
+HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def query_row_layout(
     query_start_loc: jax.Array, seq_lens: jax.Array, num_seqs: jax.Array, num_rows: int
@@ -76,12 +79,13 @@ def ragged_paged_attention_reference(
         visible &= (key_pos[None, :] // chunk_size) == (pos[:, None] // chunk_size)
 
     qg = q.astype(jnp.float32).reshape(num_rows, num_kv_heads, group, head_dim)
-    scores = jnp.einsum("NKgd,NLKd->NKgL", qg, k_rows) * scale
+    scores = jnp.einsum("NKgd,NLKd->NKgL", qg, k_rows, precision=HIGHEST) * scale
     mask = visible[:, None, None, :]
     scores = jnp.where(mask, scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     row_max = jnp.where(mask.any(-1, keepdims=True), row_max, 0.0)
     probs = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
     denom = jnp.sum(probs, axis=-1, keepdims=True)
-    out = jnp.einsum("NKgL,NLKd->NKgd", probs, v_rows) / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("NKgL,NLKd->NKgd", probs, v_rows, precision=HIGHEST)
+    out = out / jnp.where(denom > 0, denom, 1.0)
     return out.reshape(num_rows, num_heads, head_dim).astype(q.dtype)

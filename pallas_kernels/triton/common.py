@@ -24,6 +24,16 @@ def triton_compiler_params(num_warps: int, num_stages: int):
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
+def targets_gpu() -> bool:
+    """Whether the program being traced is for a GPU, so kernels lower for it rather than run
+    in interpret mode: the current abstract mesh's device when one is set (a deviceless
+    compile for a GPU runs on the CPU backend), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if device is not None:
+        return device.platform == "gpu"
+    return jax.default_backend() == "gpu"
+
+
 def check_block_size(name: str, value: int) -> None:
     """Block sizes become tensor dimensions: powers of two, at least the Triton dot minimum."""
     if value < MIN_DOT_SIZE or value & (value - 1):
@@ -39,9 +49,14 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 def dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
-    """``a @ b`` (``a @ b.T`` with trans_b) accumulated in float32; lowers to Triton's dot."""
+    """``a @ b`` (``a @ b.T`` with trans_b) accumulated in float32; lowers to Triton's dot.
+
+    Float32 inputs multiply in float32 (``HIGHEST``): the default would lower to TF32.
+    """
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, dims, precision=precision,
+                           preferred_element_type=jnp.float32)
 
 
 def chunk_start(pos: jax.Array, chunk_size: int) -> jax.Array:

@@ -33,26 +33,40 @@ def _tile_metadata(
     *,
     num_tiles: int,
     block_q: int,
+    group_pad: int,
+    num_heads: int,
+    num_kv_heads: int,
     max_kv_len: int,
 ) -> jax.Array:
-    """``[num_tiles, 5]`` int32: per query tile (up to ``block_q`` rows of one sequence) its
-    sequence, first flat row, number of rows (0 for unused tiles), first position, kv length.
+    """``[num_tiles, 6]`` int32: per query tile its sequence, first flat row, number of
+    tokens (0 for unused tiles), first position, kv length, and layout (1: per head).
 
-    Derived from the same arrays the kernel call gets, so it always matches the call.
+    A tile has ``block_q * group_pad`` kernel rows. Grouped tiles hold ``block_q`` tokens
+    times the q heads of one kv head (GQA groups padded to ``group_pad``); per-head tiles
+    hold ``block_q * group_pad`` tokens of one q head, unpadded. A sequence takes the layout
+    that reads its K/V fewer times (per-head tiles for prefills of more than a few tokens,
+    grouped tiles for decode). Derived from the same arrays the kernel call gets, so it
+    always matches the call.
     """
     num_slots = seq_lens.shape[0]
+    rows_per_tile = block_q * group_pad
     live = jnp.arange(num_slots) < num_seqs
     q_lens = jnp.where(live, jnp.maximum(query_start_loc[1:] - query_start_loc[:-1], 0), 0)
-    tiles = (q_lens + block_q - 1) // block_q
+    grouped_tiles = (q_lens + block_q - 1) // block_q
+    head_tiles = (q_lens + rows_per_tile - 1) // rows_per_tile
+    per_head = head_tiles * num_heads < grouped_tiles * num_kv_heads
+    tokens = jnp.where(per_head, rows_per_tile, block_q)
+    tiles = jnp.where(per_head, head_tiles, grouped_tiles)
     tile_end = jnp.cumsum(tiles)
     t = jnp.arange(num_tiles, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), num_slots - 1)
     local = t - (tile_end[seq] - tiles[seq])
-    nrows = jnp.where(t < tile_end[-1], jnp.clip(q_lens[seq] - local * block_q, 0, block_q), 0)
-    row0 = query_start_loc[seq] + local * block_q
-    pos0 = seq_lens[seq] - q_lens[seq] + local * block_q
+    first = local * tokens[seq]
+    ntok = jnp.where(t < tile_end[-1], jnp.clip(q_lens[seq] - first, 0, tokens[seq]), 0)
+    row0 = query_start_loc[seq] + first
+    pos0 = seq_lens[seq] - q_lens[seq] + first
     kv_len = jnp.clip(seq_lens[seq], 0, max_kv_len)
-    return jnp.stack([seq, row0, nrows, pos0, kv_len], axis=1).astype(jnp.int32)
+    return jnp.stack([seq, row0, ntok, pos0, kv_len, per_head[seq]], axis=1).astype(jnp.int32)
 
 
 def _and_cols(rows_ok: jax.Array, cols_ok: jax.Array | None) -> jax.Array:
@@ -64,19 +78,32 @@ def _ragged_kernel(
     *, chunk_size: int | None, group: int, group_pad: int, head_dim: int, dim: int,
     qk_scale: float, block_q: int, block_k: int, page_size: int, num_splits: int,
 ):
-    tile, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    tile, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_rows, num_kv_slots, width = q_ref.shape[0], k_ref.shape[0], bt_ref.shape[1]
-    seq, row0, nrows, pos0, kv_len = (meta_ref[tile, i] for i in range(5))
+    num_kv_heads = k_ref.shape[1]
+    seq, row0, nrows, pos0, kv_len, per_head = (meta_ref[tile, i] for i in range(6))
+    per_head = per_head > 0
 
-    # Tile row m is query token m // group_pad of the tile, q head group-member m % group_pad.
+    # Grouped tile: row m is token m // group_pad, q head member m % group_pad of kv head
+    # ``head`` (programs with head >= K have nothing to do). Per-head tile: row m is token m
+    # of q head ``head``.
     m = jnp.arange(block_q * group_pad, dtype=jnp.int32)
-    tok, member = lax.div(m, jnp.int32(group_pad)), lax.rem(m, jnp.int32(group_pad))
+    member = lax.rem(m, jnp.int32(group_pad))
+    tok = jnp.where(per_head, m, lax.div(m, jnp.int32(group_pad)))
+    kv_head = jnp.where(per_head, lax.div(head, jnp.int32(group)),
+                        jnp.minimum(head, num_kv_heads - 1))
+    nrows = jnp.where(per_head | (head < num_kv_heads), nrows, 0)
+    heads = jnp.where(per_head, head, kv_head * group + jnp.minimum(member, group - 1))
     rows = row0 + tok
-    row_ok = (tok < nrows) & (member < group) & (rows < num_rows)
-    heads = kv_head * group + jnp.minimum(member, group - 1)
+    row_ok = (tok < nrows) & (per_head | (member < group)) & (rows < num_rows)
     pos = pos0 + tok
-    cols = jnp.minimum(jnp.arange(dim, dtype=jnp.int32), head_dim - 1)
-    cols_ok = None if dim == head_dim else jnp.arange(dim, dtype=jnp.int32) < head_dim
+    # A plain arange keeps the column index visibly contiguous, so Triton vectorizes the
+    # loads (cp.async); clipping it, needed only for a padded head dim, hides that.
+    cols = jnp.arange(dim, dtype=jnp.int32)
+    cols_ok = None
+    if dim != head_dim:
+        cols_ok = cols < head_dim
+        cols = jnp.minimum(cols, head_dim - 1)
 
     q_mask = jnp.broadcast_to(_and_cols(row_ok, cols_ok), (m.shape[0], dim))
     q_rows = jnp.clip(rows, 0, num_rows - 1)
@@ -155,10 +182,14 @@ def _ragged_kernel(
     plgpu.store(lse_ref.at[split, jnp.where(row_ok, rows, num_rows), heads], lse, mask=row_ok)
 
 
+MAX_KV_SPLITS = 64
+
+
 def default_num_kv_splits(num_tiles: int, num_kv_heads: int, target_programs: int = 1024) -> int:
-    """Enough KV splits (at most 16) that a small batch, say one long decode, still fills
-    the GPU; large batches get one split and skip the merge."""
-    return max(1, min(16, target_programs // (num_tiles * num_kv_heads)))
+    """Enough KV splits (at most ``MAX_KV_SPLITS``) that a small batch still fills the GPU:
+    one long decode gets 8 kv heads x 64 splits = 512 programs, about 4 per SM of an H100's
+    132; large batches get one split and skip the merge."""
+    return max(1, min(MAX_KV_SPLITS, target_programs // (num_tiles * num_kv_heads)))
 
 
 @functools.partial(
@@ -186,12 +217,14 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """The Pallas (Triton) kernel for ``ragged_paged_attention_reference``; same semantics.
 
-    The flat query rows are cut into tiles of ``block_q`` tokens of one sequence; a tile
-    attends for all ``H // K`` q heads of one kv head at once (``block_q * next_pow2(H // K)``
-    kernel rows), over KV blocks of ``pages_per_block`` pages. The grid is
-    (tiles, kv heads, ``num_kv_splits``); each split covers an equal share of the tile's
-    visible KV blocks and the splits are merged by log-sum-exp, so one long decode still
-    fills the GPU. Defaults: 64 kernel rows, 64 keys per block, splits from the grid size.
+    The flat query rows are cut into tiles of ``R = block_q * next_pow2(H // K)`` kernel
+    rows, over KV blocks of ``pages_per_block`` pages. Decode-like sequences use grouped
+    tiles: ``block_q`` tokens for all ``H // K`` q heads of one kv head, so K/V are read
+    once per kv head. Prefills use per-head tiles: ``R`` tokens of one q head (no GQA
+    padding, K/V read once per ``R`` tokens); see ``_tile_metadata``. The grid is (tiles,
+    q heads, ``num_kv_splits``); each split covers an equal share of the tile's visible KV
+    blocks and the splits are merged by log-sum-exp, so one long decode still fills the
+    GPU. Defaults: 64 kernel rows, 64 keys per block, splits from the grid size.
     """
     num_rows, num_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, kdim = k_pages.shape
@@ -219,7 +252,8 @@ def ragged_paged_attention(
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
 
     meta = _tile_metadata(query_start_loc.astype(jnp.int32), seq_lens.astype(jnp.int32),
-                          num_seqs, num_tiles=num_tiles, block_q=block_q,
+                          num_seqs, num_tiles=num_tiles, block_q=block_q, group_pad=group_pad,
+                          num_heads=num_heads, num_kv_heads=num_kv_heads,
                           max_kv_len=width * page_size)
     kernel = functools.partial(
         _ragged_kernel, chunk_size=chunk_size, group=group, group_pad=group_pad,
@@ -234,7 +268,8 @@ def ragged_paged_attention(
                                  jnp.float32),
             jax.ShapeDtypeStruct((num_kv_splits, num_rows + 1, num_heads), jnp.float32),
         ),
-        grid=(num_tiles, num_kv_heads, num_kv_splits),
+        # Axis 1 runs the q heads when per-head tiles can occur, else the kv heads.
+        grid=(num_tiles, num_heads if group > 1 else num_kv_heads, num_kv_splits),
         compiler_params=triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="ragged_paged_attention",

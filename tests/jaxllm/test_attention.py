@@ -1,5 +1,6 @@
-"""The attention registry: names, default, unknown names, and a newly registered
-implementation being the one the model runs."""
+"""The attention registry: names, default, unknown names, a newly registered implementation
+being the one the model runs; and on a mesh, the Pallas kernel running per head shard (no
+gather of the KV cache or q) and still equal to a naive per-sequence attention."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm import attention
+from jaxllm.attention import head_shard_specs, paged_attention
 from jaxllm.layout import AttentionMetadata
+from jaxllm.sharding import make_mesh
 from tests.jaxllm.conftest import random_model
+from tests.pallas_kernels.triton.test_ragged_paged_attention import make_batch, naive_attention
 
 
 @pytest.fixture
@@ -46,7 +51,7 @@ def test_paged_attention_dispatches_by_name(registry):
     calls = []
 
     @registry.register("test-echo")
-    def echo(q, k_pages, v_pages, meta, *, chunk_size):
+    def echo(q, k_pages, v_pages, meta, *, chunk_size, mesh):
         calls.append(chunk_size)
         return q * 2
 
@@ -63,7 +68,7 @@ def test_a_registered_implementation_is_what_the_model_runs(registry):
     seen = []
 
     @registry.register("test-zeros")
-    def zeros(q, k_pages, v_pages, meta, *, chunk_size):
+    def zeros(q, k_pages, v_pages, meta, *, chunk_size, mesh):
         seen.append((q.shape, k_pages.shape[1], meta.block_tables.shape, chunk_size))
         return jnp.zeros_like(q)
 
@@ -75,3 +80,51 @@ def test_a_registered_implementation_is_what_the_model_runs(registry):
     assert seen == [((5, 4, 16), 8, (1, 1), 16)]
     assert replaced.shape == reference.shape
     assert not np.allclose(replaced, reference, atol=1e-3)
+
+
+SEQS = [(1, 23), (12, 12), (5, 30), (1, 1)]
+
+
+Q_HEADS = PartitionSpec(None, "model", None)
+KV_HEADS = PartitionSpec(None, None, "model", None)
+
+
+def _attend(batch, mesh, impl, chunk_size, q_spec=Q_HEADS, kv_spec=KV_HEADS):
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    q, kp, vp = put(batch.q, q_spec), put(batch.k_pages, kv_spec), put(batch.v_pages, kv_spec)
+    rows = batch.q.shape[0]
+    meta = AttentionMetadata(np.zeros(rows, np.int32), np.zeros(rows, np.int32),
+                             batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                             batch.num_seqs)
+    fn = jax.jit(lambda q, kp, vp, meta: paged_attention(
+        q, kp, vp, meta, chunk_size=chunk_size, impl=impl, mesh=mesh))
+    hlo = fn.lower(q, kp, vp, meta).compile().as_text()
+    return np.asarray(fn(q, kp, vp, meta)), hlo
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_pallas_attention_runs_per_head_shard(chunk_size):
+    batch = make_batch(SEQS, heads=8, kv_heads=4, head_dim=16, width=8)
+    mesh = make_mesh(data=2, model=4)
+    assert head_shard_specs(batch.q.shape, batch.k_pages.shape, mesh) is not None
+    out, hlo = _attend(batch, mesh, "pallas", chunk_size)
+    assert "all-gather" not in hlo
+    real = int(batch.query_start_loc[int(batch.num_seqs)])
+    np.testing.assert_allclose(out[:real], naive_attention(batch, chunk_size)[:real],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_kv_heads_the_mesh_does_not_split_run_unsharded():
+    """8 model shards, 4 kv heads: the cache keeps its kv heads whole, so the kernel cannot
+    run per shard; it runs once on the whole arrays and is still right."""
+    batch = make_batch(SEQS, heads=8, kv_heads=4, head_dim=16, width=8)
+    mesh = make_mesh(model=8)
+    assert head_shard_specs(batch.q.shape, batch.k_pages.shape, mesh) is None
+    assert head_shard_specs(batch.q.shape, batch.k_pages.shape, None) is None
+    out, _ = _attend(batch, mesh, "pallas", 16, Q_HEADS, PartitionSpec())
+    real = int(batch.query_start_loc[int(batch.num_seqs)])
+    np.testing.assert_allclose(out[:real], naive_attention(batch, 16)[:real], atol=1e-5,
+                               rtol=1e-5)
+    q_spec, kv_spec = head_shard_specs(batch.q.shape, batch.k_pages.shape, make_mesh(model=4,
+                                                                                     data=2))
+    assert (q_spec, kv_spec) == (Q_HEADS, KV_HEADS)

@@ -127,14 +127,14 @@ def test_every_layer_reads_the_one_page_size(scout, monkeypatch):
     seen = []
     real = attention._IMPLS[model.attention_impl]
 
-    def spy(q, k_pages, v_pages, meta, *, chunk_size):
+    def spy(q, k_pages, v_pages, meta, *, chunk_size, mesh):
         seen.append((k_pages.shape, meta.block_tables.shape[1]))
-        return real(q, k_pages, v_pages, meta, chunk_size=chunk_size)
+        return real(q, k_pages, v_pages, meta, chunk_size=chunk_size, mesh=mesh)
 
     monkeypatch.setitem(attention._IMPLS, model.attention_impl, spy)
-    engine = Engine(model, num_pages=30)
+    engine = Engine(model, num_pages=40)
     assert engine.policy.cache.page_size == engine.pages.page_size == 8
-    assert engine.runner.cache[0][0].shape[:2] == (31, 8)  # 30 pages and the null page
+    assert engine.runner.cache[0][0].shape[:2] == (41, 8)  # 40 pages and the null page
     steps = []
     build = engine.runner._batch
     monkeypatch.setattr(engine.runner, "_batch", lambda chunks: steps.append(
@@ -148,10 +148,10 @@ def test_every_layer_reads_the_one_page_size(scout, monkeypatch):
         assert len(pages) == 3
         np.testing.assert_array_equal(step.meta.slot_mapping[group, :21],
                                       pages[np.arange(21) // 8] * 8 + np.arange(21) % 8)
-    assert set(seen) == {((31, 8, 2, 16), 10)}  # table: ceil(80 / 8) pages
+    assert set(seen) == {((41, 8, 2, 16), 10)}  # table: ceil(80 / 8) pages
     while engine.has_unfinished():
         out += engine.step()[0].new_token_ids
-    assert engine.pages.num_free == 30
+    assert engine.pages.num_free == 40
     assert out == hf_greedy(hf, prompt, 20)
 
 

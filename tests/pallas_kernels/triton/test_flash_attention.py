@@ -207,8 +207,13 @@ def lower_for_cuda(monkeypatch, fn, *args) -> tuple[str, str]:
         return result
 
     monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", spy)
+    # Since jax 0.11 the Triton lowering asks the current device for the GPU model; on a CPU
+    # an abstract H100 stands in for it.
+    h100 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        "NVIDIA H100 80GB HBM3", 132, "gpu"))
     try:
-        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        with jax.sharding.use_abstract_mesh(h100):
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     except Exception as err:
         if len(modules) != 1:
             raise

@@ -20,6 +20,7 @@ from pallas_kernels import (
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
+from pallas_kernels.triton.ragged_paged_attention import _tile_metadata
 from tests.pallas_kernels.triton.test_flash_attention import check_triton_ir, lower_for_cuda
 
 
@@ -150,6 +151,25 @@ def test_gqa_ratios(heads, kv_heads, block_q):
     seqs = [(1, 17), (17, 17), (15, 33), (1, 1), (16, 20)]
     batch = make_batch(seqs, heads=heads, kv_heads=kv_heads, width=12)
     check(batch, C, block_q=block_q, pages_per_block=4, num_kv_splits=2)
+
+
+def test_prefills_take_per_head_tiles_decodes_grouped_tiles():
+    """GQA 5 (padded to 8) with default blocks: 8-token grouped tiles, 64-token per-head
+    tiles. Prefills of more than 40 tokens read K/V fewer times per head (ceil(q/64) * 10 <
+    ceil(q/8) * 2) and take per-head tiles, including one that spans two of them; decodes
+    and short chunks stay grouped."""
+    seqs = [(100, 130), (1, 50), (64, 64), (8, 20), (41, 41), (40, 90)]
+    batch = make_batch(seqs, heads=10, kv_heads=2, head_dim=16, page_size=4, width=40)
+    meta = _tile_metadata(batch.query_start_loc, batch.seq_lens, batch.num_seqs,
+                          num_tiles=40, block_q=8, group_pad=8, num_heads=10, num_kv_heads=2,
+                          max_kv_len=160)
+    meta = np.asarray(meta)
+    used = meta[meta[:, 2] > 0]
+    per_head = {int(seq): bool(flag) for seq, flag in used[:, [0, 5]]}
+    assert per_head == {0: True, 1: False, 2: True, 3: False, 4: True, 5: False}
+    assert list(used[used[:, 0] == 0, 2]) == [64, 36]  # tokens per tile of the 100-token prefill
+    for chunk in (None, C):
+        check(batch, chunk)
 
 
 def test_head_dim_padded_and_default_blocks():
@@ -366,8 +386,8 @@ def test_lowers_to_triton_for_cuda(monkeypatch):
     assert "tensor<64x128xbf16> * tensor<128x64xbf16>" in ttir  # 64 rows x 4 pages of keys
     if "__gpu$xla.gpu.triton" in text:  # jaxlib 0.10 keeps the launch config readable
         assert re.search(r"num_stages = 3 : i32, num_warps = 4 : i32", text)
-        # Tiles: min(rows, cdiv(rows, block_q=8) + slots) = 16; 8 kv heads; 2 splits.
-        assert re.search(r"grid_x = 16 : i32, grid_y = 8 : i32, grid_z = 2 : i32", text)
+        # Tiles: min(rows, cdiv(rows, block_q=8) + slots) = 16; 40 q heads; 2 splits.
+        assert re.search(r"grid_x = 16 : i32, grid_y = 40 : i32, grid_z = 2 : i32", text)
 
 
 GPU_LAYOUTS = {

@@ -1,0 +1,251 @@
+"""The programs the deviceless check compiles, and the rules a compile must pass.
+
+Kernels run at Llama 4 attention shapes (Scout and Maverick share them: 40 q / 8 kv heads,
+head_dim 128, 16-token pages, bf16) with their default block settings: flash prefill,
+ragged prefill and chunked prefill, decode at batch 1 and 64, contexts 8k to 128k; then the
+production attention path and the engine step of a Scout-shaped model (a few layers) on one
+device and on a ``model=8`` mesh. A compile fails the check on a compile error, on a spill in
+a Pallas kernel, or on an all-gather of the KV cache or of q (a ``pallas_call`` that XLA
+cannot partition runs on gathered inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from jaxllm.aot.target import CompileInfo, abstract, compile_for, gpu_mesh, inspect_compile
+
+KERNELS = ("flash_attention", "ragged_paged_attention")
+H, K, D, PAGE, CHUNK = 40, 8, 128, 16, 8192  # Scout and Maverick attention
+BF16 = jnp.bfloat16
+REPLICATED = PartitionSpec()
+Build = Callable[[], tuple[Callable, Any, tuple, tuple[int, ...]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A program to compile: ``build()`` gives (fn, mesh, abstract args, donated arg numbers).
+
+    ``no_gather`` lists full (unsharded) shapes that no all-gather may produce, in any
+    layout of the same number of elements.
+    """
+
+    name: str
+    build: Build
+    no_gather: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclasses.dataclass
+class Result:
+    case: str
+    info: CompileInfo | None
+    problems: list[str]
+
+
+def is_pallas_kernel(name: str) -> bool:
+    """Entry names are the ``pallas_call`` names; XLA suffixes repeats (``name__1``)."""
+    return name.split("__")[0] in KERNELS
+
+
+def problems_of(info: CompileInfo, no_gather: tuple[tuple[int, ...], ...]) -> list[str]:
+    """Why a compile fails the check: Pallas kernels that spill, forbidden all-gathers."""
+    found = [f"{k.name} spills ({k.spill_stores} B stores, {k.spill_loads} B loads)"
+             for k in info.kernels
+             if is_pallas_kernel(k.name) and (k.spill_stores or k.spill_loads)]
+    # By element count: XLA may reshape an array (say pages [P, p, K, d] to [P * p, K, d])
+    # before it gathers it.
+    sizes = {math.prod(s) for s in no_gather}
+    for op, shapes in info.collectives:
+        hits = [s for s in shapes if math.prod(s) in sizes]
+        if op == "all-gather" and hits:
+            found.append(f"all-gather of {hits}")
+    return found
+
+
+def run_case(case: Case) -> Result:
+    """Compiles ``case`` and checks it; a compile error is a problem, not an exception."""
+    with tempfile.TemporaryDirectory() as dump:
+        try:
+            fn, mesh, args, donate = case.build()
+            compiled = compile_for(fn, mesh, *args, dump_dir=dump, donate_argnums=donate)
+            info = inspect_compile(compiled, dump)
+        except Exception as err:  # noqa: BLE001 - every compile error is reported, not raised
+            lines = traceback.format_exception_only(err)
+            return Result(case.name, None, [f"compile error: {''.join(lines).strip()[:2000]}"])
+    return Result(case.name, info, problems_of(info, case.no_gather))
+
+
+def ragged_args(mesh: Any, rows: int, slots: int, context: int,
+                kv_spec: PartitionSpec = REPLICATED,
+                q_spec: PartitionSpec = REPLICATED) -> tuple:
+    """Abstract ``ragged_paged_attention`` arguments: ``rows`` query rows, ``slots`` sequence
+    slots whose block tables reach ``context`` tokens, a cache of ``slots * context`` tokens."""
+    width = context // PAGE
+    pages = slots * width
+    return (abstract(mesh, (rows, H, D), BF16, q_spec),
+            abstract(mesh, (pages, PAGE, K, D), BF16, kv_spec),
+            abstract(mesh, (pages, PAGE, K, D), BF16, kv_spec),
+            abstract(mesh, (slots, width), jnp.int32), abstract(mesh, (slots,), jnp.int32),
+            abstract(mesh, (slots + 1,), jnp.int32), abstract(mesh, (), jnp.int32))
+
+
+def ragged_case(name: str, rows: int, slots: int, context: int, chunk: int | None,
+                **options: Any) -> Case:
+    """``ragged_paged_attention`` on one device (``options`` override its defaults)."""
+    from pallas_kernels import ragged_paged_attention
+
+    def build():
+        mesh = gpu_mesh(1, ("x",))
+        fn = lambda *a: ragged_paged_attention(*a, chunk_size=chunk, **options)  # noqa: E731
+        return fn, mesh, ragged_args(mesh, rows, slots, context), ()
+
+    return Case(name, build)
+
+
+def flash_case(name: str, tokens: int, chunk: int | None, **options: Any) -> Case:
+    """``flash_attention`` prefill of one sequence on one device."""
+    from pallas_kernels import flash_attention
+
+    def build():
+        mesh = gpu_mesh(1, ("x",))
+        q, k = (abstract(mesh, (1, tokens, h, D), BF16) for h in (H, K))
+        fn = lambda q, k, v: flash_attention(q, k, v, causal=True, chunk_size=chunk,  # noqa: E731
+                                             **options)
+        return fn, mesh, (q, k, k), ()
+
+    return Case(name, build)
+
+
+def sharded_attention_case(name: str, rows: int, slots: int, context: int,
+                           chunk: int | None, devices: int = 8) -> Case:
+    """The model's ``"pallas"`` attention with heads and the cache split over ``model``."""
+    from jaxllm.attention import paged_attention
+    from jaxllm.layout import AttentionMetadata
+    from jaxllm.sharding import MESH_AXES
+
+    width = context // PAGE
+
+    def build():
+        mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices))
+        q, kp, vp, bt, sl, qsl, ns = ragged_args(
+            mesh, rows, slots, context, PartitionSpec(None, None, "model", None),
+            PartitionSpec(None, "model", None))
+
+        def fn(q, kp, vp, bt, sl, qsl, ns):
+            meta = AttentionMetadata(jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.int32),
+                                     bt, sl, qsl, ns)
+            return paged_attention(q, kp, vp, meta, chunk_size=chunk, impl="pallas", mesh=mesh)
+
+        return fn, mesh, (q, kp, vp, bt, sl, qsl, ns), ()
+
+    return Case(name, build, no_gather=((slots * width, PAGE, K, D), (rows, H, D)))
+
+
+def kernel_cases() -> list[Case]:
+    """Every kernel at Scout / Maverick shapes with its default block settings."""
+    cases = [
+        flash_case("flash prefill 8k causal", 8192, None),
+        flash_case("flash prefill 8k chunked", 8192, CHUNK),
+        flash_case("flash prefill 32k causal", 32768, None),
+        flash_case("flash prefill 128k chunked", 131072, CHUNK),
+    ]
+    for chunk in (None, CHUNK):
+        tag = "chunked" if chunk else "global"
+        cases += [
+            ragged_case(f"ragged prefill 8k {tag}", 8192, 1, 8192, chunk),
+            ragged_case(f"ragged chunked prefill 8k of 128k {tag}", 8192, 64, 131072, chunk),
+        ]
+    for batch in (1, 64):
+        for context in (8192, 32768, 131072):
+            cases.append(ragged_case(f"ragged decode b{batch} {context // 1024}k", batch,
+                                     batch, context, None))
+    cases.append(ragged_case("ragged decode b64 128k chunked", 64, 64, 131072, CHUNK))
+    cases += [
+        sharded_attention_case("attention model=8 decode b64 128k", 64, 64, 131072, None),
+        sharded_attention_case("attention model=8 chunked prefill 8k", 8192, 64, 131072, CHUNK),
+    ]
+    return cases
+
+
+def scout_config(num_layers: int = 4) -> Any:
+    """Llama 4 Scout's text config with ``num_layers`` layers (RoPE/chunked and NoPE ones)."""
+    from jaxllm.config import Llama4Config
+
+    return Llama4Config.from_hf({
+        "model_type": "llama4_text", "vocab_size": 202048, "hidden_size": 5120,
+        "num_hidden_layers": num_layers, "num_attention_heads": H, "num_key_value_heads": K,
+        "head_dim": D, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+        "num_local_experts": 16, "num_experts_per_tok": 1, "interleave_moe_layer_step": 1,
+        "attention_chunk_size": CHUNK, "rope_theta": 500000.0, "use_qk_norm": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 1.0, "original_max_position_embeddings": 8192},
+        "max_position_embeddings": 10485760, "rms_norm_eps": 1e-5,
+    })
+
+
+def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_len: int,
+                     num_pages: int, num_layers: int = 4) -> Case:
+    """The engine's sampling step (``jaxllm.engine.runner.step_functions``) of a Scout-shaped
+    model in bf16, parameters and cache as abstract arrays with their real shardings;
+    ``num_pages`` pages of cache (plus the null page)."""
+    from flax import nnx
+
+    from jaxllm.engine.runner import step_functions
+    from jaxllm.kv_cache import CacheConfig, kv_cache_sharding
+    from jaxllm.layout import AttentionMetadata
+    from jaxllm.model import Llama4
+    from jaxllm.sampling import GREEDY, SamplingArrays
+    from jaxllm.sharding import MESH_AXES, param_shardings
+
+    config = scout_config(num_layers)
+    # The serving default: chunked-local layers in their own groups (hybrid page tables).
+    cache = CacheConfig(page_size=PAGE, dtype=BF16, num_pages=num_pages, hybrid=True)
+    groups = cache.groups(config)
+    width, num_groups = max_model_len // PAGE, groups.num_groups
+
+    def build():
+        mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices))
+        graphdef, state = nnx.split(nnx.eval_shape(
+            lambda: Llama4(config, dtype=BF16, rngs=nnx.Rngs(0), mesh=mesh)))
+        # One array per parameter Variable, in the same order as its sharding.
+        leaves, treedef = jax.tree.flatten(state)
+        shardings = jax.tree.leaves(param_shardings(state, mesh))
+        params = treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+                                    for a, s in zip(leaves, shardings, strict=True)])
+        kv = kv_cache_sharding(config, cache, mesh)
+        page = jax.ShapeDtypeStruct(cache.page_shape(config), BF16, sharding=kv)
+        rep = lambda shape, dtype=jnp.int32: abstract(mesh, shape, dtype)  # noqa: E731
+        meta = AttentionMetadata(rep((rows,)), rep((num_groups, rows)),
+                                 rep((num_groups, slots, width)), rep((slots,)),
+                                 rep((slots + 1,)), rep(()))
+        sampling = jax.tree.map(lambda a: rep((slots,), a.dtype),
+                                SamplingArrays.from_params([GREEDY] * slots))
+        _, sample_step = step_functions(graphdef, "pallas", mesh, groups)
+        args = (params, [(page, page)] * groups.num_slabs, rep((rows,)), meta, rep((slots,)),
+                sampling, rep((slots,), jnp.uint32), rep((slots,)))
+        return sample_step, mesh, args, (1,)
+
+    return Case(name, build, no_gather=(cache.page_shape(config), (rows, H, D)))
+
+
+def engine_cases() -> list[Case]:
+    """The engine step of a 4-layer Scout on 1 device and on a model=8 mesh: a decode step
+    of 64 sequences and a chunked-prefill step of 2048 tokens, max_model_len 128k."""
+    cases = []
+    for devices in (1, 8):
+        cases += [
+            engine_step_case(f"engine step {devices} dev decode b64", devices, 64, 64, 131072,
+                             num_pages=32768),
+            engine_step_case(f"engine step {devices} dev prefill 2k", devices, 2048, 64,
+                             131072, num_pages=32768),
+        ]
+    return cases

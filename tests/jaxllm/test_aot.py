@@ -1,0 +1,122 @@
+"""The deviceless H100 compile check (``jaxllm.aot``): it passes the default kernels and the
+production tensor-parallel attention, and it catches each kind of failure (a spill, a compile
+error, an all-gather of the KV cache). Compiles need the CUDA jax plugin, ``ptxas`` and
+``JAX_PLATFORMS=cpu``: the Python 3.12 venv that ``.ci/run`` builds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from jaxllm.aot.cases import (
+    Case,
+    K,
+    flash_case,
+    problems_of,
+    ragged_args,
+    ragged_case,
+    run_case,
+    sharded_attention_case,
+)
+from jaxllm.aot.target import CompileInfo, KernelInfo, collectives
+
+
+def _can_compile_for_gpu() -> bool:
+    try:
+        import jax_plugins.xla_cuda13  # noqa: F401
+    except ImportError:
+        return False
+    return os.environ.get("JAX_PLATFORMS") == "cpu" and shutil.which("ptxas") is not None
+
+
+needs_gpu_compiler = pytest.mark.skipif(
+    not _can_compile_for_gpu(),
+    reason="needs the CUDA jax plugin, ptxas and JAX_PLATFORMS=cpu (the venv of .ci/run)")
+
+HLO = """
+  %ag = bf16[65536,8,128]{2,1,0} all-gather(bf16[65536,1,128]{2,1,0} %p), dimensions={1}
+  %ags = (bf16[64,5,128]{2,1,0}, bf16[64,40,128]{2,1,0}) all-gather-start(bf16[64,5,128] %q)
+  %ar = f32[64,5120]{1,0} all-reduce(f32[64,5120]{1,0} %x), to_apply=%add
+"""
+
+
+def test_collectives_are_read_from_hlo_with_their_shapes():
+    assert collectives(HLO) == (
+        ("all-gather", ((65536, 8, 128),)),
+        ("all-gather", ((64, 5, 128), (64, 40, 128))),
+        ("all-reduce", ((64, 5120),)),
+    )
+
+
+def test_problems_name_spilling_kernels_and_forbidden_gathers():
+    def kernel(name, spill):
+        return KernelInfo(name, 255, spill, spill, 0, 0, 0, 0)
+
+    info = CompileInfo(
+        kernels=(kernel("ragged_paged_attention", 104), kernel("loop_fusion", 8),
+                 kernel("flash_attention", 0)),
+        collectives=collectives(HLO), argument_bytes=0, output_bytes=0, temp_bytes=0,
+        alias_bytes=0)
+    # The pages [4096, 16, 8, 128] gathered as [65536, 8, 128] are caught by element count.
+    problems = problems_of(info, no_gather=((4096, 16, 8, 128), (64, 40, 128)))
+    assert problems == ["ragged_paged_attention spills (104 B stores, 104 B loads)",
+                        "all-gather of [(65536, 8, 128)]", "all-gather of [(64, 40, 128)]"]
+    assert problems_of(info, no_gather=()) == problems[:1]
+
+
+@needs_gpu_compiler
+def test_default_ragged_kernel_compiles_without_spills_and_with_vector_loads():
+    result = run_case(ragged_case("decode b1 8k", 1, 1, 8192, 8192))
+    assert result.problems == []
+    [kernel] = [k for k in result.info.kernels if k.name == "ragged_paged_attention"]
+    assert kernel.spill_stores == kernel.spill_loads == 0
+    assert kernel.cp_async > 0 and kernel.scalar_b16_loads == 0
+    assert kernel.registers <= 255 and kernel.threads == 128
+
+
+@needs_gpu_compiler
+def test_a_spilling_config_is_caught():
+    # A 256 x 128 float32 accumulator over 4 warps alone needs 256 registers per thread.
+    result = run_case(flash_case("spills", 2048, None, block_q=256, block_k=64, num_warps=4,
+                                 num_stages=2))
+    assert result.info is not None
+    assert any("flash_attention spills" in p for p in result.problems), result.problems
+
+
+@needs_gpu_compiler
+def test_a_compile_error_is_caught():
+    # 256 x 128 blocks, 3 pipeline stages: 256 KiB of shared memory; an H100 block has 227.
+    result = run_case(flash_case("too big", 2048, None, block_q=256, block_k=128,
+                                 num_warps=4))
+    assert result.info is None
+    assert len(result.problems) == 1, result.problems
+    assert result.problems[0].startswith("compile error")
+    assert "Shared memory size limit exceeded" in result.problems[0]
+
+
+@needs_gpu_compiler
+def test_tensor_parallel_attention_runs_per_shard_and_an_unsharded_call_is_caught():
+    from jax.sharding import PartitionSpec as P
+
+    from jaxllm.aot.target import gpu_mesh
+    from jaxllm.sharding import MESH_AXES
+    from pallas_kernels import ragged_paged_attention
+
+    rows, slots, context = 64, 64, 8192
+    sharded = run_case(sharded_attention_case("per shard", rows, slots, context, 8192))
+    assert sharded.problems == []
+    assert not [op for op, _ in sharded.info.collectives if op == "all-gather"]
+    [kernel] = [k for k in sharded.info.kernels if k.name == "ragged_paged_attention"]
+    assert kernel.grid[1] == 40 // 8  # each device runs its own 5 q heads
+
+    def build():
+        mesh = gpu_mesh(8, MESH_AXES, (1, 1, 8))
+        args = ragged_args(mesh, rows, slots, context, P(None, None, "model", None),
+                           P(None, "model", None))
+        return (lambda *a: ragged_paged_attention(*a, interpret=False)), mesh, args, ()
+
+    kv_shape = (slots * context // 16, 16, K, 128)
+    gathered = run_case(Case("no shard_map", build, no_gather=(kv_shape,)))
+    assert any(p.startswith("all-gather of") for p in gathered.problems), gathered.problems
