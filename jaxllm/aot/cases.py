@@ -197,44 +197,63 @@ def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_l
     """The engine's sampling step (``jaxllm.engine.runner.step_functions``) of a Scout-shaped
     model in bf16, parameters and cache as abstract arrays with their real shardings;
     ``num_pages`` pages of cache (plus the null page)."""
-    from flax import nnx
-
-    from jaxllm.engine.runner import step_functions
-    from jaxllm.kv_cache import CacheConfig, kv_cache_sharding
-    from jaxllm.layout import AttentionMetadata
-    from jaxllm.model import Llama4
-    from jaxllm.sampling import GREEDY, SamplingArrays
-    from jaxllm.sharding import MESH_AXES, param_shardings
+    from jaxllm.kv_cache import CacheConfig
+    from jaxllm.sharding import MESH_AXES
 
     config = scout_config(num_layers)
     # The serving default: chunked-local layers in their own groups (hybrid page tables).
     cache = CacheConfig(page_size=PAGE, dtype=BF16, num_pages=num_pages, hybrid=True)
-    groups = cache.groups(config)
-    width, num_groups = max_model_len // PAGE, groups.num_groups
+    width = max_model_len // PAGE
 
     def build():
         mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices))
-        graphdef, state = nnx.split(nnx.eval_shape(
-            lambda: Llama4(config, dtype=BF16, rngs=nnx.Rngs(0), mesh=mesh)))
-        # One array per parameter Variable, in the same order as its sharding.
-        leaves, treedef = jax.tree.flatten(state)
-        shardings = jax.tree.leaves(param_shardings(state, mesh))
-        params = treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-                                    for a, s in zip(leaves, shardings, strict=True)])
-        kv = kv_cache_sharding(config, cache, mesh)
-        page = jax.ShapeDtypeStruct(cache.page_shape(config), BF16, sharding=kv)
-        rep = lambda shape, dtype=jnp.int32: abstract(mesh, shape, dtype)  # noqa: E731
-        meta = AttentionMetadata(rep((rows,)), rep((num_groups, rows)),
-                                 rep((num_groups, slots, width)), rep((slots,)),
-                                 rep((slots + 1,)), rep(()))
-        sampling = jax.tree.map(lambda a: rep((slots,), a.dtype),
-                                SamplingArrays.from_params([GREEDY] * slots))
-        _, sample_step = step_functions(graphdef, "pallas", mesh, groups)
-        args = (params, [(page, page)] * groups.num_slabs, rep((rows,)), meta, rep((slots,)),
-                sampling, rep((slots,), jnp.uint32), rep((slots,)))
+        graphdef, params = abstract_params(config, BF16, mesh)
+        sample_step, args = abstract_step(graphdef, params, config, cache, mesh, rows, slots,
+                                          width)
         return sample_step, mesh, args, (1,)
 
     return Case(name, build, no_gather=(cache.page_shape(config), (rows, H, D)))
+
+
+def abstract_params(config: Any, dtype: Any, mesh: Any) -> tuple[Any, Any]:
+    """(graphdef, parameters as ``ShapeDtypeStruct``s with their shardings on ``mesh``):
+    the model's structure without allocating a weight."""
+    from flax import nnx
+
+    from jaxllm.model import Llama4
+    from jaxllm.sharding import param_shardings
+
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: Llama4(config, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh)))
+    # One array per parameter Variable, in the same order as its sharding.
+    leaves, treedef = jax.tree.flatten(state)
+    shardings = jax.tree.leaves(param_shardings(state, mesh))
+    return graphdef, treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+                                        for a, s in zip(leaves, shardings, strict=True)])
+
+
+def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any, rows: int,
+                  slots: int, width: int) -> tuple[Any, tuple]:
+    """The engine's sampling step (``jaxllm.engine.runner.step_functions``, Pallas attention)
+    and abstract arguments for a step of ``rows`` rows and ``slots`` sequences."""
+    from jaxllm.engine.runner import step_functions
+    from jaxllm.kv_cache import kv_cache_sharding
+    from jaxllm.layout import AttentionMetadata
+    from jaxllm.sampling import GREEDY, SamplingArrays
+
+    groups = cache.groups(config)
+    num_groups = groups.num_groups
+    page = jax.ShapeDtypeStruct(cache.page_shape(config), cache.dtype,
+                                sharding=kv_cache_sharding(config, cache, mesh))
+    rep = lambda shape, dtype=jnp.int32: abstract(mesh, shape, dtype)  # noqa: E731
+    meta = AttentionMetadata(rep((rows,)), rep((num_groups, rows)),
+                             rep((num_groups, slots, width)), rep((slots,)),
+                             rep((slots + 1,)), rep(()))
+    sampling = jax.tree.map(lambda a: rep((slots,), a.dtype),
+                            SamplingArrays.from_params([GREEDY] * slots))
+    _, sample_step = step_functions(graphdef, "pallas", mesh, groups)
+    return sample_step, (params, [(page, page)] * groups.num_slabs, rep((rows,)), meta,
+                         rep((slots,)), sampling, rep((slots,), jnp.uint32), rep((slots,)))
 
 
 def engine_cases() -> list[Case]:

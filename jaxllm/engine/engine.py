@@ -9,7 +9,12 @@ import secrets
 from collections.abc import Sequence
 
 from jaxllm.api import Model
-from jaxllm.engine.memory import pages_for_sequence, plan_kv_cache, startup_report
+from jaxllm.engine.memory import (
+    pages_for_sequence,
+    plan_for_model,
+    startup_report,
+    weights_bytes_per_device,
+)
 from jaxllm.engine.pages import PageAllocator
 from jaxllm.engine.runner import ModelRunner, step_temp_bytes
 from jaxllm.engine.scheduler import Request, Scheduler
@@ -57,10 +62,10 @@ class Engine:
         groups = base.cache.groups(model.config)
         probe = base.for_engine(max(base.pages_per_seq,
                                     pages_for_sequence(base, groups, base.max_model_len)))
-        self.plan = plan_kv_cache(
-            model, base, num_pages=num_pages, kv_cache_memory_bytes=kv_cache_memory_bytes,
-            gpu_memory_utilization=gpu_memory_utilization,
-            step_temp_bytes=lambda: step_temp_bytes(model, probe))
+        self.plan = plan_for_model(
+            model, base, lambda: step_temp_bytes(model, probe), num_pages=num_pages,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization)
         self.policy = base.for_engine(self.plan.num_pages)
         self.groups = groups
         self.pages = PageAllocator(self.policy.cache, groups.group_chunk)
@@ -145,7 +150,8 @@ class Engine:
 
     def report(self) -> list[str]:
         """The start-up report: memory, pages, concurrency (``jaxllm.engine.memory``)."""
-        return startup_report(self.model, self.policy, self.plan)
+        return startup_report(self.model.config, self.policy, self.plan,
+                              weights_bytes_per_device(self.model.params))
 
     def warmup(self, progress: bool = True) -> int:
         """Compiles the step program for every (token bucket, batch bucket) pair, so serving

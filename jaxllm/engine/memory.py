@@ -9,6 +9,7 @@ chunked group, at most the pages one chunk plus one step can span.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ import jax
 
 from jaxllm.api import Model
 from jaxllm.buckets import BucketPolicy
+from jaxllm.config import Llama4Config
 from jaxllm.kv_cache import LayerGroups
 from jaxllm.layout import pages_for
 
@@ -58,10 +60,14 @@ def device_memory_bytes() -> int:
     return ram // jax.local_device_count()
 
 
-def weights_bytes_per_device(model: Model) -> int:
-    """Bytes of parameters on the first device (its shards of every weight)."""
-    return sum(leaf.addressable_shards[0].data.nbytes
-               for leaf in jax.tree.leaves(model.params))
+def weights_bytes_per_device(params) -> int:
+    """Bytes of parameters on the first device (its shard of every weight); ``params`` may be
+    arrays or ``ShapeDtypeStruct``s with shardings (a deviceless plan)."""
+    total = 0
+    for leaf in jax.tree.leaves(params):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,20 +88,23 @@ class KVPlan:
 
 
 def plan_kv_cache(
-    model: Model,
+    config: Llama4Config,
     policy: BucketPolicy,
     *,
     num_pages: int | None = None,
     kv_cache_memory_bytes: int | None = None,
     gpu_memory_utilization: float | None = None,
-    step_temp_bytes: Callable[[], int] | None = None,
+    on_gpu: bool,
+    device_bytes: Callable[[], int],
+    weights_bytes: Callable[[], int],
+    step_temp_bytes: Callable[[], int],
 ) -> KVPlan:
     """Pages for the KV cache: ``num_pages`` if given, else what ``kv_cache_memory_bytes``
     holds, else the device's ``gpu_memory_utilization`` share less the weights and the
     step's temporary memory (``step_temp_bytes()``, measured on the compiled step). Raises
     ValueError, naming both numbers and the longest max_model_len that fits, when one
     sequence of ``max_model_len`` does not fit."""
-    config, groups = model.config, policy.cache.groups(model.config)
+    groups = policy.cache.groups(config)
     page_bytes = policy.cache.bytes_per_page(config)
     need = pages_for_sequence(policy, groups, policy.max_model_len)
     if num_pages is not None:
@@ -103,13 +112,11 @@ def plan_kv_cache(
     elif kv_cache_memory_bytes is not None:
         plan = KVPlan(kv_cache_memory_bytes // page_bytes, page_bytes, "--kv-cache-memory-bytes")
     else:
-        on_gpu = jax.default_backend() == "gpu"
         default = GPU_MEMORY_UTILIZATION if on_gpu else CPU_MEMORY_UTILIZATION
         utilization = default if gpu_memory_utilization is None else gpu_memory_utilization
         if not 0 < utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={utilization} must be in (0, 1]")
-        device, weights = device_memory_bytes(), weights_bytes_per_device(model)
-        temp = step_temp_bytes() if step_temp_bytes is not None else 0
+        device, weights, temp = device_bytes(), weights_bytes(), step_temp_bytes()
         pages = max(0, int(device * utilization) - weights - temp) // page_bytes
         if not on_gpu:  # RAM is shared: never take more than max_num_seqs sequences can use
             pages = min(pages, policy.max_num_seqs * need)
@@ -125,9 +132,19 @@ def plan_kv_cache(
     return plan
 
 
-def startup_report(model: Model, policy: BucketPolicy, plan: KVPlan) -> list[str]:
+def plan_for_model(model: Model, policy: BucketPolicy, step_temp_bytes: Callable[[], int],
+                   **flags) -> KVPlan:
+    """``plan_kv_cache`` for a loaded model on this machine's devices."""
+    return plan_kv_cache(model.config, policy, on_gpu=jax.default_backend() == "gpu",
+                         device_bytes=device_memory_bytes,
+                         weights_bytes=lambda: weights_bytes_per_device(model.params),
+                         step_temp_bytes=step_temp_bytes, **flags)
+
+
+def startup_report(config: Llama4Config, policy: BucketPolicy, plan: KVPlan,
+                   weights_bytes: int) -> list[str]:
     """vLLM-style lines: weights and KV per device, tokens that fit, maximum concurrency."""
-    config, groups = model.config, policy.cache.groups(model.config)
+    groups = policy.cache.groups(config)
     gib = 2**30
     per_token_layer = policy.cache.bytes_per_token(config)
     kinds = {"global": sum(c is None for c in groups.group_chunk),
@@ -136,7 +153,7 @@ def startup_report(model: Model, policy: BucketPolicy, plan: KVPlan) -> list[str
     need = pages_for_sequence(policy, groups, policy.max_model_len)
     tokens = plan.num_pages // groups.num_groups * policy.page_size
     lines = [
-        f"weights: {weights_bytes_per_device(model) / gib:.3f} GiB per device",
+        f"weights: {weights_bytes / gib:.3f} GiB per device",
         f"KV cache: {plan.num_pages} pages of {policy.page_size} tokens, "
         f"{plan.kv_bytes / gib:.3f} GiB per device (sized by {plan.source}); "
         f"{per_token_layer} bytes per token per layer; layer groups: "
