@@ -12,7 +12,7 @@ from jaxllm.engine.faults import Fault, FaultInjector
 from tests.jaxllm.engine.test_engine import _prompts, hf_greedy
 
 GREEDY_8 = SamplingParams(temperature=0.0, max_tokens=8)
-NUM_PAGES = 24
+NUM_PAGES = 64  # room for two sequences of max_model_len in every layer group
 
 
 @pytest.fixture(scope="module")

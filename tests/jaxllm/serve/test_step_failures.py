@@ -22,7 +22,7 @@ from jaxllm.serve.metrics import Metrics
 from jaxllm.serve.tokenizer import TextCodec
 from tests.jaxllm.engine.test_engine import _prompts, hf_greedy
 
-NUM_PAGES = 24
+NUM_PAGES = 64  # room for two sequences of max_model_len in every layer group
 MAX_TOKENS = 8
 
 
