@@ -5,7 +5,9 @@ step, ``runner`` executes a step, ``engine`` ties requests to them.
 """
 
 from jaxllm.engine.engine import Engine, RequestOutput
+from jaxllm.engine.faults import RecoveryFailed, StepFailed
 from jaxllm.engine.pages import PageAllocator
 from jaxllm.engine.scheduler import Request, Scheduler
 
-__all__ = ["Engine", "PageAllocator", "Request", "RequestOutput", "Scheduler"]
+__all__ = ["Engine", "PageAllocator", "RecoveryFailed", "Request", "RequestOutput",
+           "Scheduler", "StepFailed"]

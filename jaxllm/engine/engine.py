@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import random
 import secrets
 from collections.abc import Sequence
 
 from jaxllm.api import Model
+from jaxllm.engine.faults import RecoveryFailed, StepFailed
 from jaxllm.engine.memory import (
     pages_for_sequence,
     plan_for_model,
@@ -17,9 +19,11 @@ from jaxllm.engine.memory import (
 )
 from jaxllm.engine.pages import PageAllocator
 from jaxllm.engine.runner import ModelRunner, step_temp_bytes
-from jaxllm.engine.scheduler import Request, Scheduler
+from jaxllm.engine.scheduler import Request, Scheduled, Scheduler
 from jaxllm.layout import SeqChunk, check_token_ids, pages_for
 from jaxllm.sampling import SamplingParams
+
+log = logging.getLogger("jaxllm.engine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,18 +118,32 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns what each touched request gained."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
-        chunks = [SeqChunk(s.request.pages, s.request.num_computed,
-                           s.request.tokens[s.request.num_computed:
-                                            s.request.num_computed + s.num_tokens])
-                  for s in scheduled]
-        picked = self.runner.sample_step(
-            chunks, [s.request.sampling for s in scheduled],
-            seeds=[s.request.seed for s in scheduled],
-            steps=[len(s.request.output) for s in scheduled])
+        """Runs one scheduled step; returns what each touched request gained.
+
+        A step that fails (anything raising in it, or non-finite logits) stops its own
+        requests, recovers the engine (``recover``) and raises ``StepFailed``."""
+        scheduled: list[Scheduled] = []
+        try:
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                return []
+            chunks = [SeqChunk(s.request.pages, s.request.num_computed,
+                               s.request.tokens[s.request.num_computed:
+                                                s.request.num_computed + s.num_tokens])
+                      for s in scheduled]
+            picked = self.runner.sample_step(
+                chunks, [s.request.sampling for s in scheduled],
+                seeds=[s.request.seed for s in scheduled],
+                steps=[len(s.request.output) for s in scheduled])
+        except Exception as error:
+            ids = [s.request.request_id for s in scheduled]
+            log.error("engine step failed (%s: %s); stopping its requests %s",
+                      type(error).__name__, error, ids, exc_info=error)
+            preempted = self.recover([s.request for s in scheduled])
+            log.warning("recovered: KV cache re-created, prefix cache emptied, every page free; "
+                        "%d requests queued, %d of them preempted to be recomputed",
+                        len(self.requests), preempted)
+            raise StepFailed(ids, error) from error
         outputs = []
         for i, s in enumerate(scheduled):
             request, token = s.request, int(picked.tokens[i])
@@ -152,6 +170,24 @@ class Engine:
         """The start-up report: memory, pages, concurrency (``jaxllm.engine.memory``)."""
         return startup_report(self.model.config, self.policy, self.plan,
                               weights_bytes_per_device(self.model.params))
+
+    def recover(self, failed: Sequence[Request] = ()) -> int:
+        """Restores a consistent state after a failed step, whose cache is lost: ``failed``
+        are finished ("error"); every other request is requeued, to be recomputed from its
+        tokens; every page is free, the prefix cache empty, the KV cache re-created. Returns
+        how many running requests were preempted; raises RecoveryFailed if it cannot."""
+        for request in failed:
+            request.pages = []  # reclaimed with every other page below
+            self.scheduler.finish(request, "error")
+            self.requests.pop(request.request_id, None)
+        preempted = self.scheduler.requeue(self.requests.values())
+        self.pages.reset()
+        try:
+            self.runner.reset_cache()
+        except Exception as error:
+            raise RecoveryFailed(f"cannot re-create the KV cache ({type(error).__name__}: "
+                                 f"{error})") from error
+        return preempted
 
     def warmup(self, progress: bool = True) -> int:
         """Compiles the step program for every (token bucket, batch bucket) pair, so serving

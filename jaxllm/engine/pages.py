@@ -46,6 +46,11 @@ class PageAllocator:
             raise ValueError("the page allocator needs a sized cache (num_pages)")
         self.cache, self.group_chunk = cache, tuple(group_chunk)
         self.num_pages = cache.num_pages
+        self.reset()
+
+    def reset(self) -> None:
+        """Every page free and the prefix cache empty: for a new cache, or one whose contents
+        were lost (after a failed step), when no request holds pages any more."""
         self.refs = [0] * (self.num_pages + 1)
         self.free: OrderedDict[int, None] = OrderedDict(
             (p, None) for p in range(1, self.num_pages + 1))

@@ -116,10 +116,19 @@ class ModelRunner:
         config, cache = model.config, policy.cache
         self.groups = groups = cache.groups(config)
         sharding = kv_cache_sharding(config, cache, model.mesh)
-        self.cache = jax.jit(
+        self._new_cache = jax.jit(
             lambda: init_kv_cache(config, cache, model.mesh),
-            out_shardings=[(sharding, sharding)] * groups.num_slabs)()
+            out_shardings=[(sharding, sharding)] * groups.num_slabs)
+        self.cache = self._new_cache()
         self._logits, self._sample = _step_programs(model, groups)
+
+    def reset_cache(self) -> None:
+        """Re-creates the KV cache, zeroed. After a failed step the old buffers are donated or
+        hold a failed computation's outputs: they are freed first and never read again."""
+        old, self.cache = self.cache, None
+        for array in jax.tree.leaves(old):
+            array.delete()
+        self.cache = self._new_cache()
 
     def _batch(self, chunks: Sequence[SeqChunk]) -> StepBatch:
         policy = self.policy
@@ -153,4 +162,14 @@ class ModelRunner:
                                        batch.meta, batch.logits_rows, arrays, seeds_arr,
                                        steps_arr)
         n = batch.num_seqs
-        return Sampled(*(np.asarray(a)[:n] for a in out))
+        return _check_finite(Sampled(*(np.asarray(a)[:n] for a in out)))
+
+
+def _check_finite(picked: Sampled) -> Sampled:
+    """Raises FloatingPointError when a row's logits were not finite: a NaN or +inf logit makes
+    the row's log-softmax NaN, and its picked token would be garbage."""
+    bad = np.flatnonzero(~np.isfinite(picked.logprobs))
+    if bad.size:
+        raise FloatingPointError(f"the step produced non-finite logits for rows {bad.tolist()} "
+                                 f"of {len(picked.logprobs)}")
+    return picked

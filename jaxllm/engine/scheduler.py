@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import deque
+from collections.abc import Iterable
 
 from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.pages import PageAllocator, page_hashes
@@ -131,6 +132,18 @@ class Scheduler:
     def _drop_pages(self, request: Request) -> None:
         self.pages.release(request.held_pages)
         request.pages, request.num_computed = [], 0
+
+    def requeue(self, requests: Iterable[Request]) -> int:
+        """Queues ``requests`` afresh, in order, each waiting with no pages and nothing
+        computed: the cache they were computed in is gone, so they are recomputed from their
+        tokens (outputs kept). Returns how many were running (each a preemption)."""
+        requests = list(requests)
+        preempted = sum(r.status is Status.RUNNING for r in requests)
+        self.num_preemptions += preempted
+        for request in requests:
+            request.pages, request.num_computed, request.status = [], 0, Status.WAITING
+        self.running, self.waiting = [], deque(requests)
+        return preempted
 
     def _take_cached_prefix(self, request: Request) -> None:
         # At least the last token is computed, so the step yields logits for it.

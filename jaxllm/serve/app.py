@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jaxllm
 from jaxllm.layout import check_token_ids
-from jaxllm.serve.async_engine import AsyncEngine
+from jaxllm.serve.async_engine import AsyncEngine, EngineError
 from jaxllm.serve.choice import Choice, chat_logprobs, completion_logprobs, token_text_fn
 from jaxllm.serve.metrics import Metrics
 from jaxllm.serve.protocol import (
@@ -64,6 +64,10 @@ def build_app(state: ServerState) -> FastAPI:
     async def _api_error(_: Request, e: ApiError):
         return JSONResponse(error_body(str(e), e.status, e.kind), status_code=e.status)
 
+    @app.exception_handler(EngineError)
+    async def _engine_error(_: Request, e: EngineError):
+        return JSONResponse(error_body(str(e), e.status, e.kind), status_code=e.status)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):
         parts = [f"{'.'.join(str(x) for x in err['loc'][1:])}: {err['msg']}"
@@ -91,8 +95,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not state.engine.alive:
-            return JSONResponse(error_body("engine is not running", 503,
+        if (reason := state.engine.unhealthy) is not None:
+            return JSONResponse(error_body(f"the engine cannot serve: {reason}", 503,
                                            "ServiceUnavailableError"), status_code=503)
         return {}
 
@@ -228,6 +232,7 @@ async def _run_choice(state: ServerState, choice: Choice) -> AsyncIterator[None]
 
 
 async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], chat: bool):
+    state.engine.check_serving()  # a 503 before a stream's status line, never a hang
     choices = _prepare(state, req, prompts)
     kind = "chat.completion" if chat else "text_completion"
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",

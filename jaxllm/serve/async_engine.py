@@ -2,7 +2,12 @@
 
 Only the engine thread touches the engine's state. Handlers ``prepare`` a request (pure
 checks, safe from any thread), then submit it through an inbox; outputs come back on a
-per-request asyncio queue. A failing step fails the requests in it, never the server.
+per-request asyncio queue.
+
+A failing step fails the requests in it (a 500 each), never the server: the engine recovers
+and serves the rest. When it cannot (recovery failed, steps keep failing, the thread died) it
+says so: ``unhealthy`` gives the reason (``/health`` answers 503) and every waiting and new
+request gets a 503, so an orchestrator can restart the server.
 """
 
 from __future__ import annotations
@@ -14,19 +19,33 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from jaxllm.engine import Engine, Request, RequestOutput
+from jaxllm.engine import Engine, Request, RequestOutput, StepFailed
 
 log = logging.getLogger("jaxllm.serve")
 
 
-class EngineDead(RuntimeError):
-    pass
+class EngineError(RuntimeError):
+    """The engine's answer to a request it could not serve, with its HTTP status and type."""
+
+    status, kind = 500, "InternalServerError"
+
+
+class EngineDead(EngineError):
+    """The engine cannot serve any more."""
+
+    status, kind = 503, "ServiceUnavailableError"
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, metrics=None):
+    """Runs ``engine`` on its own thread; gives up (unhealthy) after
+    ``max_consecutive_failures`` failed steps in a row or a failed recovery."""
+
+    def __init__(self, engine: Engine, metrics=None, *, max_consecutive_failures: int = 3):
         self.engine = engine
         self.metrics = metrics
+        self.max_consecutive_failures = max_consecutive_failures
+        self._consecutive_failures = 0
+        self._failure: str | None = None  # why the engine cannot serve, once it cannot
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
@@ -42,18 +61,30 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def unhealthy(self) -> str | None:
+        """Why the engine cannot serve, or None while it can."""
+        if self._failure is not None:
+            return self._failure
+        return None if self.alive else "the engine thread is not running"
+
+    def check_serving(self) -> None:
+        """Raises EngineDead (a 503) when the engine cannot serve."""
+        if (reason := self.unhealthy) is not None:
+            raise EngineDead(f"the engine cannot serve: {reason}")
+
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Runs a prepared request; yields its outputs until it finishes. Leaving early
         (a client that disconnects) aborts it."""
-        if not self.alive:
-            raise EngineDead("the engine thread is not running")
         if request.request_id in self._streams:  # its outputs and abort would go astray
             raise ValueError(f"request id {request.request_id!r} is already in use")
         out_queue: asyncio.Queue = asyncio.Queue()
+        # Registered before the health check, so a failure after the check reaches it.
         self._streams[request.request_id] = (asyncio.get_running_loop(), out_queue)
-        self._inbox.put(("add", request))
         finished = False
         try:
+            self.check_serving()
+            self._inbox.put(("add", request))
             while True:
                 item = await out_queue.get()
                 if isinstance(item, BaseException):
@@ -74,8 +105,15 @@ class AsyncEngine:
             loop.call_soon_threadsafe(out_queue.put_nowait, item)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug in the loop itself must leave no request waiting
+            log.exception("the engine loop crashed")
+            self._give_up(f"the engine loop crashed ({type(e).__name__}: {e})")
+
+    def _loop(self) -> None:
         engine = self.engine
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self._failure is None:
             block = not engine.has_unfinished()
             try:
                 item = self._inbox.get(block=block, timeout=0.5 if block else None)
@@ -89,20 +127,42 @@ class AsyncEngine:
                     item = False
             if item is None or not engine.has_unfinished():
                 continue
-            running = [r.request_id for r in engine.scheduler.running]
-            start = time.perf_counter()
-            try:
-                outputs = engine.step()
-            except Exception as e:  # fail what was running, keep serving
-                log.exception("engine step failed")
-                for rid in running + [r.request_id for r in engine.scheduler.waiting]:
-                    engine.abort(rid)
-                    self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
-                continue
-            if self.metrics is not None:
-                self.metrics.on_step(engine, outputs, time.perf_counter() - start)
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._step()
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except StepFailed as e:  # the engine stopped the step's requests and recovered
+            self._count_failure()
+            for rid in e.request_ids:
+                self._deliver(rid, EngineError(f"{e}; this request was stopped"))
+            if self._consecutive_failures >= self.max_consecutive_failures:
+                self._give_up(f"{self._consecutive_failures} engine steps failed in a row, "
+                              f"the last: {e}")
+            return
+        except Exception as e:  # recovery failed: the engine's state is unknown
+            self._count_failure()
+            log.exception("engine step failed and the engine did not recover")
+            self._give_up(f"{type(e).__name__}: {e}")
+            return
+        self._consecutive_failures = 0
+        if self.metrics is not None:
+            self.metrics.on_step(self.engine, outputs, time.perf_counter() - start)
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
+    def _count_failure(self) -> None:
+        self._consecutive_failures += 1
+        if self.metrics is not None:
+            self.metrics.on_step_failure()
+
+    def _give_up(self, reason: str) -> None:
+        """Marks the engine unable to serve and fails every request waiting on it."""
+        self._failure = self._failure or reason
+        log.error("the engine cannot serve any more (/health answers 503): %s", reason)
+        for rid in self._streams.copy():
+            self._deliver(rid, EngineDead(f"the engine cannot serve: {reason}"))
 
     def _handle(self, item) -> None:
         kind, payload = item

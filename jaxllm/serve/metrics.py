@@ -28,6 +28,9 @@ class Metrics:
                               names, buckets=_LATENCY, registry=r).labels(**label)
         self.e2e = Histogram("jaxllm:e2e_request_latency_seconds", "Request latency", names,
                              buckets=_LATENCY, registry=r).labels(**label)
+        self.step_failures = Counter("jaxllm:engine_step_failures",
+                                     "Engine steps that failed (their requests got an error)",
+                                     names, registry=r).labels(**label)
         self.step_time = Histogram("jaxllm:engine_step_seconds", "Engine step time", names,
                                    buckets=_LATENCY, registry=r).labels(**label)
         self.preemptions = Counter("jaxllm:num_preemptions", "Requests preempted (recomputed "
@@ -52,6 +55,9 @@ class Metrics:
             self.group_usage.labels(group=f"{group}-{kind}", **self._label).set(
                 held / pages.num_pages)
         self.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
+
+    def on_step_failure(self) -> None:
+        self.step_failures.inc()
 
     def on_finish(self, reason: str, prompt_tokens: int, ttft: float | None, e2e: float):
         self.requests.labels(finished_reason=reason, **self._label).inc()

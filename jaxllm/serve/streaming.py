@@ -62,7 +62,8 @@ async def stream_events(
         while remaining:
             c, delta, new_logprobs = await out_queue.get()
             if isinstance(delta, Exception):
-                yield sse({"error": error_body(str(delta), 500, "InternalServerError")})
+                yield sse({"error": error_body(str(delta), getattr(delta, "status", 500),
+                                               getattr(delta, "kind", "InternalServerError"))})
             elif delta is None:
                 remaining -= 1
                 yield sse(chunk(c, c.take_delta(), [], c.finish_reason or "abort"))

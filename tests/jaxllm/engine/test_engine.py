@@ -33,15 +33,20 @@ def scout(tiny_model):
     return hf, jaxllm.load_model(path, max_model_len=80, page_size=8, max_num_seqs=4)
 
 
-def test_chunked_prefill_and_preemption_match_hf(scout):
-    """Six requests, four slots, a 32-token step budget and too few pages for all."""
-    hf, model = scout
-    engine = Engine(model, num_pages=20, max_num_batched_tokens=32)
+@pytest.mark.parametrize("hybrid, num_pages", [(False, 20), (True, 31)])
+def test_chunked_prefill_and_preemption_match_hf(tiny_model, hybrid, num_pages):
+    """Six requests, four slots, a 32-token step budget and too few pages for all (with the
+    hybrid cache: pages for one full-length sequence, 31, are too few only without it)."""
+    hf, _, path = tiny_model("scout")
+    model = jaxllm.load_model(path, max_model_len=80, page_size=8, max_num_seqs=4,
+                              hybrid_kv_cache=hybrid)
+    engine = Engine(model, num_pages=num_pages, max_num_batched_tokens=32)
     prompts = _prompts([5, 20, 37, 50, 12, 33])
     outs = engine.generate(prompts, GREEDY_20)
     assert outs == [hf_greedy(hf, p, 20) for p in prompts]
-    assert engine.scheduler.num_preemptions > 0
-    assert engine.pages.num_free == 20  # every page came back
+    if not hybrid:
+        assert engine.scheduler.num_preemptions > 0
+    assert engine.pages.num_free == num_pages  # every page came back
 
 
 def test_requests_arriving_while_others_decode(scout):

@@ -9,25 +9,27 @@ from types import SimpleNamespace
 
 import pytest
 
+from jaxllm.engine import RecoveryFailed, StepFailed
 from jaxllm.engine.engine import RequestOutput
 from jaxllm.engine.scheduler import Request
 from jaxllm.sampling import SamplingParams
-from jaxllm.serve.async_engine import AsyncEngine, EngineDead
+from jaxllm.serve.async_engine import AsyncEngine, EngineDead, EngineError
 
 WAIT = 10  # seconds before a test that would hang fails instead
 
 
 class FakeEngine:
     """Each request yields tokens ``prompt[0] + 0, + 1, ...``, one per step, until it has
-    ``max_tokens``. Step number ``fail_at`` raises; with ``gated``, every step first waits
-    for a permit on ``gate``."""
+    ``max_tokens``. Step number ``fail_at`` fails as ``Engine.step`` does: it stops the
+    step's requests and raises StepFailed, or RecoveryFailed when ``recovers`` is False. With
+    ``gated``, every step first waits for a permit on ``gate``."""
 
-    def __init__(self, fail_at: int | None = None, gated: bool = False):
+    def __init__(self, fail_at: int | None = None, gated: bool = False, recovers: bool = True):
         self.scheduler = SimpleNamespace(running=[], waiting=[])
         self.requests: dict[str, Request] = {}
         self.aborted: list[str] = []
         self.abort_seen = threading.Event()
-        self.fail_at, self.steps = fail_at, 0
+        self.fail_at, self.steps, self.recovers = fail_at, 0, recovers
         self.gate = threading.Semaphore(0) if gated else None
 
     def submit(self, request: Request) -> str:
@@ -55,7 +57,13 @@ class FakeEngine:
             raise RuntimeError("test gate never opened")
         self.steps += 1
         if self.steps == self.fail_at:
-            raise RuntimeError("boom")
+            if not self.recovers:
+                raise RecoveryFailed("cannot re-create the KV cache (boom)")
+            failed = [r.request_id for r in self.scheduler.running + self.scheduler.waiting]
+            for rid in failed:
+                del self.requests[rid]
+            self.scheduler.running, self.scheduler.waiting = [], []
+            raise StepFailed(failed, RuntimeError("boom"))
         self.scheduler.running += self.scheduler.waiting
         self.scheduler.waiting.clear()
         outputs = []
@@ -143,15 +151,38 @@ def test_a_failing_step_fails_its_requests_and_serving_goes_on(make_async, fail_
     got: list[RequestOutput] = []
 
     async def main():
-        with pytest.raises(RuntimeError, match="engine step failed: boom"):
+        with pytest.raises(EngineError, match=r"engine step failed \(RuntimeError: boom\)") as e:
             async for out in async_engine.generate(_request("x", 0, 5)):
                 got.append(out)
+        assert e.value.status == 500
         return await _collect(async_engine.generate(_request("y", 50, 2)))
 
     later = asyncio.run(main())
     assert len(got) == outputs_before
-    assert "x" in engine.aborted and "x" not in engine.requests
-    assert async_engine.alive and _tokens(later) == [50, 51]
+    assert "x" not in engine.requests
+    assert async_engine.unhealthy is None and _tokens(later) == [50, 51]
+
+
+def test_a_failed_recovery_fails_every_request_with_503(make_async):
+    engine = FakeEngine(fail_at=2, gated=True, recovers=False)
+    async_engine = make_async(engine)
+
+    async def main():
+        a = async_engine.generate(_request("a", 0, 5))
+        engine.gate.release()
+        await _collect(a, limit=1)  # the engine now waits in its second step
+        b = asyncio.ensure_future(_collect(async_engine.generate(_request("b", 9, 5))))
+        await asyncio.sleep(0.1)  # b waits in the inbox
+        engine.gate.release()
+        errors = []
+        for waiting in (_collect(a), b, _collect(async_engine.generate(_request("c", 0, 1)))):
+            with pytest.raises(EngineDead, match="cannot re-create the KV cache") as e:
+                await asyncio.wait_for(waiting, WAIT)
+            errors.append(e.value.status)
+        return errors
+
+    assert asyncio.run(main()) == [503, 503, 503]
+    assert "cannot re-create the KV cache" in async_engine.unhealthy
 
 
 def test_a_rejected_submission_raises_in_the_caller(make_async):
