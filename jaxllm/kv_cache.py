@@ -108,14 +108,19 @@ class CacheConfig:
     def groups(self, config: Llama4Config) -> LayerGroups:
         return layer_groups(config, self.hybrid)
 
-    def bytes_per_token(self, config: Llama4Config) -> int:
-        """Bytes of K and V one token takes in one layer."""
-        return 2 * config.num_kv_heads * config.head_dim * jnp.dtype(self.dtype).itemsize
+    def bytes_per_token(self, config: Llama4Config, mesh: Mesh | None = None) -> int:
+        """Bytes of K and V one token takes in one layer, on one device of ``mesh`` (whose
+        ``model`` axis may split the kv heads)."""
+        heads = config.num_kv_heads
+        if mesh is not None:
+            shape = (1, 1, heads, config.head_dim)
+            heads = named_sharding(KV_CACHE_AXES, shape, mesh).shard_shape(shape)[2]
+        return 2 * heads * config.head_dim * jnp.dtype(self.dtype).itemsize
 
-    def bytes_per_page(self, config: Llama4Config) -> int:
-        """Bytes of one page id: ``page_size`` tokens in every slab."""
+    def bytes_per_page(self, config: Llama4Config, mesh: Mesh | None = None) -> int:
+        """Bytes of one page id on one device: ``page_size`` tokens in every slab."""
         slabs = self.groups(config).num_slabs
-        return slabs * self.page_size * self.bytes_per_token(config)
+        return slabs * self.page_size * self.bytes_per_token(config, mesh)
 
 
 def kv_cache_sharding(config: Llama4Config, cache: CacheConfig,

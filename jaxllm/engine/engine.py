@@ -169,7 +169,7 @@ class Engine:
     def report(self) -> list[str]:
         """The start-up report: memory, pages, concurrency (``jaxllm.engine.memory``)."""
         return startup_report(self.model.config, self.policy, self.plan,
-                              weights_bytes_per_device(self.model.params))
+                              weights_bytes_per_device(self.model.params), self.model.mesh)
 
     def recover(self, failed: Sequence[Request] = ()) -> int:
         """Restores a consistent state after a failed step, whose cache is lost: ``failed``

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 
 import jax
+from jax.sharding import Mesh
 
 from jaxllm.api import Model
 from jaxllm.buckets import BucketPolicy
@@ -91,6 +92,7 @@ def plan_kv_cache(
     config: Llama4Config,
     policy: BucketPolicy,
     *,
+    mesh: Mesh | None = None,
     num_pages: int | None = None,
     kv_cache_memory_bytes: int | None = None,
     gpu_memory_utilization: float | None = None,
@@ -103,9 +105,9 @@ def plan_kv_cache(
     holds, else the device's ``gpu_memory_utilization`` share less the weights and the
     step's temporary memory (``step_temp_bytes()``, measured on the compiled step). Raises
     ValueError, naming both numbers and the longest max_model_len that fits, when one
-    sequence of ``max_model_len`` does not fit."""
+    sequence of ``max_model_len`` does not fit. Bytes are per device of ``mesh``."""
     groups = policy.cache.groups(config)
-    page_bytes = policy.cache.bytes_per_page(config)
+    page_bytes = policy.cache.bytes_per_page(config, mesh)
     need = pages_for_sequence(policy, groups, policy.max_model_len)
     if num_pages is not None:
         plan = KVPlan(num_pages, page_bytes, "--num-kv-pages")
@@ -122,6 +124,12 @@ def plan_kv_cache(
             pages = min(pages, policy.max_num_seqs * need)
         plan = KVPlan(pages, page_bytes, "--gpu-memory-utilization", device, utilization,
                       weights, temp)
+    if plan.device_bytes is not None and plan.kv_bytes == 0:
+        raise ValueError(
+            f"nothing is left for the KV cache: {plan.utilization} x {plan.device_bytes} "
+            f"bytes of device memory less {plan.weights_bytes} bytes of weights and "
+            f"{plan.step_temp_bytes} bytes of step temporaries per device; use more devices "
+            f"(--tensor-parallel-size), a smaller --dtype or --max-num-batched-tokens")
     if plan.num_pages < need:
         fits = longest_fitting_length(policy, groups, plan.num_pages)
         raise ValueError(
@@ -135,18 +143,19 @@ def plan_kv_cache(
 def plan_for_model(model: Model, policy: BucketPolicy, step_temp_bytes: Callable[[], int],
                    **flags) -> KVPlan:
     """``plan_kv_cache`` for a loaded model on this machine's devices."""
-    return plan_kv_cache(model.config, policy, on_gpu=jax.default_backend() == "gpu",
+    return plan_kv_cache(model.config, policy, mesh=model.mesh,
+                         on_gpu=jax.default_backend() == "gpu",
                          device_bytes=device_memory_bytes,
                          weights_bytes=lambda: weights_bytes_per_device(model.params),
                          step_temp_bytes=step_temp_bytes, **flags)
 
 
 def startup_report(config: Llama4Config, policy: BucketPolicy, plan: KVPlan,
-                   weights_bytes: int) -> list[str]:
+                   weights_bytes: int, mesh: Mesh | None = None) -> list[str]:
     """vLLM-style lines: weights and KV per device, tokens that fit, maximum concurrency."""
     groups = policy.cache.groups(config)
     gib = 2**30
-    per_token_layer = policy.cache.bytes_per_token(config)
+    per_token_layer = policy.cache.bytes_per_token(config, mesh)
     kinds = {"global": sum(c is None for c in groups.group_chunk),
              "chunked": sum(c is not None for c in groups.group_chunk)}
     slabs = groups.num_slabs
@@ -156,7 +165,7 @@ def startup_report(config: Llama4Config, policy: BucketPolicy, plan: KVPlan,
         f"weights: {weights_bytes / gib:.3f} GiB per device",
         f"KV cache: {plan.num_pages} pages of {policy.page_size} tokens, "
         f"{plan.kv_bytes / gib:.3f} GiB per device (sized by {plan.source}); "
-        f"{per_token_layer} bytes per token per layer; layer groups: "
+        f"{per_token_layer} bytes per token per layer per device; layer groups: "
         + ", ".join(f"{n} {kind} x {slabs} layers" for kind, n in kinds.items() if n)
         + ("" if policy.cache.hybrid else " (hybrid cache off)"),
         f"KV cache holds {tokens} tokens of every layer; one max_model_len="

@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan, do not serve: compile the serving step for --target GPUs that "
+                   "need not be here and print the start-up report (DIR may hold only a "
+                   "config.json; needs jax >= 0.11 with the CUDA plugin, JAX_PLATFORMS=cpu)")
+    p.add_argument("--target", default="h100", help="the GPU of --dry-run")
     p.add_argument("--skip-warmup", action="store_true",
                    help="do not compile every step shape at start-up (first requests wait)")
     return p.parse_args(argv)
@@ -105,6 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.model).is_dir():
         print(f"error: --model {args.model} is not a directory", file=sys.stderr)
         return 2
+    if args.dry_run:
+        import os
+
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        from jaxllm.aot.plan import dry_run
+
+        try:
+            print("\n".join(dry_run(args)), flush=True)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     import uvicorn
 
     from jaxllm.serve.app import build_app

@@ -120,3 +120,50 @@ def test_tensor_parallel_attention_runs_per_shard_and_an_unsharded_call_is_caugh
     kv_shape = (slots * context // 16, 16, K, 128)
     gathered = run_case(Case("no shard_map", build, no_gather=(kv_shape,)))
     assert any(p.startswith("all-gather of") for p in gathered.problems), gathered.problems
+
+
+@needs_gpu_compiler
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_dry_run_plans_a_deployment_from_a_config_alone(tmp_path, hybrid):
+    """``python -m jaxllm.serve --dry-run``: a 4-layer Scout (3 chunked layers, 1 global) on
+    8 compile-only H100s. The report's numbers agree with each other and with the
+    definition: per device one kv head (8 heads over 8 devices), 16-token pages over every
+    slab, and one 131072-token sequence's pages."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from jaxllm.aot.cases import scout_config
+
+    config = scout_config(4)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama4_text", "vocab_size": config.vocab_size, "hidden_size": 5120,
+        "num_hidden_layers": 4, "num_attention_heads": 40, "num_key_value_heads": 8,
+        "head_dim": 128, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+        "num_local_experts": 16, "num_experts_per_tok": 1, "attention_chunk_size": 8192,
+        "rope_theta": 500000.0, "use_qk_norm": True, "max_position_embeddings": 131072}))
+    cmd = [sys.executable, "-m", "jaxllm.serve", "--model", str(tmp_path), "--dry-run",
+           "--target", "h100", "--tensor-parallel-size", "8", "--max-num-batched-tokens",
+           "1024"] + ([] if hybrid else ["--disable-hybrid-kv-cache-manager"])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = out.stdout
+    per_token = 2 * 1 * 128 * 2  # K and V, one kv head per device, bf16
+    assert f"{per_token} bytes per token per layer per device" in report
+    pages = int(re.search(r"KV cache: (\d+) pages of 16 tokens", report).group(1))
+    need = int(re.search(r"sequence takes (\d+) pages", report).group(1))
+    width = 131072 // 16
+    # Hybrid: the global group keeps every page; three chunked groups keep a chunk and a
+    # step's worth (ceil((8192 + 1024) / 16) + 1 = 577). Otherwise one group of all layers.
+    assert need == (width + 3 * 577 if hybrid else width)
+    concurrency = float(re.search(r"Maximum concurrency for 131072 tokens per request: "
+                                  r"([\d.]+)x", report).group(1))
+    assert concurrency == pytest.approx(pages / need, abs=0.005)
+    budget = re.search(r"budget: 0.90 x ([\d.]+) GiB device memory - ([\d.]+) GiB weights - "
+                       r"([\d.]+) GiB step temporaries", report)
+    device, weights, temp = (float(x) for x in budget.groups())
+    slabs = 1 if hybrid else 4
+    kv = pages * 16 * slabs * per_token / 2**30
+    assert device == pytest.approx(84942979072 / 2**30, abs=0.01)  # the H100 target's memory
+    assert 0.9 * device - weights - temp - kv == pytest.approx(0, abs=0.01)

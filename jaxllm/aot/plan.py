@@ -1,0 +1,82 @@
+"""Plan a deployment for a GPU that is not here: ``python -m jaxllm.serve --dry-run``.
+
+From a checkpoint directory (``config.json`` is enough) and the serving flags, this builds the
+model's parameters as abstract arrays sharded over a mesh of compile-only GPUs, compiles the
+widest serving step for them (the XLA GPU pipeline and ``ptxas``, no device needed), and
+sizes the KV cache exactly as a real start would: the target's memory times
+``gpu_memory_utilization``, less the weights and the compiled step's temporaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+from pathlib import Path
+
+from jaxllm.buckets import GPU_MAX_NUM_BATCHED_TOKENS, BucketPolicy
+from jaxllm.config import Llama4Config
+from jaxllm.engine.memory import (
+    pages_for_sequence,
+    plan_kv_cache,
+    startup_report,
+    weights_bytes_per_device,
+)
+from jaxllm.kv_cache import CacheConfig
+
+
+def target_memory_bytes(target: str) -> int:
+    """Device memory of ``target`` from its XLA GpuTargetConfig (``device_memory_size``)."""
+    from jaxllm.aot.target import TARGETS
+
+    found = re.search(r"device_memory_size:\s*(\d+)", TARGETS[target].read_text())
+    if not found:
+        raise ValueError(f"the {target} target config gives no device_memory_size")
+    return int(found.group(1))
+
+
+def dry_run(args: argparse.Namespace) -> list[str]:
+    """The start-up report of ``python -m jaxllm.serve`` for ``args.target`` GPUs."""
+    import jax.numpy as jnp
+
+    from jaxllm.aot.cases import abstract_params, abstract_step
+    from jaxllm.aot.target import TARGETS, compile_for, gpu_mesh
+    from jaxllm.sharding import MESH_AXES
+
+    if args.target not in TARGETS:
+        raise ValueError(f"--target {args.target}: expected one of {sorted(TARGETS)}")
+    config = Llama4Config.from_hf(Path(args.model))
+    dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(args.dtype, jnp.bfloat16)
+    devices = args.tensor_parallel_size
+    policy = BucketPolicy(
+        max_model_len=args.max_model_len or config.max_position_embeddings,
+        cache=CacheConfig(page_size=args.block_size, dtype=dtype,
+                          hybrid=not args.disable_hybrid_kv_cache_manager),
+        chunk_size=config.attention_chunk_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens or GPU_MAX_NUM_BATCHED_TOKENS)
+    mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices), target=args.target)
+    graphdef, params = abstract_params(config, dtype, mesh)
+    weights = weights_bytes_per_device(params)
+
+    def step_temp_bytes() -> int:
+        groups = policy.cache.groups(config)
+        cache = policy.cache.with_pages(pages_for_sequence(policy, groups, policy.max_model_len))
+        step, step_args = abstract_step(graphdef, params, config, cache, mesh,
+                                        policy.token_buckets[-1], policy.batch_buckets[-1],
+                                        policy.pages_per_seq)
+        with tempfile.TemporaryDirectory() as dump:
+            compiled = compile_for(step, mesh, *step_args, dump_dir=dump, donate_argnums=(1,))
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+
+    plan = plan_kv_cache(
+        config, policy, mesh=mesh, num_pages=args.num_kv_pages,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization, on_gpu=True,
+        device_bytes=lambda: target_memory_bytes(args.target), weights_bytes=lambda: weights,
+        step_temp_bytes=step_temp_bytes)
+    head = (f"dry run: {config.num_layers} layers, {config.num_experts} experts, vocab "
+            f"{config.vocab_size}, {jnp.dtype(dtype).name}, on {devices} x {args.target} "
+            f"(compile-only), max_model_len {policy.max_model_len}, "
+            f"max_num_batched_tokens {policy.max_num_batched_tokens}, "
+            f"max_num_seqs {policy.max_num_seqs}; {len(policy.step_shapes())} step programs")
+    return [head, *startup_report(config, policy, plan, weights, mesh)]
