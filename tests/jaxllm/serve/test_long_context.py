@@ -56,6 +56,10 @@ def test_20000_tokens_with_chunk_8192(tmp_path):
             tokens = [int(t.removeprefix("token_id:"))
                       for t in reply.json()["choices"][0]["logprobs"]["tokens"]]
             results[length] = (seconds, tokens == _hf_greedy(hf, prompt, new))
+        # And it keeps serving short requests afterwards.
+        short = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=600, json={
+            "prompt": list(range(3, 103)), "max_tokens": 5, "temperature": 0})
+        assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] >= 1
         served_rss = psutil.Process(proc.pid).memory_info().rss
     finally:
         proc.terminate()
