@@ -43,3 +43,15 @@ def test_chunk_1000_at_max_model_len_4000(tiny_model):
         expected]
     assert engine.pages.num_free == engine.pages.num_pages
     assert jaxllm.generate(model, [prompt], max_new_tokens=10) == [expected]
+
+
+def test_pallas_kernel_over_the_hybrid_cache(tiny_model):
+    """The engine with the Pallas kernel (interpret mode off GPU): chunk 20 over 16-token
+    pages, chunked groups reading tables whose dropped entries are the null page."""
+    hf, _, path = tiny_model("scout_chunk20")
+    model = jaxllm.load_model(path, max_model_len=64, max_num_seqs=2, attention_impl="pallas")
+    assert model.bucket_policy.cache.hybrid
+    prompts = _prompts([45, 30], seed=3)
+    engine = Engine(model, max_num_batched_tokens=16, num_pages=40)
+    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8))
+    assert outs == [hf_greedy(hf, p, 8) for p in prompts]
