@@ -88,7 +88,7 @@ def _reference(q, k_pages, v_pages, meta: AttentionMetadata, *, chunk_size: int 
                                             chunk_size=chunk_size)
 
 
-def head_shard_specs(q_shape, kv_shape, mesh: Mesh | None
+def head_shard_specs(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], mesh: Mesh | None
                      ) -> tuple[PartitionSpec, PartitionSpec] | None:
     """(q spec, KV page spec) splitting q heads and kv heads over the same mesh axis, or None
     when the cache's kv heads are not split (then every device needs every head)."""

@@ -21,6 +21,8 @@ import numpy as np
 
 from jaxllm.kv_cache import NULL_PAGE, CacheConfig
 
+ArrayLike = np.ndarray | jax.Array
+
 
 class AttentionMetadata(NamedTuple):
     """Where each flat row lives; shapes are static per compiled program (masks carry raggedness).
@@ -71,7 +73,7 @@ def pages_for(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
 
 
-def slot_of(block_tables, positions, page_size: int):
+def slot_of(block_tables: ArrayLike, positions: ArrayLike, page_size: int) -> ArrayLike:
     """The slot rule: position j of a sequence lives in flat cache slot
     ``block_tables[..., j // p] * p + j % p``.
 

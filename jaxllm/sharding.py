@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -97,7 +98,7 @@ def shard_axes(spec: PartitionSpec) -> tuple[str, ...]:
     return tuple(a for a in spec if a is not None)
 
 
-def param_shardings(params, mesh: Mesh | None):
+def param_shardings(params: Any, mesh: Mesh | None) -> Any:
     """The sharding of every parameter (an ``nnx.State``), from its declared logical axes."""
     from flax import nnx
 

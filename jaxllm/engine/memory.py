@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax.sharding import Mesh
@@ -61,7 +62,7 @@ def device_memory_bytes() -> int:
     return ram // jax.local_device_count()
 
 
-def weights_bytes_per_device(params) -> int:
+def weights_bytes_per_device(params: Any) -> int:
     """Bytes of parameters on the first device (its shard of every weight); ``params`` may be
     arrays or ``ShapeDtypeStruct``s with shardings (a deviceless plan)."""
     total = 0

@@ -9,6 +9,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jaxllm.serve.app import ServerState
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-llama4"
 log = logging.getLogger("jaxllm.serve")
@@ -57,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_state(args: argparse.Namespace):
+def build_state(args: argparse.Namespace) -> ServerState:
     import time
 
     import jaxllm

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxllm.engine import Request as EngineRequest
 from jaxllm.engine import RequestOutput
+from jaxllm.engine.engine import TokenLogprob
 from jaxllm.serve.tokenizer import IncrementalDetokenizer, TextCodec
 
 TokenText = Callable[[int], str]  # a token id as text (its piece, or "token_id:N")
@@ -61,7 +62,8 @@ def token_text_fn(codec: TextCodec | None) -> TokenText:
     return codec.token_text if codec else (lambda token_id: f"token_id:{token_id}")
 
 
-def completion_logprobs(token_text: TokenText, top_n: int | None, items) -> dict[str, Any] | None:
+def completion_logprobs(token_text: TokenText, top_n: int | None,
+                        items: Sequence[TokenLogprob]) -> dict[str, Any] | None:
     """The /v1/completions ``logprobs`` object (None when not asked for)."""
     if top_n is None:
         return None
@@ -77,7 +79,7 @@ def completion_logprobs(token_text: TokenText, top_n: int | None, items) -> dict
     return out
 
 
-def chat_logprobs(token_text: TokenText, wanted: bool, top_n: int, items
+def chat_logprobs(token_text: TokenText, wanted: bool, top_n: int, items: Sequence[TokenLogprob]
                   ) -> dict[str, Any] | None:
     """The /v1/chat/completions ``logprobs`` object (None when not asked for)."""
     if not wanted:

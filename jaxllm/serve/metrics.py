@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from jaxllm.engine import Engine, RequestOutput
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -42,7 +47,7 @@ class Metrics:
         self._label = label
         self._preempted = 0
 
-    def on_step(self, engine, outputs, seconds: float) -> None:
+    def on_step(self, engine: Engine, outputs: list[RequestOutput], seconds: float) -> None:
         self.step_time.observe(seconds)
         self.running.set(len(engine.scheduler.running))
         self.waiting.set(len(engine.scheduler.waiting))
@@ -59,7 +64,8 @@ class Metrics:
     def on_step_failure(self) -> None:
         self.step_failures.inc()
 
-    def on_finish(self, reason: str, prompt_tokens: int, ttft: float | None, e2e: float):
+    def on_finish(self, reason: str, prompt_tokens: int, ttft: float | None,
+                  e2e: float) -> None:
         self.requests.labels(finished_reason=reason, **self._label).inc()
         self.prompt_tokens.inc(prompt_tokens)
         if ttft is not None:

@@ -30,7 +30,8 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
         raise ValueError(f"query heads {heads} are not a multiple of kv heads {kv_heads}")
 
 
-def offsets_and_lengths(q, k, q_offsets, kv_lengths) -> tuple[jax.Array, jax.Array]:
+def offsets_and_lengths(q: jax.Array, k: jax.Array, q_offsets: jax.Array | None,
+                        kv_lengths: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     batch, seq_k = q.shape[0], k.shape[1]
     q_off = jnp.zeros((batch,), jnp.int32) if q_offsets is None else q_offsets
     kv_len = jnp.full((batch,), seq_k, jnp.int32) if kv_lengths is None else kv_lengths

@@ -4,6 +4,7 @@ the float32-accumulating dot, chunk bounds, KV block ranges and the online-softm
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ LN_2 = math.log(2.0)
 MIN_DOT_SIZE = 16  # Triton's tl.dot needs every matrix dimension to be at least 16.
 
 
-def triton_compiler_params(num_warps: int, num_stages: int):
+def triton_compiler_params(num_warps: int, num_stages: int) -> Any:
     """Triton compiler params (``CompilerParams``; ``TritonCompilerParams`` on older jax).
 
     Without them a GPU ``pallas_call`` lowers to Mosaic GPU, which cannot run these kernels.
@@ -83,7 +84,9 @@ def kv_block_ranges(
     return first, full_first, full_end, end
 
 
-def online_softmax_step(carry, s, v, mask):
+def online_softmax_step(carry: tuple[jax.Array, jax.Array, jax.Array], s: jax.Array,
+                        v: jax.Array, mask: jax.Array | None
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One flash-attention update with base-2 scores ``s``; masked entries count as -inf."""
     acc, m_prev, l_prev = carry
     if mask is not None:
