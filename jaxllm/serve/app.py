@@ -24,9 +24,11 @@ import jaxllm
 from jaxllm.layout import check_token_ids
 from jaxllm.serve.async_engine import AsyncEngine, EngineError
 from jaxllm.serve.choice import Choice, chat_logprobs, completion_logprobs, token_text_fn
+from jaxllm.serve.guards import Guards
 from jaxllm.serve.metrics import Metrics
 from jaxllm.serve.protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
@@ -35,6 +37,9 @@ from jaxllm.serve.protocol import (
 )
 from jaxllm.serve.streaming import stream_events
 from jaxllm.serve.tokenizer import TextCodec
+
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
 
 
 class ApiError(Exception):
@@ -50,6 +55,7 @@ class ServerState:
     model_name: str
     metrics: Metrics
     api_key: str | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
     @property
     def max_model_len(self) -> int:
@@ -70,28 +76,19 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):
-        parts = [f"{'.'.join(str(x) for x in err['loc'][1:])}: {err['msg']}"
-                 for err in e.errors()]
-        return JSONResponse(error_body("; ".join(parts), 400), status_code=400)
+        message = "; ".join(_describe(err) for err in e.errors())
+        return JSONResponse(error_body(message, 400), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException):
-        kind = "NotFoundError" if e.status_code == 404 else "BadRequestError"
+        kind = _HTTP_KINDS.get(e.status_code, "BadRequestError")
         return JSONResponse(error_body(str(e.detail), e.status_code, kind),
-                            status_code=e.status_code)
+                            status_code=e.status_code, headers=e.headers)
 
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception):
-        return JSONResponse(error_body(f"internal error: {e}", 500, "InternalServerError"),
-                            status_code=500)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if state.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {state.api_key}":
-                return JSONResponse(error_body("invalid API key", 401, "AuthenticationError"),
-                                    status_code=401)
-        return await call_next(request)
+    # A plain ASGI layer (not an http middleware, whose task group would wrap the body
+    # limit's error and hide client disconnects): it sees every error the handlers above
+    # do not.
+    app.add_middleware(Guards, max_body_bytes=state.max_request_bytes, api_key=state.api_key)
 
     @app.get("/health")
     async def health():
@@ -121,9 +118,9 @@ def build_app(state: ServerState) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise ApiError("give exactly one of 'prompt' and 'messages'")
         if req.messages is not None:
-            ids = _encode_chat(codec, req.messages, True)
+            ids = await _encode_chat(codec, req.messages, True)
         else:
-            ids = codec.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await _encode(codec, req.prompt, "prompt", req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
 
     @app.post("/detokenize")
@@ -134,19 +131,17 @@ def build_app(state: ServerState) -> FastAPI:
         return {"prompt": codec.decode(req.tokens)}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, raw: Request):
         _check_model(state, req.model)
-        prompts = _completion_prompts(state, req.prompt)
-        return await _serve(state, req, prompts, chat=False)
+        prompts = await _completion_prompts(state, req.prompt)
+        return await _serve(state, req, prompts, raw, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
         _check_model(state, req.model)
         codec = _need_codec(state)
-        if req.max_completion_tokens is not None:
-            req.max_tokens = req.max_completion_tokens
-        ids = _encode_chat(codec, req.messages, req.add_generation_prompt)
-        return await _serve(state, req, [ids], chat=True)
+        ids = await _encode_chat(codec, req.messages, req.add_generation_prompt)
+        return await _serve(state, req, [ids], raw, chat=True)
 
     return app
 
@@ -169,20 +164,57 @@ def _check_ids(state: ServerState, ids: list[int]) -> None:
         raise ApiError(str(e)) from e
 
 
-def _encode_chat(codec: TextCodec, messages, add_generation_prompt: bool) -> list[int]:
-    rendered = [m.model_dump(exclude_none=True) for m in messages]
-    for m in rendered:  # OpenAI content parts: keep the text ones
-        if isinstance(m.get("content"), list):
-            m["content"] = "".join(p.get("text", "") for p in m["content"]
-                                   if p.get("type") == "text")
+def _describe(err: dict[str, Any]) -> str:
+    """One validation error as text: the field, what is wrong, and the value sent."""
+    where = ".".join(str(x) for x in err["loc"][1:])
+    if err["type"] == "value_error":
+        text = str(err["ctx"]["error"])
+    elif err["type"] == "json_invalid":
+        text = f"invalid JSON: {err['ctx']['error']}"
+        where = f"at position {where}"
+    elif err["type"] == "missing":
+        text = err["msg"]
+    else:
+        text = f"{err['msg']} (got {err.get('input')!r:.80})"
+    return f"{where}: {text}" if where else text
+
+
+_HTTP_KINDS = {404: "NotFoundError", 405: "MethodNotAllowedError",
+               413: "RequestTooLargeError"}
+
+
+def _check_unicode(text: str, field: str) -> None:
+    """Refuses text that is not valid Unicode (a lone surrogate, which JSON can carry)."""
     try:
-        text = codec.render_chat(rendered, add_generation_prompt)
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(f"{field} is not valid Unicode: {text[e.start]!r} at position "
+                       f"{e.start} is a lone surrogate") from e
+
+
+async def _encode(codec: TextCodec, text: str, field: str,
+                  add_special_tokens: bool = True) -> list[int]:
+    """Token ids of ``text``, tokenized on a worker thread: a long prompt must not stall
+    the event loop (and /health with it)."""
+    _check_unicode(text, field)
+    return await asyncio.to_thread(codec.encode, text, add_special_tokens)
+
+
+async def _encode_chat(codec: TextCodec, messages: list[ChatMessage],
+                       add_generation_prompt: bool) -> list[int]:
+    rendered = [{**m.model_dump(exclude_none=True, exclude={"content"}),
+                 **({} if m.content is None else {"content": m.text()})} for m in messages]
+    for i, m in enumerate(rendered):
+        if "content" in m:
+            _check_unicode(m["content"], f"messages.{i}.content")
+    try:
+        text = await asyncio.to_thread(codec.render_chat, rendered, add_generation_prompt)
     except Exception as e:
         raise ApiError(f"cannot apply the chat template: {e}") from e
-    return codec.encode(text, add_special_tokens=False)
+    return await _encode(codec, text, "messages", add_special_tokens=False)
 
 
-def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
+async def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and all(isinstance(x, int) for x in prompt):
@@ -190,8 +222,9 @@ def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
     if not prompt:
         raise ApiError("prompt must not be empty")
     out = []
-    for p in prompt:
-        ids = _need_codec(state).encode(p) if isinstance(p, str) else list(p)
+    for i, p in enumerate(prompt):
+        where = "prompt" if len(prompt) == 1 else f"prompt.{i}"
+        ids = await _encode(_need_codec(state), p, where) if isinstance(p, str) else list(p)
         if not ids:
             raise ApiError("prompt must have at least one token")
         out.append(ids)
@@ -207,10 +240,12 @@ def _prepare(state: ServerState, req: _Sampling, prompts: list[list[int]]) -> li
         for p, ids in enumerate(prompts):
             for j in range(req.n):
                 index = p * req.n + j
-                sampling = req.sampling(req.max_tokens, seed_offset=index)
+                sampling = req.sampling(req.token_limit, seed_offset=index)
                 engine_request = state.engine.engine.prepare(
                     ids, sampling, f"{base}-{index}", ignore_eos=req.ignore_eos)
-                choices.append(Choice(index, engine_request, stops, state.codec))
+                choices.append(Choice(index, engine_request, stops, state.codec,
+                                      include_stop=req.include_stop_str_in_output,
+                                      skip_special=req.skip_special_tokens))
     except ValueError as e:
         raise ApiError(str(e)) from e
     return choices
@@ -218,20 +253,28 @@ def _prepare(state: ServerState, req: _Sampling, prompts: list[list[int]]) -> li
 
 async def _run_choice(state: ServerState, choice: Choice) -> AsyncIterator[None]:
     """Feeds one choice from the engine, yielding after each output; stops early at a stop
-    string (which aborts the engine request)."""
+    string (which aborts the engine request). Counted in the metrics however it ends: an
+    error, or "abort" when its client left."""
     start = time.perf_counter()
-    async with contextlib.aclosing(state.engine.generate(choice.request)) as outputs:
-        async for out in outputs:
-            choice.feed(out)
-            yield
-            if choice.finish_reason:
-                break  # closing the stream aborts the engine request
-    state.metrics.on_finish(choice.finish_reason or "abort", len(choice.request.prompt),
-                            choice.first_token_at and choice.first_token_at - start,
-                            time.perf_counter() - start)
+    ended = "abort"
+    try:
+        async with contextlib.aclosing(state.engine.generate(choice.request)) as outputs:
+            async for out in outputs:
+                choice.feed(out)
+                yield
+                if choice.finish_reason:
+                    break  # closing the stream aborts the engine request
+    except Exception:
+        ended = "error"
+        raise
+    finally:
+        state.metrics.on_finish(choice.finish_reason or ended, len(choice.request.prompt),
+                                choice.first_token_at and choice.first_token_at - start,
+                                time.perf_counter() - start)
 
 
-async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], chat: bool):
+async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], raw: Request,
+                 chat: bool):
     state.engine.check_serving()  # a 503 before a stream's status line, never a hang
     choices = _prepare(state, req, prompts)
     kind = "chat.completion" if chat else "text_completion"
@@ -242,19 +285,41 @@ async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], c
         events = stream_events(
             choices, lambda c: _run_choice(state, c), head=head, chat=chat,
             logprobs_of=lambda items: _logprobs(state, req, items, chat),
-            include_usage=req.include_usage, usage_of=usage_of)
+            include_usage=req.include_usage, usage_of=usage_of,
+            continuous_usage=req.continuous_usage)
         return StreamingResponse(events, media_type="text/event-stream")
+    if not await _drain(state, choices, raw):
+        return Response(status_code=499)  # nobody reads it: the client has gone
+    return {**head, "object": kind, "usage": usage_of(),
+            "choices": [_final_choice(state, req, c, chat) for c in choices]}
+
+
+async def _drain(state: ServerState, choices: list[Choice], raw: Request) -> bool:
+    """Runs every choice to its end; False when the client disconnected first. Leaving early
+    (a disconnect, or one choice failing) aborts the others' engine requests."""
 
     async def drain(choice):
         async for _ in _run_choice(state, choice):
             pass
 
+    tasks = [asyncio.create_task(drain(c)) for c in choices]
     try:
-        await asyncio.gather(*(drain(c) for c in choices))
-    except ValueError as e:
-        raise ApiError(str(e)) from e
-    return {**head, "object": kind, "usage": usage_of(),
-            "choices": [_final_choice(state, req, c, chat) for c in choices]}
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S,
+                                               return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if isinstance(error := task.exception(), ValueError):
+                    raise ApiError(str(error)) from error
+                if error is not None:
+                    raise error
+            if pending and await raw.is_disconnected():
+                return False
+        return True
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _usage(prompts, n: int, choices: list[Choice]) -> dict[str, int]:

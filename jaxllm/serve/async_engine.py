@@ -140,6 +140,8 @@ class AsyncEngine:
             if self._consecutive_failures >= self.max_consecutive_failures:
                 self._give_up(f"{self._consecutive_failures} engine steps failed in a row, "
                               f"the last: {e}")
+            elif self.metrics is not None:
+                self.metrics.refresh(self.engine)
             return
         except Exception as e:  # recovery failed: the engine's state is unknown
             self._count_failure()
@@ -173,3 +175,5 @@ class AsyncEngine:
                 self._deliver(payload.request_id, e)
         elif kind == "abort":
             self.engine.abort(payload)
+            if self.metrics is not None:
+                self.metrics.refresh(self.engine)

@@ -18,7 +18,11 @@ TokenText = Callable[[int], str]  # a token id as text (its piece, or "token_id:
 
 @dataclasses.dataclass
 class Choice:
-    """One generated sequence: its tokens, text (cut at a stop string) and finish reason."""
+    """One generated sequence: its tokens, text (cut at a stop string) and finish reason.
+
+    ``include_stop`` keeps the stop string or stop token's text in the text;
+    ``skip_special`` leaves special tokens' text out of it.
+    """
 
     index: int
     request: EngineRequest
@@ -30,9 +34,12 @@ class Choice:
     emitted: int = 0
     finish_reason: str | None = None
     first_token_at: float | None = None
+    include_stop: bool = False
+    skip_special: bool = True
 
     def __post_init__(self):
-        self._detok = IncrementalDetokenizer(self.codec) if self.codec else None
+        self._detok = (IncrementalDetokenizer(self.codec, self.skip_special) if self.codec
+                       else None)
 
     def feed(self, out: RequestOutput) -> None:
         self.first_token_at = self.first_token_at or time.perf_counter()
@@ -40,7 +47,8 @@ class Choice:
         stopped_on_id = out.finish_reason == "stop" and ids and ids[-1] in self.request.stop_ids
         self.token_ids += ids
         self.logprobs += out.logprobs
-        visible = ids[:-1] if stopped_on_id else ids  # the stop token's text is not output
+        hide_stop = stopped_on_id and not self.include_stop
+        visible = ids[:-1] if hide_stop else ids
         if self._detok is not None:
             self.text += self._detok.add(visible)
         if out.finished:
@@ -48,7 +56,8 @@ class Choice:
         for stop in self.stops:
             at = self.text.find(stop)
             if at >= 0:
-                self.text, self.finish_reason = self.text[:at], "stop"
+                end = at + len(stop) if self.include_stop else at
+                self.text, self.finish_reason = self.text[:end], "stop"
 
     def take_delta(self) -> str:
         """New text that can no longer turn out to be part of a stop string."""

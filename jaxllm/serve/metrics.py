@@ -49,6 +49,12 @@ class Metrics:
 
     def on_step(self, engine: Engine, outputs: list[RequestOutput], seconds: float) -> None:
         self.step_time.observe(seconds)
+        self.refresh(engine)
+        self.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
+
+    def refresh(self, engine) -> None:
+        """Sets the gauges from the engine's state: after a step, and after an abort or a
+        failed step frees pages (the gauges must not wait for the next step)."""
         self.running.set(len(engine.scheduler.running))
         self.waiting.set(len(engine.scheduler.waiting))
         pages = engine.pages
@@ -59,7 +65,6 @@ class Metrics:
             kind = "global" if pages.group_chunk[group] is None else "chunked"
             self.group_usage.labels(group=f"{group}-{kind}", **self._label).set(
                 held / pages.num_pages)
-        self.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
 
     def on_step_failure(self) -> None:
         self.step_failures.inc()

@@ -24,10 +24,12 @@ async def stream_events(
     logprobs_of: Callable[[list], dict[str, Any] | None],
     include_usage: bool,
     usage_of: Callable[[], dict[str, int]],
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     """The SSE body of a streamed request: every choice's deltas as they come, each choice's
-    finish chunk, the usage chunk when asked for, then ``[DONE]``. An error after the status
-    line went out is reported in-stream."""
+    finish chunk, the usage chunk when asked for, then ``[DONE]``. ``continuous_usage``
+    puts the usage so far in every chunk. An error after the status line went out is
+    reported in-stream."""
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(c: Choice, text: str, new_logprobs: list, finish: str | None) -> dict[str, Any]:
@@ -37,7 +39,8 @@ async def stream_events(
         else:
             body = {"index": c.index, "text": text, "finish_reason": finish,
                     "logprobs": logprobs_of(new_logprobs)}
-        return {**head, "object": chunk_kind, "choices": [body]}
+        usage = {"usage": usage_of()} if continuous_usage else {}
+        return {**head, "object": chunk_kind, "choices": [body], **usage}
 
     out_queue: asyncio.Queue = asyncio.Queue()
 

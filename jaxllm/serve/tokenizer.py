@@ -47,10 +47,13 @@ class TextCodec:
         return self._template is not None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode does not): a long prompt
+        # tokenized on a worker thread then leaves the event loop free.
+        [encoding] = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+        return encoding.ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -76,12 +79,13 @@ def _raise(message: str) -> None:
 class IncrementalDetokenizer:
     """Text of a growing list of ids, emitted as deltas that never split a character."""
 
-    def __init__(self, codec: TextCodec):
+    def __init__(self, codec: TextCodec, skip_special_tokens: bool = True):
         self.codec, self.ids, self.text = codec, [], ""
+        self.skip_special_tokens = skip_special_tokens
 
     def add(self, token_ids: Sequence[int]) -> str:
         self.ids += token_ids
-        full = self.codec.decode(self.ids)
+        full = self.codec.decode(self.ids, self.skip_special_tokens)
         if full.endswith("\ufffd"):  # an unfinished multi-byte character: wait for more
             return ""
         delta = full[len(self.text):] if full.startswith(self.text) else full

@@ -12,8 +12,10 @@ from jaxllm.sampling import SamplingParams
 class ByteCodec:
     """Token id i < 256 is the byte i; ids from 256 up are special and decode to nothing."""
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        special = b"" if skip_special_tokens else b"<s>"
+        return b"".join(bytes([i]) if i < 256 else special for i in ids).decode(
+            "utf-8", errors="replace")
 
     def token_text(self, token_id: int) -> str:
         return bytes([token_id]).decode("utf-8", errors="replace") if token_id < 256 else "<s>"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -230,3 +231,25 @@ def test_a_request_id_already_streaming_is_refused_without_touching_the_first(ma
     outputs = asyncio.run(main())
     assert _tokens(outputs) == [10, 11] and outputs[-1].finished
     assert engine.aborted == []
+
+
+def test_gauges_are_refreshed_after_an_abort_without_waiting_for_a_step(make_async):
+    engine = FakeEngine(gated=True)
+    running_at_refresh = []
+    metrics = SimpleNamespace(on_step=lambda *_: None, refresh=lambda e: running_at_refresh
+                              .append(len(e.scheduler.running) + len(e.scheduler.waiting)))
+    async_engine = make_async(engine, metrics)
+
+    async def main():
+        engine.gate.release()
+        early = async_engine.generate(_request("early", 0, 1000))
+        await _collect(early, limit=1)
+        await early.aclose()
+        engine.gate.release()  # ends the step under way; then the abort is handled
+        return await asyncio.to_thread(engine.abort_seen.wait, WAIT)
+
+    assert asyncio.run(main())
+    deadline = time.monotonic() + WAIT
+    while not running_at_refresh and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert running_at_refresh[-1:] == [0]  # refreshed once the request was gone

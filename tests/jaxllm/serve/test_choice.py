@@ -158,3 +158,22 @@ def test_chat_logprobs_shape():
 def test_chat_logprob_bytes_are_utf8(token, expected):
     out = chat_logprobs(lambda _: token, True, 0, [TokenLogprob(7, -1.0, [])])
     assert out["content"][0]["bytes"] == expected
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string_and_the_stop_token_text():
+    choice = Choice(0, request("r"), ["cd"], ByteCodec(), include_stop=True)
+    choice.feed(output("r", ids("abcdef")))
+    assert (choice.text, choice.finish_reason) == ("abcd", "stop")
+    stop = ord("!")
+    choice = Choice(0, request("r", [stop]), [], ByteCodec(), include_stop=True)
+    choice.feed(output("r", ids("hi!"), "stop"))
+    assert (choice.text, choice.finish_reason) == ("hi!", "stop")
+
+
+def test_skip_special_tokens_false_keeps_special_token_text():
+    special = 300  # decodes to "<s>" in the byte codec when kept
+    kept = Choice(0, request("r"), [], ByteCodec(), skip_special=False)
+    skipped = Choice(0, request("r"), [], ByteCodec())
+    for choice in (kept, skipped):
+        choice.feed(output("r", [*ids("a"), special, *ids("b")], "length"))
+    assert (kept.text, skipped.text) == ("a<s>b", "ab")

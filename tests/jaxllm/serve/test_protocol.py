@@ -23,10 +23,11 @@ def _chat(**kwargs) -> ChatCompletionRequest:
     ("max_tokens", [1, 10_000], [0, -1]),
     ("temperature", [0.0, 100.0], [-0.01, 100.01]),
     ("top_p", [1e-6, 1.0], [0.0, 1.01]),
-    ("top_k", [-1, 0, 50], [-2]),
+    ("top_k", [-1, 0, 50, 2**31 - 1], [-2, 2**31]),
     ("min_p", [0.0, 1.0], [-0.1, 1.1]),
     ("n", [1, 16], [0, 17]),
     ("seed", [0, 2**63 - 1], [-1, 2**63]),
+    ("max_tokens", [2**31 - 1], [2**31]),
     ("max_completion_tokens", [1], [0]),
     ("top_logprobs", [0, 20], [-1, 21]),
 ])
@@ -57,14 +58,67 @@ def test_chat_needs_messages_with_known_roles():
         ChatCompletionRequest(messages=[])
     with pytest.raises(ValidationError, match="role"):
         ChatCompletionRequest(messages=[{"role": "robot", "content": "hi"}])
-    parts = [{"type": "text", "text": "hi"}]
+    parts = [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]
     req = ChatCompletionRequest(messages=[{"role": "user", "content": parts}])
-    assert req.messages[0].content == parts
+    assert req.messages[0].text() == "hi there"
 
 
-def test_unknown_fields_are_accepted():
-    req = _chat(frequency_penalty=0.5, logit_bias={"1": 2})
-    assert req.model_extra == {"frequency_penalty": 0.5, "logit_bias": {"1": 2}}
+@pytest.mark.parametrize("part, needle", [
+    ({"type": "text", "text": 5}, "messages.0.content.parts.0.text"),
+    ({"type": "text"}, "a text content part needs 'text'"),
+    ({"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+     "image input is not supported yet"),
+    ({"type": "input_audio", "input_audio": {}}, "'input_audio' is not supported"),
+])
+def test_content_parts_other_than_text_are_refused(part, needle):
+    with pytest.raises(ValidationError, match=needle):
+        ChatCompletionRequest(messages=[{"role": "user", "content": [part]}])
+
+
+@pytest.mark.parametrize("name, value", [
+    ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("repetition_penalty", 1.2),
+    ("logit_bias", {"5": 100}), ("min_tokens", 3), ("prompt_logprobs", 1),
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
+    ("tool_choice", "auto"), ("guided_json", {}), ("structured_outputs", {"regex": "a"}),
+])
+def test_unsupported_parameters_are_refused_by_name(name, value):
+    for make in (lambda **kw: _chat(**kw), lambda **kw: CompletionRequest(prompt="x", **kw)):
+        with pytest.raises(ValidationError, match=f"'{name}' is not supported by this server"):
+            make(**{name: value})
+
+
+@pytest.mark.parametrize("name, value", [("echo", True), ("suffix", "end")])
+def test_completion_only_parameters_are_refused_by_name(name, value):
+    with pytest.raises(ValidationError, match=f"'{name}' is not supported"):
+        CompletionRequest(prompt="x", **{name: value})
+    with pytest.raises(ValidationError, match=f"unknown parameter '{name}'"):
+        _chat(**{name: value})  # not a chat parameter at all
+
+
+def test_values_that_change_nothing_are_accepted():
+    neutral = dict(presence_penalty=0, frequency_penalty=0.0, repetition_penalty=1.0,
+                   logit_bias={}, min_tokens=0, tools=[], tool_choice="none",
+                   response_format={"type": "text"}, user="me", parallel_tool_calls=True,
+                   best_of=2, n=2)
+    assert _chat(**neutral).n == 2
+    assert CompletionRequest(prompt="x", echo=False, suffix="", **neutral).n == 2
+
+
+def test_unknown_and_best_of_other_than_n_are_refused():
+    with pytest.raises(ValidationError, match="unknown parameter 'foo'; unknown parameter"):
+        _chat(foo=1, bar=2)
+    with pytest.raises(ValidationError, match="best_of=3, n=1"):
+        _chat(best_of=3)
+    with pytest.raises(ValidationError, match="continuous_usage"):
+        _chat(stream_options={"continuous_usage": True})  # a misspelt option
+
+
+def test_max_completion_tokens_on_both_endpoints():
+    assert CompletionRequest(prompt="x", max_completion_tokens=7).token_limit == 7
+    assert _chat(max_tokens=5).token_limit == 5
+    assert _chat(max_tokens=5, max_completion_tokens=5).token_limit == 5
+    with pytest.raises(ValidationError, match="disagree"):
+        _chat(max_tokens=5, max_completion_tokens=6)
 
 
 def test_defaults():

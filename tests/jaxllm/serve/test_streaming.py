@@ -33,12 +33,14 @@ def _runner(script: dict[int, list]):
     return run
 
 
-def _stream(choices, script, *, chat: bool, include_usage: bool = False) -> list[str]:
+def _stream(choices, script, *, chat: bool, include_usage: bool = False,
+            continuous_usage: bool = False) -> list[str]:
     async def collect():
         events = stream_events(
             choices, _runner(script), head=HEAD, chat=chat,
             logprobs_of=lambda items: {"n": len(items)} if items else None,
-            include_usage=include_usage, usage_of=lambda: USAGE)
+            include_usage=include_usage, usage_of=lambda: USAGE,
+            continuous_usage=continuous_usage)
         return [e async for e in events]
 
     return asyncio.run(collect())
@@ -130,3 +132,12 @@ def test_an_error_mid_stream_is_reported_in_stream_and_the_stream_still_ends():
 def test_a_choice_that_ends_without_a_finish_reason_reports_abort():
     payloads = _payloads(_stream(_choices(1), {0: [output("r0", ids("a"))]}, chat=True))
     assert payloads[-1]["choices"][0]["finish_reason"] == "abort"
+
+
+def test_continuous_usage_puts_the_usage_in_every_chunk():
+    script = {0: [output("r0", ids("a")), output("r0", ids("b"), "length")]}
+    for chat in (False, True):
+        payloads = _payloads(_stream(_choices(1), script, chat=chat, continuous_usage=True))
+        assert len(payloads) >= 3 and all(p["usage"] == USAGE for p in payloads[1:])
+        plain = _payloads(_stream(_choices(1), script, chat=chat))
+        assert all("usage" not in p for p in plain)
