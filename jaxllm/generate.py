@@ -27,7 +27,7 @@ from jaxllm.layout import (
     pages_for,
     prefill_layout,
 )
-from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, sample
+from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, sample, seed_keys, seed_words
 from jaxllm.sharding import to_host
 
 MAX_STOP_IDS = 16  # stop ids per sequence, padded with -1 (a fixed shape: no recompiles)
@@ -50,12 +50,13 @@ def generate_tokens(
 ) -> tuple[jax.Array, jax.Array]:
     """Generates up to ``max_new_tokens`` (static) tokens for each prompt; pure and jittable.
 
-    tokens [B, L] int32 prompts padded on the right, lengths [B] (>= 1); seeds [B] uint32
-    per-row PRNG seeds; budgets [B] per-row token limits (<= max_new_tokens); stop_ids
-    [B, MAX_STOP_IDS] (-1 = unused). A row stops after a stop id (which it keeps), its budget,
-    or when it reaches ``max_model_len`` tokens. ``cache`` gives the page size and dtype (its
-    page count is sized here: ``B`` sequences of ``max_model_len``). Returns
-    (out [B, max_new_tokens] padded with -1, number generated [B]).
+    tokens [B, L] int32 prompts padded on the right, lengths [B] (>= 1); seeds [B, 2] uint32
+    per-row 64-bit PRNG seeds (``seed_words``); budgets [B] per-row token limits
+    (<= max_new_tokens); stop_ids [B, MAX_STOP_IDS] (-1 = unused). A row stops after a stop
+    id (which it keeps), its budget, or when it reaches ``max_model_len`` tokens. ``cache``
+    gives the page size and dtype (its page count is sized here: ``B`` sequences of
+    ``max_model_len``). Returns (out [B, max_new_tokens] padded with -1, number generated
+    [B]).
     """
     model = nnx.merge(graphdef, params)
     batch, max_len = tokens.shape
@@ -64,7 +65,7 @@ def generate_tokens(
     kv = init_kv_cache(model.config,
                        cache.contiguous(contiguous_num_pages(1, batch, pages_per_seq)),
                        model.mesh)
-    base_keys = jax.vmap(jax.random.PRNGKey)(seeds)
+    base_keys = seed_keys(seeds)
 
     def pick(hidden, step):  # step [B]: the index of the token being chosen in each row
         keys = jax.vmap(jax.random.fold_in)(base_keys, step)
@@ -130,7 +131,7 @@ def generate(
     if len(stops) > MAX_STOP_IDS:
         raise ValueError(f"{len(stops)} stop token ids given, at most {MAX_STOP_IDS}")
     check_token_ids(stops, model.config.vocab_size)
-    seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
+    seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
 
     results: list[list[int]] = []
     for start in range(0, len(checked), policy.max_num_seqs):
@@ -157,7 +158,7 @@ def pack_inputs(
     budgets[: len(prompts)] = max_new_tokens
     stop_ids = np.full((batch, MAX_STOP_IDS), -1, np.int32)
     stop_ids[:, : len(stops)] = stops
-    seeds = (np.uint64(seed) + np.arange(batch, dtype=np.uint64)).astype(np.uint32)
+    seeds = seed_words([seed + b for b in range(batch)])
     arrays = SamplingArrays.from_params([sampling] * batch)
     return tokens, lengths, seeds, budgets, stop_ids, arrays
 

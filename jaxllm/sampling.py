@@ -54,6 +54,20 @@ class SamplingParams:
 GREEDY = SamplingParams(temperature=0.0)
 
 
+def seed_words(seeds: Sequence[int]) -> np.ndarray:
+    """Seeds in [0, 2**64) as ``[B, 2]`` uint32 (high word, low word): the whole seed reaches
+    the device, where int64 is off and a plain uint32 cast would drop the high bits."""
+    s = np.asarray([int(x) % 2**64 for x in seeds], np.uint64).reshape(-1)
+    return np.stack([(s >> np.uint64(32)).astype(np.uint32),
+                     (s & np.uint64(0xFFFFFFFF)).astype(np.uint32)], axis=-1)
+
+
+def seed_keys(words: jax.Array) -> jax.Array:
+    """PRNG keys ``[B]`` from ``seed_words``: the threefry key of the full 64-bit seed, which
+    for a seed below 2**32 is ``jax.random.PRNGKey(seed)``'s."""
+    return jax.random.wrap_key_data(words, impl="threefry2x32")
+
+
 class SamplingArrays(NamedTuple):
     """Per-row sampling settings as device arrays ``[B]``."""
 

@@ -253,7 +253,7 @@ def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any
                             SamplingArrays.from_params([GREEDY] * slots))
     _, sample_step = step_functions(graphdef, "pallas", mesh, groups)
     return sample_step, (params, [(page, page)] * groups.num_slabs, rep((rows,)), meta,
-                         rep((slots,)), sampling, rep((slots,), jnp.uint32), rep((slots,)))
+                         rep((slots,)), sampling, rep((slots, 2), jnp.uint32), rep((slots,)))
 
 
 def engine_cases() -> list[Case]:

@@ -94,7 +94,7 @@ class Engine:
                                                  else set(self.model.eos_token_ids))
         check_token_ids(sorted(stops), self.model.config.vocab_size)
         request_id = request_id or f"req-{next(self._ids)}"
-        seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(32)
+        seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(63)
         return Request(request_id, ids, sampling, max_tokens, seed, frozenset(stops))
 
     def submit(self, request: Request) -> str:

@@ -21,7 +21,7 @@ from jaxllm.api import Model
 from jaxllm.buckets import BucketPolicy
 from jaxllm.kv_cache import LayerGroups, init_kv_cache, kv_cache_sharding
 from jaxllm.layout import AttentionMetadata, SeqChunk, StepBatch, build_step
-from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, sample
+from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, sample, seed_keys, seed_words
 
 TOP_LOGPROBS = 20  # the most the OpenAI API asks for
 
@@ -55,7 +55,7 @@ def step_functions(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | Non
         logits, cache = forward(params, cache, tokens, meta, logits_rows)
         # A row's key depends only on its request's seed and token index, so a seeded
         # request samples the same tokens whatever else shares its batch.
-        keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.PRNGKey)(seeds), steps)
+        keys = jax.vmap(jax.random.fold_in)(seed_keys(seeds), steps)
         tokens = sample(logits, sampling, keys, mesh)
         # Log-probabilities under the model's own distribution (before temperature and
         # filters), for the chosen token and the TOP_LOGPROBS most likely ones.
@@ -100,7 +100,7 @@ def step_temp_bytes(model: Model, policy: BucketPolicy) -> int:
         compiled = sample_fn.lower(
             model.params, [(pages, pages)] * groups.num_slabs, i32((rows,)), meta,
             i32((slots,)), SamplingArrays.from_params([GREEDY] * slots),
-            jax.ShapeDtypeStruct((slots,), np.uint32), i32((slots,))).compile()
+            jax.ShapeDtypeStruct((slots, 2), np.uint32), i32((slots,))).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     return model.compiled(("step_temp_bytes", policy), measure)
@@ -148,14 +148,15 @@ class ModelRunner:
                     seeds: Sequence[int], steps: Sequence[int]) -> Sampled:
         """Runs one step and picks each sequence's next token on device.
 
-        ``seeds`` and ``steps`` (the index of the token being picked) key each row's sampler.
+        ``seeds`` (< 2**64, all bits used) and ``steps`` (the index of the token being picked)
+        key each row's sampler.
         """
         batch = self._batch(chunks)
         slots = batch.logits_rows.shape[0]
         pad = slots - len(chunks)
         arrays = SamplingArrays.from_params(list(sampling) + [GREEDY] * pad)
-        seeds_arr = np.zeros(slots, np.uint32)
-        seeds_arr[: len(chunks)] = np.asarray(seeds, np.uint64).astype(np.uint32)
+        seeds_arr = np.zeros((slots, 2), np.uint32)
+        seeds_arr[: len(chunks)] = seed_words(seeds)
         steps_arr = np.zeros(slots, np.int32)
         steps_arr[: len(chunks)] = steps
         out, self.cache = self._sample(self.model.params, self.cache, batch.tokens,

@@ -152,7 +152,7 @@ def test_generate_tokens_is_pure_and_jittable(tiny_model):
         "max_new_tokens", "max_model_len", "cache", "attention_impl"))
     tokens = np.array([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]], np.int32)
     out, count = fn(model.graphdef, model.params, tokens, np.array([3, 5], np.int32),
-                    np.zeros(2, np.uint32), np.array([6, 4], np.int32),
+                    np.zeros((2, 2), np.uint32), np.array([6, 4], np.int32),
                     np.full((2, MAX_STOP_IDS), -1, np.int32),
                     SamplingArrays.from_params([GREEDY] * 2),
                     max_new_tokens=8, max_model_len=48, cache=model.bucket_policy.cache,

@@ -10,7 +10,7 @@ from scipy import stats
 
 import jaxllm
 from jaxllm import testing as hf_models
-from jaxllm.sampling import SamplingArrays, SamplingParams, greedy, sample
+from jaxllm.sampling import SamplingArrays, SamplingParams, greedy, sample, seed_keys, seed_words
 from jaxllm.sharding import make_mesh
 
 LOGITS = np.array([2.0, 1.5, 1.2, 0.6, 0.0, -0.4, -1.0, -3.0], np.float32)
@@ -136,3 +136,23 @@ def test_same_seed_same_tokens(tiny_model):
     greedy = jaxllm.generate(model, prompts, max_new_tokens=12)
     assert jaxllm.generate(model, prompts, max_new_tokens=12, sampling=top1) == greedy
     assert hf_models.BASE["vocab_size"] > max(max(o) for o in a)
+
+
+def test_seed_words_keep_all_64_bits():
+    words = seed_words([0, 1, 2**32 + 1, 2**63 - 1])
+    assert words.dtype == np.uint32 and words.tolist() == [
+        [0, 0], [0, 1], [1, 1], [2**31 - 1, 2**32 - 1]]
+
+
+def test_seed_keys_are_prngkey_below_2_32_and_differ_above():
+    keys = seed_keys(seed_words([7, 2**32 - 1, 1, 2**32 + 1]))
+    data = np.asarray(jax.random.key_data(keys))
+    assert data[0].tolist() == np.asarray(jax.random.PRNGKey(7)).tolist()
+    assert data[1].tolist() == np.asarray(jax.random.PRNGKey(2**32 - 1)).tolist()
+    logits = jnp.zeros((4, 1000))  # uniform: two keys that differ pick differently
+    arrays = SamplingArrays.from_params([SamplingParams(temperature=1.0)] * 4)
+    picks = np.asarray(sample(logits, arrays, keys)).tolist()
+    assert picks[2] != picks[3]  # seed 1 and 2**32 + 1 are different seeds
+    again = np.asarray(sample(logits, arrays, seed_keys(seed_words([7, 2**32 - 1, 1,
+                                                                    2**32 + 1])))).tolist()
+    assert again == picks
