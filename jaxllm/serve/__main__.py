@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--max-request-bytes", type=int, default=8 * 2**20,
+                   help="largest request body; a larger one gets a 413 unread (default 8 MiB)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dry-run", action="store_true",
                    help="plan, do not serve: compile the serving step for --target GPUs that "
@@ -102,7 +104,7 @@ def build_state(args: argparse.Namespace) -> ServerState:
     name = args.served_model_name or Path(args.model).resolve().name
     metrics = Metrics(name)
     return ServerState(AsyncEngine(engine, metrics), TextCodec.from_dir(args.model), name,
-                       metrics, args.api_key)
+                       metrics, args.api_key, args.max_request_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jaxllm.serve.__main__ import main, parse_args
+from jaxllm.serve.app import DEFAULT_MAX_REQUEST_BYTES
 
 
 def test_defaults():
@@ -13,6 +14,8 @@ def test_defaults():
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     assert args.max_model_len is None and args.num_kv_pages is None
     assert args.attention_impl is None and args.dtype is None and not args.skip_warmup
+    assert args.max_request_bytes == DEFAULT_MAX_REQUEST_BYTES
+    assert parse_args(["--max-request-bytes", "1000"]).max_request_bytes == 1000
 
 
 def test_flags_are_parsed():

@@ -154,6 +154,12 @@ def test_logprobs(server):
     (dict(prompt=PROMPT, temperature=-1), 400, "temperature"),
     (dict(prompt=PROMPT, model="other"), 404, "The model `other` does not exist."),
     (dict(prompt=[], max_tokens=2), 400, "prompt"),
+    (dict(prompt=PROMPT, presence_penalty=0.5), 400, "'presence_penalty' is not supported"),
+    (dict(prompt=PROMPT, echo=True, logprobs=1, max_tokens=1), 400, "'echo' is not supported"),
+    (dict(prompt=PROMPT, logit_bias={"5": 100}), 400, "'logit_bias' is not supported"),
+    (dict(prompt=PROMPT, best_of=2), 400, "best_of=2, n=1"),
+    (dict(prompt=PROMPT, extra_body={"top_k": 2**31}), 400, "(got 2147483648)"),
+    (dict(prompt=PROMPT, extra_body={"min_tokens": 4}), 400, "'min_tokens' is not supported"),
 ])
 def test_bad_requests_get_json_errors_and_the_server_survives(server, kwargs, status, needle):
     _, _, base, client = server
@@ -191,3 +197,40 @@ def test_malformed_json_is_a_400(server):
                    headers={"Authorization": f"Bearer {KEY}",
                             "Content-Type": "application/json"})
     assert r.status_code == 400 and json.loads(r.text)["object"] == "error"
+
+
+def test_seeds_use_all_64_bits(server):
+    _, _, _, client = server
+    texts = [client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10,
+                                       temperature=1.0, seed=seed).choices[0].text
+             for seed in (1, 2**32 + 1, 1)]
+    assert texts[0] == texts[2] and texts[0] != texts[1]
+
+
+def test_max_completion_tokens_and_include_stop_str_on_completions(server):
+    _, _, _, client = server
+    out = client.completions.create(model="tiny", prompt=PROMPT, temperature=0, extra_body={
+        "max_completion_tokens": 3, "ignore_eos": True})
+    assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"
+    full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full.split()[3]
+    cut = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0,
+                                    stop=[stop], extra_body={
+                                        "ignore_eos": True, "include_stop_str_in_output": True})
+    assert cut.choices[0].text == full[: full.index(stop) + len(stop)]
+
+
+def test_image_content_and_tools_are_refused_by_name(server):
+    _, _, _, client = server
+    image = {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}
+    for kwargs, needle in [
+        (dict(messages=[{"role": "user", "content": [image]}]), "image input is not supported"),
+        (dict(messages=[{"role": "user", "content": "w1"}],
+              tools=[{"type": "function", "function": {"name": "f"}}]),
+         "'tools' is not supported"),
+        (dict(messages=[{"role": "user", "content": "w1"}],
+              response_format={"type": "json_object"}), "'response_format' is not supported"),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=needle):
+            client.chat.completions.create(model="tiny", max_tokens=2, **kwargs)
