@@ -43,6 +43,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     num_output_tokens: int
+    queued_seconds: float | None = None  # from admission check to the first scheduled step
 
 
 class Engine:
@@ -163,7 +164,8 @@ class Engine:
                 picked.top_ids[i].tolist(), picked.top_logprobs[i].tolist(), strict=True)))
             outputs.append(RequestOutput(
                 request.request_id, [token], [logprob], reason is not None, reason,
-                len(request.prompt), request.num_cached_prompt, len(request.output)))
+                len(request.prompt), request.num_cached_prompt, len(request.output),
+                request.queued_seconds))
         return outputs
 
     def report(self) -> list[str]:

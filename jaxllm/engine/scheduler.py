@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -46,6 +47,15 @@ class Request:
     page_hashes: list[bytes] = dataclasses.field(default_factory=list)  # of full pages
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    arrived_at: float = dataclasses.field(default_factory=time.monotonic)
+    first_scheduled_at: float | None = None
+
+    @property
+    def queued_seconds(self) -> float | None:
+        """Time from arrival to the first step that ran it (None before that)."""
+        if self.first_scheduled_at is None:
+            return None
+        return self.first_scheduled_at - self.arrived_at
 
     @property
     def tokens(self) -> list[int]:
@@ -107,6 +117,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             request.status = Status.RUNNING
+            if request.first_scheduled_at is None:
+                request.first_scheduled_at = time.monotonic()
             self.running.append(request)
             out.append(_scheduled(request, n))
             budget -= n

@@ -270,7 +270,10 @@ async def _run_choice(state: ServerState, choice: Choice) -> AsyncIterator[None]
     finally:
         state.metrics.on_finish(choice.finish_reason or ended, len(choice.request.prompt),
                                 choice.first_token_at and choice.first_token_at - start,
-                                time.perf_counter() - start)
+                                time.perf_counter() - start,
+                                output_tokens=len(choice.token_ids),
+                                cached_tokens=choice.num_cached_tokens,
+                                inter_token=choice.inter_token, queued=choice.queued_seconds)
 
 
 async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], raw: Request,

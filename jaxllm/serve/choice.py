@@ -34,6 +34,10 @@ class Choice:
     emitted: int = 0
     finish_reason: str | None = None
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    inter_token: list[float] = dataclasses.field(default_factory=list)  # seconds between tokens
+    num_cached_tokens: int = 0  # of the prompt, from the prefix cache
+    queued_seconds: float | None = None  # waiting before the engine first ran it
     include_stop: bool = False
     skip_special: bool = True
 
@@ -42,7 +46,14 @@ class Choice:
                        else None)
 
     def feed(self, out: RequestOutput) -> None:
-        self.first_token_at = self.first_token_at or time.perf_counter()
+        now = time.perf_counter()
+        if self.last_token_at is not None:
+            self.inter_token.append(now - self.last_token_at)
+        self.first_token_at = self.first_token_at or now
+        self.last_token_at = now
+        self.num_cached_tokens = out.num_cached_tokens
+        if self.queued_seconds is None:
+            self.queued_seconds = out.queued_seconds
         ids = out.new_token_ids
         stopped_on_id = out.finish_reason == "stop" and ids and ids[-1] in self.request.stop_ids
         self.token_ids += ids

@@ -1,7 +1,10 @@
-"""Prometheus metrics of the server (names follow the CUDA engine's, prefixed jaxllm:)."""
+"""Prometheus metrics of the server: vLLM's names (``vllm:``), so its dashboards work, and
+jaxllm's own (``jaxllm:``) for what vLLM has no name for (step time and failures, per-group
+KV usage)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -10,6 +13,8 @@ if TYPE_CHECKING:
     from jaxllm.engine import Engine, RequestOutput
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+                  0.5, 0.75, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -17,33 +22,46 @@ class Metrics:
         self.registry = CollectorRegistry()
         label = {"model_name": model_name}
         r, names = self.registry, ["model_name"]
-        self.requests = Counter("jaxllm:request_success", "Finished requests",
+        self.requests = Counter("vllm:request_success", "Finished requests",
                                 names + ["finished_reason"], registry=r)
-        self.prompt_tokens = Counter("jaxllm:prompt_tokens", "Prefilled prompt tokens",
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens",
                                      names, registry=r).labels(**label)
-        self.generation_tokens = Counter("jaxllm:generation_tokens", "Generated tokens",
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens",
                                          names, registry=r).labels(**label)
-        self.running = Gauge("jaxllm:num_requests_running", "Requests running", names,
+        self.running = Gauge("vllm:num_requests_running", "Requests running", names,
                              registry=r).labels(**label)
-        self.waiting = Gauge("jaxllm:num_requests_waiting", "Requests waiting", names,
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", names,
                              registry=r).labels(**label)
-        self.cache_usage = Gauge("jaxllm:kv_cache_usage_perc", "Fraction of KV pages in use",
+        self.cache_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV pages in use",
                                  names, registry=r).labels(**label)
-        self.ttft = Histogram("jaxllm:time_to_first_token_seconds", "Time to first token",
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token",
                               names, buckets=_LATENCY, registry=r).labels(**label)
-        self.e2e = Histogram("jaxllm:e2e_request_latency_seconds", "Request latency", names,
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency", names,
                              buckets=_LATENCY, registry=r).labels(**label)
         self.step_failures = Counter("jaxllm:engine_step_failures",
                                      "Engine steps that failed (their requests got an error)",
                                      names, registry=r).labels(**label)
         self.step_time = Histogram("jaxllm:engine_step_seconds", "Engine step time", names,
                                    buckets=_LATENCY, registry=r).labels(**label)
-        self.preemptions = Counter("jaxllm:num_preemptions", "Requests preempted (recomputed "
+        self.preemptions = Counter("vllm:num_preemptions", "Requests preempted (recomputed "
                                    "later) for want of KV pages", names,
                                    registry=r).labels(**label)
         self.group_usage = Gauge("jaxllm:kv_cache_group_usage_perc", "Fraction of the KV "
                                  "page pool held by each layer group", names + ["group"],
                                  registry=r)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token "
+                              "after the first: (latency - TTFT) / (output tokens - 1)", names,
+                              buckets=_TOKEN_LATENCY, registry=r).labels(**label)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between two tokens of "
+                             "a request", names, buckets=_TOKEN_LATENCY,
+                             registry=r).labels(**label)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Time a request waited "
+                                    "before its first step", names, buckets=_LATENCY,
+                                    registry=r).labels(**label)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in "
+                                      "the prefix cache", names, registry=r).labels(**label)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens served from the "
+                                   "prefix cache", names, registry=r).labels(**label)
         self._label = label
         self._preempted = 0
 
@@ -69,12 +87,22 @@ class Metrics:
     def on_step_failure(self) -> None:
         self.step_failures.inc()
 
-    def on_finish(self, reason: str, prompt_tokens: int, ttft: float | None,
-                  e2e: float) -> None:
+    def on_finish(self, reason: str, prompt_tokens: int, ttft: float | None, e2e: float,
+                  *, output_tokens: int = 0, cached_tokens: int = 0,
+                  inter_token: Sequence[float] = (), queued: float | None = None) -> None:
+        """Records one finished request (any way it ended)."""
         self.requests.labels(finished_reason=reason, **self._label).inc()
         self.prompt_tokens.inc(prompt_tokens)
+        self.prefix_queries.inc(prompt_tokens)
+        self.prefix_hits.inc(cached_tokens)
         if ttft is not None:
             self.ttft.observe(ttft)
+            if output_tokens > 1:
+                self.tpot.observe((e2e - ttft) / (output_tokens - 1))
+        for seconds in inter_token:
+            self.itl.observe(seconds)
+        if queued is not None:
+            self.queue_time.observe(queued)
         self.e2e.observe(e2e)
 
     def render(self) -> bytes:

@@ -210,6 +210,6 @@ def test_a_non_streaming_request_is_aborted_when_its_client_disconnects():
         async_engine.shutdown()
     assert sent[0]["status"] == 499
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
-    [sample] = [s for s in families["jaxllm:request_success"].samples
+    [sample] = [s for s in families["vllm:request_success"].samples
                 if s.name.endswith("_total")]
     assert sample.labels["finished_reason"] == "abort" and sample.value == 1

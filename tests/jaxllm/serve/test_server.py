@@ -188,7 +188,11 @@ def test_tokenize_detokenize_metrics(server):
     assert bad.status_code == 400 and "out of vocabulary" in bad.json()["message"]
     client.completions.create(model="tiny", prompt="w8 w9", max_tokens=2)
     text = httpx.get(f"{base}/metrics").text
-    assert "jaxllm:request_success_total" in text and "jaxllm:time_to_first_token" in text
+    assert "vllm:request_success_total" in text and "vllm:time_to_first_token" in text
+    for name in ("vllm:time_per_output_token_seconds_count", "vllm:inter_token_latency_seconds",
+                 "vllm:request_queue_time_seconds", "vllm:prefix_cache_queries_total",
+                 "vllm:num_preemptions_total", "vllm:kv_cache_usage_perc"):
+        assert name in text
 
 
 def test_malformed_json_is_a_400(server):
