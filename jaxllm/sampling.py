@@ -30,6 +30,9 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    # Score the prompt: each prompt token's log-probability given the tokens before it, with
+    # this many top alternatives (None: off). The engine then skips the prefix cache for it.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -40,8 +43,12 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k} must be -1, 0 (both: off) or positive")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs={self.prompt_logprobs} must be in [0, 20]")
+        if self.max_tokens is not None and self.max_tokens < (
+                0 if self.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1 (0 only to score "
+                             "the prompt, with prompt_logprobs)")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed} must be in [0, 2**63)")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))

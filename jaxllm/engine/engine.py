@@ -18,7 +18,7 @@ from jaxllm.engine.memory import (
     weights_bytes_per_device,
 )
 from jaxllm.engine.pages import PageAllocator
-from jaxllm.engine.runner import ModelRunner, step_temp_bytes
+from jaxllm.engine.runner import ModelRunner, Scored, step_temp_bytes
 from jaxllm.engine.scheduler import Request, Scheduled, Scheduler
 from jaxllm.layout import SeqChunk, check_token_ids, pages_for
 from jaxllm.sampling import SamplingParams
@@ -44,6 +44,8 @@ class RequestOutput:
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     num_output_tokens: int
     queued_seconds: float | None = None  # from admission check to the first scheduled step
+    # With prompt_logprobs, on a request's first output: prompt tokens 1.. scored.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Engine:
@@ -89,8 +91,12 @@ class Engine:
         ids = check_token_ids(list(prompt), self.model.config.vocab_size).tolist()
         if sampling.max_tokens is None:
             self.policy.check_request(len(ids), max(1, self.policy.max_model_len - len(ids)))
-        max_tokens = sampling.max_tokens or self.policy.max_model_len - len(ids)
-        self.policy.check_request(len(ids), max_tokens)
+        max_tokens = (self.policy.max_model_len - len(ids) if sampling.max_tokens is None
+                      else sampling.max_tokens)
+        if max_tokens == 0:  # only scores the prompt
+            self.policy.check_length(len(ids))
+        else:
+            self.policy.check_request(len(ids), max_tokens)
         stops = set(sampling.stop_token_ids) | (set() if ignore_eos
                                                  else set(self.model.eos_token_ids))
         check_token_ids(sorted(stops), self.model.config.vocab_size)
@@ -132,10 +138,14 @@ class Engine:
                                s.request.tokens[s.request.num_computed:
                                                 s.request.num_computed + s.num_tokens])
                       for s in scheduled]
-            picked = self.runner.sample_step(
-                chunks, [s.request.sampling for s in scheduled],
-                seeds=[s.request.seed for s in scheduled],
-                steps=[len(s.request.output) for s in scheduled])
+            args = (chunks, [s.request.sampling for s in scheduled],
+                    [s.request.seed for s in scheduled], [len(s.request.output) for s in scheduled])
+            targets = _prompt_targets(scheduled)
+            scored = None
+            if any(t >= 0 for t in targets):
+                picked, scored = self.runner.sample_and_score_step(*args, targets)
+            else:
+                picked = self.runner.sample_step(*args)
         except Exception as error:
             ids = [s.request.request_id for s in scheduled]
             log.error("engine step failed (%s: %s); stopping its requests %s",
@@ -146,11 +156,23 @@ class Engine:
                         len(self.requests), preempted)
             raise StepFailed(ids, error) from error
         outputs = []
+        row = 0
         for i, s in enumerate(scheduled):
             request, token = s.request, int(picked.tokens[i])
+            if scored is not None:
+                _record_prompt_scores(s, scored, row)
+            row += s.num_tokens
             self.scheduler.computed(s)
             if not s.samples:
                 continue  # a prefill chunk that has not reached the prompt's end
+            if request.max_tokens == 0:  # the prompt is scored; nothing to generate
+                self.scheduler.finish(request, "length")
+                del self.requests[request.request_id]
+                outputs.append(RequestOutput(
+                    request.request_id, [], [], True, "length", len(request.prompt),
+                    request.num_cached_prompt, 0, request.queued_seconds,
+                    request.scored_prompt))
+                continue
             request.output.append(int(token))
             reason = None
             if token in request.stop_ids:
@@ -165,7 +187,9 @@ class Engine:
             outputs.append(RequestOutput(
                 request.request_id, [token], [logprob], reason is not None, reason,
                 len(request.prompt), request.num_cached_prompt, len(request.output),
-                request.queued_seconds))
+                request.queued_seconds,
+                request.scored_prompt if request.sampling.prompt_logprobs is not None
+                and len(request.output) == 1 else None))
         return outputs
 
     def report(self) -> list[str]:
@@ -220,3 +244,33 @@ class Engine:
             for out in self.step():
                 produced[out.request_id] += out.new_token_ids
         return [produced[i] for i in ids]
+
+
+def _prompt_targets(scheduled: Sequence[Scheduled]) -> list[int]:
+    """Per flat row of the step: the prompt token that follows it when its request scores its
+    prompt (``prompt_logprobs``), else -1."""
+    targets = []
+    for s in scheduled:
+        request, start = s.request, s.request.num_computed
+        wants = request.sampling.prompt_logprobs is not None
+        targets += [request.prompt[p + 1] if wants and p + 1 < len(request.prompt) else -1
+                    for p in range(start, start + s.num_tokens)]
+    return targets
+
+
+def _record_prompt_scores(s: Scheduled, scored: Scored, first_row: int) -> None:
+    """Appends the scores of the prompt tokens this chunk predicted; a chunk recomputed after
+    a preemption adds nothing it already had."""
+    request = s.request
+    if request.sampling.prompt_logprobs is None:
+        return
+    for k in range(s.num_tokens):
+        index = request.num_computed + k + 1  # the prompt token row k predicts
+        if index >= len(request.prompt) or index <= len(request.scored_prompt):
+            continue
+        r = first_row + k
+        request.scored_prompt.append(TokenLogprob(
+            request.prompt[index], float(scored.logprobs[r]),
+            list(zip(scored.top_ids[r].tolist(), scored.top_logprobs[r].tolist(),
+                     strict=True))))
+

@@ -8,6 +8,7 @@ KV cache donated, so the pages are updated in place from step to step.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -35,6 +36,21 @@ class Sampled(NamedTuple):
     top_logprobs: np.ndarray  # [S, TOP_LOGPROBS] float32
 
 
+def pick(logits: jax.Array, sampling: SamplingArrays, seeds: jax.Array, steps: jax.Array,
+         mesh: Mesh | None) -> tuple[jax.Array, ...]:
+    """Each row's next token, its log-probability and the top alternatives."""
+    # A row's key depends only on its request's seed and token index, so a seeded
+    # request samples the same tokens whatever else shares its batch.
+    keys = jax.vmap(jax.random.fold_in)(seed_keys(seeds), steps)
+    tokens = sample(logits, sampling, keys, mesh)
+    # Log-probabilities under the model's own distribution (before temperature and
+    # filters), for the chosen token and the TOP_LOGPROBS most likely ones.
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_values, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    return tokens, chosen, top_ids, top_values
+
+
 def step_functions(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None,
                    groups: LayerGroups) -> tuple[Callable, Callable]:
     """The step's pure functions, (forward, forward_and_sample), for the runner's jit and for
@@ -53,18 +69,43 @@ def step_functions(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | Non
 
     def forward_and_sample(params, cache, tokens, meta, logits_rows, sampling, seeds, steps):
         logits, cache = forward(params, cache, tokens, meta, logits_rows)
-        # A row's key depends only on its request's seed and token index, so a seeded
-        # request samples the same tokens whatever else shares its batch.
-        keys = jax.vmap(jax.random.fold_in)(seed_keys(seeds), steps)
-        tokens = sample(logits, sampling, keys, mesh)
-        # Log-probabilities under the model's own distribution (before temperature and
-        # filters), for the chosen token and the TOP_LOGPROBS most likely ones.
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
-        chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-        top_values, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
-        return (tokens, chosen, top_ids, top_values), cache
+        return pick(logits, sampling, seeds, steps, mesh), cache
 
     return forward, forward_and_sample
+
+
+SCORE_BLOCK = 256  # rows whose full-vocabulary log-probabilities exist at once
+
+
+def scoring_step_function(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None,
+                          groups: LayerGroups) -> Callable:
+    """The step that also scores every row (prompt log-probabilities, for ``echo`` and
+    ``prompt_logprobs``): ``(..., steps, targets [T]) -> ((picked...), (target logprob [T],
+    top ids [T, K], top logprobs [T, K])), cache``. Row t's target is the token that follows
+    it (-1: none). The vocabulary-wide log-softmax runs ``SCORE_BLOCK`` rows at a time, so
+    its memory does not grow with the step's width."""
+    def forward_sample_and_score(params, cache, tokens, meta, logits_rows, sampling, seeds,
+                                 steps, targets):
+        module = nnx.merge(graphdef, params)
+        hidden, cache = module(tokens, cache, meta, attention_impl=attention_impl,
+                               groups=groups)
+        picked = pick(module.logits(hidden[logits_rows]), sampling, seeds, steps, mesh)
+        rows = hidden.shape[0]
+        block = math.gcd(rows, SCORE_BLOCK)
+
+        def score(args):
+            h, t = args
+            logprobs = jax.nn.log_softmax(module.logits(h), axis=-1)
+            chosen = jnp.take_along_axis(logprobs, jnp.maximum(t, 0)[:, None], axis=-1)[:, 0]
+            top_values, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+            return jnp.where(t >= 0, chosen, 0.0), top_ids, top_values
+
+        scored = jax.lax.map(score, (hidden.reshape(rows // block, block, -1),
+                                     targets.reshape(rows // block, block)))
+        scored = jax.tree.map(lambda a: a.reshape(rows, *a.shape[2:]), scored)
+        return (picked, scored), cache
+
+    return forward_sample_and_score
 
 
 def _step_programs(model: Model, groups: LayerGroups):
@@ -106,6 +147,14 @@ def step_temp_bytes(model: Model, policy: BucketPolicy) -> int:
     return model.compiled(("step_temp_bytes", policy), measure)
 
 
+class Scored(NamedTuple):
+    """Per flat row: the log-probability of the token that follows it, and the top ones."""
+
+    logprobs: np.ndarray  # [rows] float32 (0 where there is no following token)
+    top_ids: np.ndarray  # [rows, TOP_LOGPROBS] int32
+    top_logprobs: np.ndarray  # [rows, TOP_LOGPROBS] float32
+
+
 class ModelRunner:
     """Holds the paged KV cache and runs steps on it (cache donated: updated in place)."""
 
@@ -121,6 +170,7 @@ class ModelRunner:
             out_shardings=[(sharding, sharding)] * groups.num_slabs)
         self.cache = self._new_cache()
         self._logits, self._sample = _step_programs(model, groups)
+        self._score = None
 
     def reset_cache(self) -> None:
         """Re-creates the KV cache, zeroed. After a failed step the old buffers are donated or
@@ -151,6 +201,30 @@ class ModelRunner:
         ``seeds`` (< 2**64, all bits used) and ``steps`` (the index of the token being picked)
         key each row's sampler.
         """
+        batch, args = self._sample_args(chunks, sampling, seeds, steps)
+        out, self.cache = self._sample(self.model.params, self.cache, *args)
+        return _check_finite(Sampled(*(np.asarray(a)[: batch.num_seqs] for a in out)))
+
+    def sample_and_score_step(self, chunks: Sequence[SeqChunk],
+                              sampling: Sequence[SamplingParams], seeds: Sequence[int],
+                              steps: Sequence[int], targets: Sequence[int]
+                              ) -> tuple[Sampled, Scored]:
+        """``sample_step``, and the log-probability of ``targets[t]`` (the token after row t,
+        -1 for none) under each row's distribution, with the top alternatives."""
+        if self._score is None:  # compiled on first use: only echo / prompt_logprobs need it
+            score = scoring_step_function(self.model.graphdef, self.model.attention_impl,
+                                          self.model.mesh, self.groups)
+            rep = self.model.replicated()
+            self._score = jax.jit(score, donate_argnums=(1,),
+                                  in_shardings=(self.model.param_shardings, None) + (rep,) * 7)
+        batch, args = self._sample_args(chunks, sampling, seeds, steps)
+        rows = np.full(batch.tokens.shape[0], -1, np.int32)
+        rows[: len(targets)] = targets
+        (out, scored), self.cache = self._score(self.model.params, self.cache, *args, rows)
+        picked = _check_finite(Sampled(*(np.asarray(a)[: batch.num_seqs] for a in out)))
+        return picked, Scored(*(np.asarray(a)[: len(targets)] for a in scored))
+
+    def _sample_args(self, chunks, sampling, seeds, steps) -> tuple[StepBatch, tuple]:
         batch = self._batch(chunks)
         slots = batch.logits_rows.shape[0]
         pad = slots - len(chunks)
@@ -159,11 +233,8 @@ class ModelRunner:
         seeds_arr[: len(chunks)] = seed_words(seeds)
         steps_arr = np.zeros(slots, np.int32)
         steps_arr[: len(chunks)] = steps
-        out, self.cache = self._sample(self.model.params, self.cache, batch.tokens,
-                                       batch.meta, batch.logits_rows, arrays, seeds_arr,
-                                       steps_arr)
-        n = batch.num_seqs
-        return _check_finite(Sampled(*(np.asarray(a)[:n] for a in out)))
+        return batch, (batch.tokens, batch.meta, batch.logits_rows, arrays, seeds_arr,
+                       steps_arr)
 
 
 def _check_finite(picked: Sampled) -> Sampled:

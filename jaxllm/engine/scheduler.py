@@ -48,6 +48,8 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrived_at: float = dataclasses.field(default_factory=time.monotonic)
+    # With prompt_logprobs: the score of prompt tokens 1, 2, ... (token 0 has none).
+    scored_prompt: list = dataclasses.field(default_factory=list)
     first_scheduled_at: float | None = None
 
     @property
@@ -158,6 +160,8 @@ class Scheduler:
         return preempted
 
     def _take_cached_prefix(self, request: Request) -> None:
+        if request.sampling.prompt_logprobs is not None:
+            return  # cached rows would never be scored: compute the whole prompt
         # At least the last token is computed, so the step yields logits for it.
         usable = request.tokens[: len(request.tokens) - 1]
         request.pages = self.pages.match_prefix(usable)

@@ -193,3 +193,32 @@ def test_hybrid_cache_runs_four_long_requests_where_two_would_fit(tiny_model):
         if hybrid:
             assert engine.scheduler.num_preemptions == 0
     assert widest == {True: 4, False: 2}
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_prompt_logprobs_equal_hf(scout, max_tokens):
+    """Each prompt token's log-probability given the tokens before it (HF's log-softmax at
+    the previous position), across prefill chunks of 16 rows and two requests in a step;
+    max_tokens=0 scores the prompt and generates nothing."""
+    hf, model = scout
+    engine = Engine(model, max_num_batched_tokens=16)
+    prompts = _prompts([30, 7], seed=21)
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, prompt_logprobs=3)
+    ids = [engine.add_request(p, sampling) for p in prompts]
+    first = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            first.setdefault(out.request_id, out)
+    for rid, prompt in zip(ids, prompts, strict=True):
+        with torch.no_grad():
+            logits = hf(input_ids=torch.tensor([prompt])).logits[0].double()
+        want = torch.log_softmax(logits, -1)
+        scores = first[rid].prompt_logprobs
+        assert [s.token_id for s in scores] == prompt[1:]
+        for j, s in enumerate(scores, start=1):
+            assert abs(s.logprob - float(want[j - 1, prompt[j]])) < 1e-4
+            best = torch.topk(want[j - 1], 3)
+            assert [t for t, _ in s.top[:3]] == best.indices.tolist()
+        assert first[rid].num_output_tokens == min(max_tokens, 1)
+        assert len(first[rid].new_token_ids) == min(max_tokens, 1)
+    assert engine.pages.num_free == engine.pages.num_pages
