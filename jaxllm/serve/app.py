@@ -23,7 +23,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import jaxllm
 from jaxllm.layout import check_token_ids
 from jaxllm.serve.async_engine import AsyncEngine, EngineError
-from jaxllm.serve.choice import Choice, chat_logprobs, completion_logprobs, token_text_fn
+from jaxllm.serve.choice import (
+    Choice,
+    chat_logprobs,
+    completion_logprobs,
+    echo_logprobs,
+    token_text_fn,
+    vllm_prompt_logprobs,
+)
 from jaxllm.serve.guards import Guards
 from jaxllm.serve.metrics import Metrics
 from jaxllm.serve.protocol import (
@@ -341,11 +348,22 @@ def _logprobs(state: ServerState, req, items, chat: bool) -> dict[str, Any] | No
 
 def _final_choice(state, req, c: Choice, chat: bool) -> dict[str, Any]:
     c.take_delta()
+    token_text, prompt = token_text_fn(state.codec), c.request.prompt
+    extra = {}
+    if req.prompt_logprobs is not None:
+        extra["prompt_logprobs"] = vllm_prompt_logprobs(token_text, req.prompt_logprobs,
+                                                        prompt, c.prompt_scores or [])
     if chat:
         return {"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": _logprobs(state, req, c.logprobs, chat),
-                "finish_reason": c.finish_reason}
-    return {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-            "logprobs": _logprobs(state, req, c.logprobs, chat)}
+                "finish_reason": c.finish_reason, **extra}
+    text, logprobs = c.text, _logprobs(state, req, c.logprobs, chat)
+    if req.echo:
+        text = (state.codec.decode(prompt) if state.codec else "") + text
+        if req.logprobs is not None:
+            logprobs = echo_logprobs(token_text, req.logprobs, prompt, c.prompt_scores or [],
+                                     logprobs if c.token_ids else None)
+    return {"index": c.index, "text": text, "finish_reason": c.finish_reason,
+            "logprobs": logprobs, **extra}
 
 

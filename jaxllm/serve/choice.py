@@ -38,6 +38,7 @@ class Choice:
     inter_token: list[float] = dataclasses.field(default_factory=list)  # seconds between tokens
     num_cached_tokens: int = 0  # of the prompt, from the prefix cache
     queued_seconds: float | None = None  # waiting before the engine first ran it
+    prompt_scores: list[Any] | None = None  # prompt tokens 1.. scored, when asked for
     include_stop: bool = False
     skip_special: bool = True
 
@@ -54,6 +55,8 @@ class Choice:
         self.num_cached_tokens = out.num_cached_tokens
         if self.queued_seconds is None:
             self.queued_seconds = out.queued_seconds
+        if out.prompt_logprobs is not None:
+            self.prompt_scores = out.prompt_logprobs
         ids = out.new_token_ids
         stopped_on_id = out.finish_reason == "stop" and ids and ids[-1] in self.request.stop_ids
         self.token_ids += ids
@@ -112,3 +115,37 @@ def chat_logprobs(token_text: TokenText, wanted: bool, top_n: int, items: Sequen
     return {"content": [{**entry(i.token_id, i.logprob),
                          "top_logprobs": [entry(t, lp) for t, lp in i.top[:top_n]]}
                         for i in items]}
+
+
+def echo_logprobs(token_text: TokenText, top_n: int, prompt: Sequence[int],
+                  prompt_scores: Sequence[TokenLogprob], completion: dict[str, Any] | None
+                  ) -> dict[str, Any]:
+    """The completions ``logprobs`` object with the prompt first (``echo``): the first prompt
+    token has no log-probability (None), as in OpenAI's API; offsets run over both."""
+    first = {"tokens": [token_text(prompt[0])], "token_logprobs": [None],
+             "top_logprobs": [None], "text_offset": [0]}
+    scored = completion_logprobs(token_text, top_n, prompt_scores)
+    out = {k: first[k] + scored[k] for k in first}
+    offset = len(first["tokens"][0])
+    out["text_offset"] = [0] + [offset + o for o in scored["text_offset"]]
+    offset = out["text_offset"][-1] + len(out["tokens"][-1])
+    if completion is not None:
+        for k in ("tokens", "token_logprobs", "top_logprobs"):
+            out[k] += completion[k]
+        out["text_offset"] += [offset + o for o in completion["text_offset"]]
+    return out
+
+
+def vllm_prompt_logprobs(token_text: TokenText, top_n: int, prompt: Sequence[int],
+                         prompt_scores: Sequence[TokenLogprob]) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs``: None for the first token, then per token a map from token
+    id to its log-probability, rank (1-based, among the top 20 we keep; None beyond) and
+    text, for the actual token and the ``top_n`` most likely ones."""
+    out: list[dict[str, Any] | None] = [None]
+    for item in prompt_scores:
+        ranks = {t: r for r, (t, _) in enumerate(item.top, start=1)}
+        entries = {item.token_id: item.logprob, **dict(item.top[:top_n])}
+        out.append({str(t): {"logprob": lp, "rank": ranks.get(t),
+                             "decoded_token": token_text(t)} for t, lp in entries.items()})
+    return out
+

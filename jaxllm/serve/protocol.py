@@ -23,7 +23,6 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "repetition_penalty": (None, 1, 1.0),
     "logit_bias": (None, {}),
     "min_tokens": (None, 0),
-    "prompt_logprobs": (None,),
     "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -36,7 +35,6 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "structured_outputs": (None,),
 }
 _UNSUPPORTED_COMPLETION: dict[str, tuple[Any, ...]] = {
-    "echo": (None, False),
     "suffix": (None, ""),
 }
 # Accepted and meaningless here: only bookkeeping, or only meaningful with refused tools.
@@ -70,8 +68,8 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")  # checked whole by _check_extras
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=-1, ge=-1, le=INT32_MAX)
@@ -86,8 +84,15 @@ class _Sampling(BaseModel):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's
 
     _unsupported = _UNSUPPORTED
+
+    @property
+    def scores_prompt(self) -> int | None:
+        """Top alternatives to return per prompt token, or None when the prompt is not
+        scored (``prompt_logprobs``; ``echo`` with ``logprobs`` on completions)."""
+        return self.prompt_logprobs
 
     @model_validator(mode="after")
     def _check_extras(self):
@@ -99,12 +104,22 @@ class _Sampling(BaseModel):
                 and self.max_tokens != self.max_completion_tokens):
             raise ValueError(f"max_tokens={self.max_tokens} and max_completion_tokens="
                              f"{self.max_completion_tokens} disagree: give one")
+        if self.token_limit == 0 and self.scores_prompt is None:
+            field = ("max_completion_tokens" if self.max_completion_tokens is not None
+                     else "max_tokens")
+            raise ValueError(f"{field}=0 generates nothing: it is only allowed to score the "
+                             f"prompt (echo with logprobs, or prompt_logprobs)")
+        if self.scores_prompt is not None and self.stream:
+            raise ValueError("prompt log-probabilities (echo with logprobs, prompt_logprobs) "
+                             "are not supported with stream=true")
         return self
 
     @property
     def token_limit(self) -> int | None:
         """The completion's length limit (``max_completion_tokens`` or ``max_tokens``)."""
-        return self.max_completion_tokens or self.max_tokens
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -118,7 +133,8 @@ class _Sampling(BaseModel):
         seed = None if self.seed is None else (self.seed + seed_offset) % 2**63
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               min_p=self.min_p, seed=seed, max_tokens=max_tokens,
-                              stop_token_ids=tuple(self.stop_token_ids or ()))
+                              stop_token_ids=tuple(self.stop_token_ids or ()),
+                              prompt_logprobs=self.scores_prompt)
 
     @property
     def include_usage(self) -> bool:
@@ -133,7 +149,21 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
+    echo: bool = False  # the prompt comes back before the completion (and its logprobs)
+
+    @model_validator(mode="after")
+    def _check_echo(self):
+        if self.echo and self.stream:
+            raise ValueError("'echo' is not supported with stream=true")
+        return self
+
     _unsupported = {**_UNSUPPORTED, **_UNSUPPORTED_COMPLETION}
+
+    @property
+    def scores_prompt(self) -> int | None:
+        echoed = self.logprobs if self.echo else None
+        wanted = [n for n in (self.prompt_logprobs, echoed) if n is not None]
+        return max(wanted) if wanted else None
 
 
 _IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})

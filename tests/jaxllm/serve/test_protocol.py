@@ -77,7 +77,7 @@ def test_content_parts_other_than_text_are_refused(part, needle):
 
 @pytest.mark.parametrize("name, value", [
     ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("repetition_penalty", 1.2),
-    ("logit_bias", {"5": 100}), ("min_tokens", 3), ("prompt_logprobs", 1),
+    ("logit_bias", {"5": 100}), ("min_tokens", 3),
     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
     ("tool_choice", "auto"), ("guided_json", {}), ("structured_outputs", {"regex": "a"}),
 ])
@@ -87,12 +87,27 @@ def test_unsupported_parameters_are_refused_by_name(name, value):
             make(**{name: value})
 
 
-@pytest.mark.parametrize("name, value", [("echo", True), ("suffix", "end")])
-def test_completion_only_parameters_are_refused_by_name(name, value):
-    with pytest.raises(ValidationError, match=f"'{name}' is not supported"):
-        CompletionRequest(prompt="x", **{name: value})
-    with pytest.raises(ValidationError, match=f"unknown parameter '{name}'"):
-        _chat(**{name: value})  # not a chat parameter at all
+def test_completion_only_parameters():
+    with pytest.raises(ValidationError, match="'suffix' is not supported"):
+        CompletionRequest(prompt="x", suffix="end")
+    for name, value in (("suffix", "end"), ("echo", True)):
+        with pytest.raises(ValidationError, match=f"unknown parameter '{name}'"):
+            _chat(**{name: value})  # not a chat parameter at all
+
+
+def test_scoring_the_prompt():
+    """echo with logprobs, or prompt_logprobs, scores the prompt; max_tokens=0 only then."""
+    assert CompletionRequest(prompt="x", echo=True, logprobs=2, max_tokens=0).scores_prompt == 2
+    assert CompletionRequest(prompt="x", echo=True).scores_prompt is None
+    assert CompletionRequest(prompt="x", echo=True, logprobs=1,
+                             prompt_logprobs=4).scores_prompt == 4
+    assert _chat(prompt_logprobs=3).scores_prompt == 3
+    with pytest.raises(ValidationError, match="max_tokens=0 generates nothing"):
+        CompletionRequest(prompt="x", max_tokens=0)
+    with pytest.raises(ValidationError, match="'echo' is not supported with stream=true"):
+        CompletionRequest(prompt="x", echo=True, stream=True)
+    with pytest.raises(ValidationError, match="not supported with stream=true"):
+        _chat(prompt_logprobs=1, stream=True)
 
 
 def test_values_that_change_nothing_are_accepted():

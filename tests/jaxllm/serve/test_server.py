@@ -155,7 +155,8 @@ def test_logprobs(server):
     (dict(prompt=PROMPT, model="other"), 404, "The model `other` does not exist."),
     (dict(prompt=[], max_tokens=2), 400, "prompt"),
     (dict(prompt=PROMPT, presence_penalty=0.5), 400, "'presence_penalty' is not supported"),
-    (dict(prompt=PROMPT, echo=True, logprobs=1, max_tokens=1), 400, "'echo' is not supported"),
+    (dict(prompt=PROMPT, echo=True, stream=True), 400, "'echo' is not supported with stream"),
+    (dict(prompt=PROMPT, max_tokens=0), 400, "max_tokens=0 generates nothing"),
     (dict(prompt=PROMPT, logit_bias={"5": 100}), 400, "'logit_bias' is not supported"),
     (dict(prompt=PROMPT, best_of=2), 400, "best_of=2, n=1"),
     (dict(prompt=PROMPT, extra_body={"top_k": 2**31}), 400, "(got 2147483648)"),
@@ -238,3 +239,33 @@ def test_image_content_and_tools_are_refused_by_name(server):
     ]:
         with pytest.raises(openai.BadRequestError, match=needle):
             client.chat.completions.create(model="tiny", max_tokens=2, **kwargs)
+
+
+def test_echo_scores_the_prompt_like_lm_eval(server):
+    """lm-eval's loglikelihood request: echo, logprobs=1, max_tokens=0 over token ids. The
+    prompt comes back with each token's log-probability under HF's model (the first has
+    none), and vLLM's prompt_logprobs agree."""
+    hf, ckpt, _, client = server
+    ids = [40, 41, 200, 17, 99, 230, 18, 7, 150, 151, 152, 300, 301, 12]
+    out = client.completions.create(model="tiny", prompt=ids, echo=True, logprobs=1,
+                                    max_tokens=0, temperature=0,
+                                    extra_body={"prompt_logprobs": 2})
+    choice = out.choices[0]
+    with torch.no_grad():
+        want = torch.log_softmax(hf(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    lps = choice.logprobs.token_logprobs
+    assert lps[0] is None and len(lps) == len(ids) and out.usage.completion_tokens == 0
+    for j in range(1, len(ids)):
+        assert abs(lps[j] - float(want[j - 1, ids[j]])) < 1e-4
+    assert choice.text == TextCodec.from_dir(ckpt).decode(ids)
+    assert choice.logprobs.text_offset[0] == 0
+    assert len(choice.logprobs.top_logprobs[1]) == 1
+    vllm = choice.model_extra["prompt_logprobs"]
+    assert vllm[0] is None and len(vllm) == len(ids)
+    assert abs(vllm[3][str(ids[3])]["logprob"] - lps[3]) < 1e-6
+    # Echo with a completion: the prompt's scores, then the generated tokens'.
+    both = client.completions.create(model="tiny", prompt=ids, echo=True, logprobs=0,
+                                     max_tokens=3, temperature=0).choices[0]
+    assert len(both.logprobs.tokens) == len(ids) + 3
+    assert both.logprobs.token_logprobs[:len(ids)] == pytest.approx(lps, abs=1e-6)
+
