@@ -27,7 +27,15 @@ from jaxllm.layout import (
     pages_for,
     prefill_layout,
 )
-from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, sample, seed_keys, seed_words
+from jaxllm.sampling import (
+    GREEDY,
+    SamplingArrays,
+    SamplingParams,
+    adjust_logits,
+    sample,
+    seed_keys,
+    seed_words,
+)
 from jaxllm.sharding import to_host
 
 MAX_STOP_IDS = 16  # stop ids per sequence, padded with -1 (a fixed shape: no recompiles)
@@ -69,7 +77,8 @@ def generate_tokens(
 
     def pick(hidden, step):  # step [B]: the index of the token being chosen in each row
         keys = jax.vmap(jax.random.fold_in)(base_keys, step)
-        return sample(model.logits(hidden), sampling, keys, model.mesh)
+        return sample(adjust_logits(model.logits(hidden), sampling, step), sampling, keys,
+                      model.mesh)
 
     def finished(token, count):
         is_stop = jnp.any(token[:, None] == stop_ids, axis=-1)
@@ -131,6 +140,7 @@ def generate(
     if len(stops) > MAX_STOP_IDS:
         raise ValueError(f"{len(stops)} stop token ids given, at most {MAX_STOP_IDS}")
     check_token_ids(stops, model.config.vocab_size)
+    check_token_ids([t for t, _ in sampling.logit_bias], model.config.vocab_size)
     seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
 
     results: list[list[int]] = []
@@ -159,7 +169,7 @@ def pack_inputs(
     stop_ids = np.full((batch, MAX_STOP_IDS), -1, np.int32)
     stop_ids[:, : len(stops)] = stops
     seeds = seed_words([seed + b for b in range(batch)])
-    arrays = SamplingArrays.from_params([sampling] * batch)
+    arrays = SamplingArrays.from_params([sampling] * batch, [stops] * batch)
     return tokens, lengths, seeds, budgets, stop_ids, arrays
 
 

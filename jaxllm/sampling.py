@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 import jax
@@ -12,6 +12,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.sharding import LOGICAL_AXIS_RULES, axis_size
+
+MAX_LOGIT_BIAS = 300  # entries per request (a fixed-shape array on device)
+MAX_MIN_TOKENS_STOP_IDS = 16  # stop ids held back by min_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,9 @@ class SamplingParams:
     # Score the prompt: each prompt token's log-probability given the tokens before it, with
     # this many top alternatives (None: off). The engine then skips the prefix cache for it.
     prompt_logprobs: int | None = None
+    # (token id, bias) pairs added to the logits before picking (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # the stop ids (EOS included) cannot be picked before this many tokens
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -49,9 +55,21 @@ class SamplingParams:
                 0 if self.prompt_logprobs is not None else 1):
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 1 (0 only to score "
                              "the prompt, with prompt_logprobs)")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries, at most "
+                             f"{MAX_LOGIT_BIAS}")
+        for token, bias in self.logit_bias:
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias[{token}]={bias} must be in [-100, 100]")
+        if self.min_tokens < 0 or (self.max_tokens is not None
+                                   and self.min_tokens > self.max_tokens):
+            raise ValueError(f"min_tokens={self.min_tokens} must be in [0, max_tokens="
+                             f"{self.max_tokens}]")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed} must be in [0, 2**63)")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "logit_bias",
+                           tuple((int(t), float(b)) for t, b in self.logit_bias))
 
     @property
     def is_greedy(self) -> bool:
@@ -76,16 +94,35 @@ def seed_keys(words: jax.Array) -> jax.Array:
 
 
 class SamplingArrays(NamedTuple):
-    """Per-row sampling settings as device arrays ``[B]``."""
+    """Per-row sampling settings as device arrays ``[B]`` (``[B, n]`` for the id lists, -1
+    padded)."""
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
     min_p: jax.Array
+    bias_ids: jax.Array  # [B, MAX_LOGIT_BIAS]
+    bias_values: jax.Array  # [B, MAX_LOGIT_BIAS]
+    min_tokens: jax.Array  # [B]
+    held_stop_ids: jax.Array  # [B, MAX_MIN_TOKENS_STOP_IDS]: suppressed before min_tokens
 
     @classmethod
-    def from_params(cls, params: Sequence[SamplingParams]) -> SamplingArrays:
+    def from_params(cls, params: Sequence[SamplingParams],
+                    stop_ids: Sequence[Collection[int]] | None = None) -> SamplingArrays:
+        """``stop_ids``: each row's full stop set (EOS included), held back by min_tokens."""
         greedy = [p.is_greedy for p in params]
+        bias_ids = np.full((len(params), MAX_LOGIT_BIAS), -1, np.int32)
+        bias_values = np.zeros((len(params), MAX_LOGIT_BIAS), np.float32)
+        held = np.full((len(params), MAX_MIN_TOKENS_STOP_IDS), -1, np.int32)
+        for b, p in enumerate(params):
+            for j, (token, bias) in enumerate(p.logit_bias):
+                bias_ids[b, j], bias_values[b, j] = token, bias
+            if p.min_tokens and stop_ids is not None:
+                ids = sorted(stop_ids[b])
+                if len(ids) > MAX_MIN_TOKENS_STOP_IDS:
+                    raise ValueError(f"min_tokens holds back at most {MAX_MIN_TOKENS_STOP_IDS} "
+                                     f"stop ids, this request has {len(ids)}")
+                held[b, : len(ids)] = ids
         return cls(
             temperature=np.asarray(
                 [0.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
@@ -93,7 +130,22 @@ class SamplingArrays(NamedTuple):
             top_k=np.asarray([max(p.top_k, 0) for p in params], np.int32),
             top_p=np.asarray([p.top_p for p in params], np.float32),
             min_p=np.asarray([p.min_p for p in params], np.float32),
+            bias_ids=bias_ids,
+            bias_values=bias_values,
+            min_tokens=np.asarray([p.min_tokens for p in params], np.int32),
+            held_stop_ids=held,
         )
+
+
+def adjust_logits(logits: jax.Array, s: SamplingArrays, steps: jax.Array) -> jax.Array:
+    """``logits [B, V]`` with each row's logit_bias added and, while a row has generated
+    fewer than ``min_tokens`` tokens (``steps``), its stop ids at -inf."""
+    vocab = logits.shape[-1]
+    rows = jnp.arange(logits.shape[0])[:, None]
+    ids = jnp.where(s.bias_ids >= 0, s.bias_ids, vocab)  # padding lands out of range: dropped
+    logits = logits.at[rows, ids].add(s.bias_values, mode="drop")
+    early = (steps < s.min_tokens)[:, None] & (s.held_stop_ids >= 0)
+    return logits.at[rows, jnp.where(early, s.held_stop_ids, vocab)].set(-jnp.inf, mode="drop")
 
 
 def greedy(logits: jax.Array, mesh: Mesh | None = None) -> jax.Array:

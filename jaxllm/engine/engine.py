@@ -21,7 +21,7 @@ from jaxllm.engine.pages import PageAllocator
 from jaxllm.engine.runner import ModelRunner, Scored, step_temp_bytes
 from jaxllm.engine.scheduler import Request, Scheduled, Scheduler
 from jaxllm.layout import SeqChunk, check_token_ids, pages_for
-from jaxllm.sampling import SamplingParams
+from jaxllm.sampling import MAX_MIN_TOKENS_STOP_IDS, SamplingParams
 
 log = logging.getLogger("jaxllm.engine")
 
@@ -100,6 +100,10 @@ class Engine:
         stops = set(sampling.stop_token_ids) | (set() if ignore_eos
                                                  else set(self.model.eos_token_ids))
         check_token_ids(sorted(stops), self.model.config.vocab_size)
+        check_token_ids([t for t, _ in sampling.logit_bias], self.model.config.vocab_size)
+        if sampling.min_tokens and len(stops) > MAX_MIN_TOKENS_STOP_IDS:
+            raise ValueError(f"min_tokens holds back at most {MAX_MIN_TOKENS_STOP_IDS} stop "
+                             f"ids; this request has {len(stops)}")
         request_id = request_id or f"req-{next(self._ids)}"
         seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(63)
         return Request(request_id, ids, sampling, max_tokens, seed, frozenset(stops))
@@ -140,12 +144,13 @@ class Engine:
                       for s in scheduled]
             args = (chunks, [s.request.sampling for s in scheduled],
                     [s.request.seed for s in scheduled], [len(s.request.output) for s in scheduled])
+            stops = [s.request.stop_ids for s in scheduled]
             targets = _prompt_targets(scheduled)
             scored = None
             if any(t >= 0 for t in targets):
-                picked, scored = self.runner.sample_and_score_step(*args, targets)
+                picked, scored = self.runner.sample_and_score_step(*args, targets, stops)
             else:
-                picked = self.runner.sample_step(*args)
+                picked = self.runner.sample_step(*args, stops)
         except Exception as error:
             ids = [s.request.request_id for s in scheduled]
             log.error("engine step failed (%s: %s); stopping its requests %s",

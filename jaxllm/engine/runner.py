@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import NamedTuple
 
 import jax
@@ -22,7 +22,15 @@ from jaxllm.api import Model
 from jaxllm.buckets import BucketPolicy
 from jaxllm.kv_cache import LayerGroups, init_kv_cache, kv_cache_sharding
 from jaxllm.layout import AttentionMetadata, SeqChunk, StepBatch, build_step
-from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, sample, seed_keys, seed_words
+from jaxllm.sampling import (
+    GREEDY,
+    SamplingArrays,
+    SamplingParams,
+    adjust_logits,
+    sample,
+    seed_keys,
+    seed_words,
+)
 
 TOP_LOGPROBS = 20  # the most the OpenAI API asks for
 
@@ -42,7 +50,7 @@ def pick(logits: jax.Array, sampling: SamplingArrays, seeds: jax.Array, steps: j
     # A row's key depends only on its request's seed and token index, so a seeded
     # request samples the same tokens whatever else shares its batch.
     keys = jax.vmap(jax.random.fold_in)(seed_keys(seeds), steps)
-    tokens = sample(logits, sampling, keys, mesh)
+    tokens = sample(adjust_logits(logits, sampling, steps), sampling, keys, mesh)
     # Log-probabilities under the model's own distribution (before temperature and
     # filters), for the chosen token and the TOP_LOGPROBS most likely ones.
     logprobs = jax.nn.log_softmax(logits, axis=-1)
@@ -195,19 +203,22 @@ class ModelRunner:
         return np.asarray(logits)[: batch.num_seqs, : self.model.config.vocab_size]
 
     def sample_step(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
-                    seeds: Sequence[int], steps: Sequence[int]) -> Sampled:
+                    seeds: Sequence[int], steps: Sequence[int],
+                    stop_ids: Sequence[Collection[int]] | None = None) -> Sampled:
         """Runs one step and picks each sequence's next token on device.
 
         ``seeds`` (< 2**64, all bits used) and ``steps`` (the index of the token being picked)
-        key each row's sampler.
+        key each row's sampler; ``stop_ids`` (each sequence's, EOS included) are held back
+        until its ``min_tokens``.
         """
-        batch, args = self._sample_args(chunks, sampling, seeds, steps)
+        batch, args = self._sample_args(chunks, sampling, seeds, steps, stop_ids)
         out, self.cache = self._sample(self.model.params, self.cache, *args)
         return _check_finite(Sampled(*(np.asarray(a)[: batch.num_seqs] for a in out)))
 
     def sample_and_score_step(self, chunks: Sequence[SeqChunk],
                               sampling: Sequence[SamplingParams], seeds: Sequence[int],
-                              steps: Sequence[int], targets: Sequence[int]
+                              steps: Sequence[int], targets: Sequence[int],
+                              stop_ids: Sequence[Collection[int]] | None = None
                               ) -> tuple[Sampled, Scored]:
         """``sample_step``, and the log-probability of ``targets[t]`` (the token after row t,
         -1 for none) under each row's distribution, with the top alternatives."""
@@ -217,18 +228,20 @@ class ModelRunner:
             rep = self.model.replicated()
             self._score = jax.jit(score, donate_argnums=(1,),
                                   in_shardings=(self.model.param_shardings, None) + (rep,) * 7)
-        batch, args = self._sample_args(chunks, sampling, seeds, steps)
+        batch, args = self._sample_args(chunks, sampling, seeds, steps, stop_ids)
         rows = np.full(batch.tokens.shape[0], -1, np.int32)
         rows[: len(targets)] = targets
         (out, scored), self.cache = self._score(self.model.params, self.cache, *args, rows)
         picked = _check_finite(Sampled(*(np.asarray(a)[: batch.num_seqs] for a in out)))
         return picked, Scored(*(np.asarray(a)[: len(targets)] for a in scored))
 
-    def _sample_args(self, chunks, sampling, seeds, steps) -> tuple[StepBatch, tuple]:
+    def _sample_args(self, chunks, sampling, seeds, steps, stop_ids
+                     ) -> tuple[StepBatch, tuple]:
         batch = self._batch(chunks)
         slots = batch.logits_rows.shape[0]
         pad = slots - len(chunks)
-        arrays = SamplingArrays.from_params(list(sampling) + [GREEDY] * pad)
+        stops = None if stop_ids is None else list(stop_ids) + [()] * pad
+        arrays = SamplingArrays.from_params(list(sampling) + [GREEDY] * pad, stops)
         seeds_arr = np.zeros((slots, 2), np.uint32)
         seeds_arr[: len(chunks)] = seed_words(seeds)
         steps_arr = np.zeros(slots, np.int32)

@@ -21,8 +21,6 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "repetition_penalty": (None, 1, 1.0),
-    "logit_bias": (None, {}),
-    "min_tokens": (None, 0),
     "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -85,6 +83,8 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)  # vLLM's
 
     _unsupported = _UNSUPPORTED
 
@@ -134,7 +134,18 @@ class _Sampling(BaseModel):
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               min_p=self.min_p, seed=seed, max_tokens=max_tokens,
                               stop_token_ids=tuple(self.stop_token_ids or ()),
-                              prompt_logprobs=self.scores_prompt)
+                              prompt_logprobs=self.scores_prompt,
+                              logit_bias=self.bias_pairs(), min_tokens=self.min_tokens)
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs; a key that is not an integer is refused."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                pairs.append((int(key), bias))
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        return tuple(pairs)
 
     @property
     def include_usage(self) -> bool:

@@ -156,3 +156,24 @@ def test_seed_keys_are_prngkey_below_2_32_and_differ_above():
     again = np.asarray(sample(logits, arrays, seed_keys(seed_words([7, 2**32 - 1, 1,
                                                                     2**32 + 1])))).tolist()
     assert again == picks
+
+
+def test_logit_bias_and_min_tokens_adjust_the_logits():
+    """Row 0: +5 on id 3, -100 on id 0. Row 1: min_tokens 2 holds back its stop ids 1 and 4
+    before its second token (step 0, 1), not after (step 2)."""
+    from jaxllm.sampling import adjust_logits
+
+    logits = jnp.arange(12.0).reshape(2, 6) / 10
+    params = [SamplingParams(logit_bias=((3, 5.0), (0, -100.0))),
+              SamplingParams(min_tokens=2, max_tokens=4)]
+    arrays = SamplingArrays.from_params(params, [(), (1, 4)])
+    got = np.asarray(adjust_logits(logits, arrays, jnp.asarray([0, 1])))
+    want = np.asarray(logits).copy()
+    want[0, 3] += 5.0
+    want[0, 0] -= 100.0
+    want[1, [1, 4]] = -np.inf
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    later = np.asarray(adjust_logits(logits, arrays, jnp.asarray([0, 2])))
+    np.testing.assert_allclose(later[1], np.asarray(logits)[1])
+    with pytest.raises(ValueError, match="logit_bias has 301 entries, at most 300"):
+        SamplingParams(logit_bias=tuple((i, 1.0) for i in range(301)))

@@ -77,7 +77,6 @@ def test_content_parts_other_than_text_are_refused(part, needle):
 
 @pytest.mark.parametrize("name, value", [
     ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("repetition_penalty", 1.2),
-    ("logit_bias", {"5": 100}), ("min_tokens", 3),
     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
     ("tool_choice", "auto"), ("guided_json", {}), ("structured_outputs", {"regex": "a"}),
 ])

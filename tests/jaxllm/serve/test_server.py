@@ -157,10 +157,12 @@ def test_logprobs(server):
     (dict(prompt=PROMPT, presence_penalty=0.5), 400, "'presence_penalty' is not supported"),
     (dict(prompt=PROMPT, echo=True, stream=True), 400, "'echo' is not supported with stream"),
     (dict(prompt=PROMPT, max_tokens=0), 400, "max_tokens=0 generates nothing"),
-    (dict(prompt=PROMPT, logit_bias={"5": 100}), 400, "'logit_bias' is not supported"),
+    (dict(prompt=PROMPT, logit_bias={"5": 101}), 400, "logit_bias[5]=101.0 must be in [-100, 100]"),
+    (dict(prompt=PROMPT, logit_bias={"333": 1}), 400, "Token id 333 is out of vocabulary"),
     (dict(prompt=PROMPT, best_of=2), 400, "best_of=2, n=1"),
     (dict(prompt=PROMPT, extra_body={"top_k": 2**31}), 400, "(got 2147483648)"),
-    (dict(prompt=PROMPT, extra_body={"min_tokens": 4}), 400, "'min_tokens' is not supported"),
+    (dict(prompt=PROMPT, max_tokens=2, extra_body={"min_tokens": 4}), 400,
+     "min_tokens=4 must be in [0, max_tokens=2]"),
 ])
 def test_bad_requests_get_json_errors_and_the_server_survives(server, kwargs, status, needle):
     _, _, base, client = server
@@ -268,4 +270,26 @@ def test_echo_scores_the_prompt_like_lm_eval(server):
                                      max_tokens=3, temperature=0).choices[0]
     assert len(both.logprobs.tokens) == len(ids) + 3
     assert both.logprobs.token_logprobs[:len(ids)] == pytest.approx(lps, abs=1e-6)
+
+
+def test_logit_bias_and_min_tokens(server):
+    _, _, _, client = server
+    forced = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4,
+                                       temperature=0, logit_bias={"77": 100})
+    assert forced.choices[0].logprobs is None
+    ids = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0,
+                                    logit_bias={"77": 100}, logprobs=0)
+    assert ids.choices[0].logprobs.tokens == ["w77"] * 4
+    first = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1, temperature=0,
+                                      logprobs=0).choices[0].logprobs.tokens[0]
+    stop_id = int(first.removeprefix("w"))
+    # Stopping on the greedy first token ends at once; min_tokens=2 holds it back.
+    plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0,
+                                      extra_body={"stop_token_ids": [stop_id]})
+    assert plain.usage.completion_tokens == 1 and plain.choices[0].finish_reason == "stop"
+    held = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0,
+                                     logprobs=0, extra_body={"stop_token_ids": [stop_id],
+                                                             "min_tokens": 2})
+    assert held.usage.completion_tokens >= 2
+    assert held.choices[0].logprobs.tokens[0] != first
 
