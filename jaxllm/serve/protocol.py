@@ -1,17 +1,20 @@
 """OpenAI-compatible request models and the error body, in one place.
 
-Nothing a client sends is silently ignored: a parameter the server does not implement is
-refused (a 400 naming it) unless its value leaves the output unchanged, and an unknown one is
-refused too.
+Nothing a client sends that would change the output is ignored: a known OpenAI / vLLM
+parameter the server does not implement is refused (a 400 naming it) unless its value leaves
+the output unchanged. A parameter nobody defines is logged as ignored, as vLLM does.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from jaxllm.sampling import SamplingParams
+
+log = logging.getLogger("jaxllm.serve")
 
 INT32_MAX = 2**31 - 1  # the engine's device arrays are int32
 
@@ -48,7 +51,7 @@ def _refuse_extras(extras: dict[str, Any], unsupported: dict[str, tuple[Any, ...
             if not any(value == ok and type(value) is type(ok) for ok in unsupported[name]):
                 problems.append(f"'{name}' is not supported by this server (got {value!r:.80})")
         elif name not in _HARMLESS:
-            problems.append(f"unknown parameter '{name}'")
+            log.warning("ignoring unknown request parameter %r", name)
     if problems:
         raise ValueError("; ".join(problems))
 
