@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Sequence
 
 from jaxllm.api import Model
+from jaxllm.engine.executor import Executor, agree_on_minimum
 from jaxllm.engine.faults import RecoveryFailed, StepFailed
 from jaxllm.engine.memory import (
     pages_for_sequence,
@@ -53,13 +54,16 @@ class Engine:
 
     The KV cache holds ``num_pages`` pages, or what ``kv_cache_memory_bytes`` holds, or the
     device's ``gpu_memory_utilization`` share after the weights and the step's temporaries
-    (``jaxllm.engine.memory.plan_kv_cache``).
+    (``jaxllm.engine.memory.plan_kv_cache``). Across processes every process builds the
+    engine (the same plan: the smallest any process makes); process 0 steps it and the others
+    ``executor.follow()`` (``jaxllm.engine.executor``), each step bounded by ``step_timeout``.
     """
 
     def __init__(self, model: Model, *, num_pages: int | None = None,
                  kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float | None = None,
-                 max_num_batched_tokens: int | None = None, seed: int | None = None):
+                 max_num_batched_tokens: int | None = None, seed: int | None = None,
+                 step_timeout: float | None = None):
         self.model = model
         # The engine's configuration, derived once and handed whole to every part: the
         # model's, with its step width and a cache sized by the memory plan.
@@ -73,11 +77,15 @@ class Engine:
             model, base, lambda: step_temp_bytes(model, probe), num_pages=num_pages,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization)
+        if (agreed := agree_on_minimum(self.plan.num_pages)) != self.plan.num_pages:
+            self.plan = plan_for_model(model, base, lambda: step_temp_bytes(model, probe),
+                                       num_pages=agreed)
         self.policy = base.for_engine(self.plan.num_pages)
         self.groups = groups
         self.pages = PageAllocator(self.policy.cache, groups.group_chunk)
         self.scheduler = Scheduler(self.policy, self.pages)
         self.runner = ModelRunner(model, self.policy)
+        self.executor = Executor(self.runner, step_timeout=step_timeout)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         # Seeds for requests that bring none: reproducible runs when the engine has a seed.
@@ -150,7 +158,7 @@ class Engine:
             if any(t >= 0 for t in targets):
                 picked, scored = self.runner.sample_and_score_step(*args, targets, stops)
             else:
-                picked = self.runner.sample_step(*args, stops)
+                picked = self.executor.sample_step(*args, stops)
         except Exception as error:
             ids = [s.request.request_id for s in scheduled]
             log.error("engine step failed (%s: %s); stopping its requests %s",
@@ -214,7 +222,7 @@ class Engine:
         preempted = self.scheduler.requeue(self.requests.values())
         self.pages.reset()
         try:
-            self.runner.reset_cache()
+            self.executor.reset_cache()
         except Exception as error:
             raise RecoveryFailed(f"cannot re-create the KV cache ({type(error).__name__}: "
                                  f"{error})") from error
@@ -236,8 +244,8 @@ class Engine:
             chunks = [SeqChunk([[1]] * groups, 0, [0]) for _ in range(seqs - 1)]
             chunks.append(SeqChunk([list(range(1, 1 + pages_for(last, page)))] * groups, 0,
                                    [0] * last))
-            self.runner.sample_step(chunks, [SamplingParams(temperature=0.0)] * seqs,
-                                    seeds=[0] * seqs, steps=[0] * seqs)
+            self.executor.sample_step(chunks, [SamplingParams(temperature=0.0)] * seqs,
+                                      seeds=[0] * seqs, steps=[0] * seqs)
         return len(shapes)
 
     def generate(self, prompts: Sequence[Sequence[int]],

@@ -31,8 +31,21 @@ from jaxllm.sampling import (
     seed_keys,
     seed_words,
 )
+from jaxllm.sharding import to_host
 
 TOP_LOGPROBS = 20  # the most the OpenAI API asks for
+
+
+class StepInputs(NamedTuple):
+    """The host arrays of one sampled step; their shapes depend only on the step's (token
+    bucket, batch bucket), so followers of a multi-process engine can receive them."""
+
+    tokens: np.ndarray  # [T] int32
+    meta: AttentionMetadata
+    logits_rows: np.ndarray  # [S] int32
+    sampling: SamplingArrays
+    seeds: np.ndarray  # [S, 2] uint32: each 64-bit seed's words (``seed_words``)
+    steps: np.ndarray  # [S] int32
 
 
 class Sampled(NamedTuple):
@@ -125,7 +138,8 @@ def _step_programs(model: Model, groups: LayerGroups):
     logits_fn = jax.jit(forward, donate_argnums=(1,),
                         in_shardings=(model.param_shardings, None) + (rep,) * 3)
     sample_fn = jax.jit(forward_and_sample, donate_argnums=(1,),
-                        in_shardings=(model.param_shardings, None) + (rep,) * 6)
+                        in_shardings=(model.param_shardings, None) + (rep,) * 6,
+                        out_shardings=((rep,) * 4, None))
     return logits_fn, sample_fn
 
 
@@ -211,9 +225,7 @@ class ModelRunner:
         key each row's sampler; ``stop_ids`` (each sequence's, EOS included) are held back
         until its ``min_tokens``.
         """
-        batch, args = self._sample_args(chunks, sampling, seeds, steps, stop_ids)
-        out, self.cache = self._sample(self.model.params, self.cache, *args)
-        return _check_finite(Sampled(*(np.asarray(a)[: batch.num_seqs] for a in out)))
+        return self.run(self.prepare(chunks, sampling, seeds, steps, stop_ids), len(chunks))
 
     def sample_and_score_step(self, chunks: Sequence[SeqChunk],
                               sampling: Sequence[SamplingParams], seeds: Sequence[int],
@@ -222,21 +234,15 @@ class ModelRunner:
                               ) -> tuple[Sampled, Scored]:
         """``sample_step``, and the log-probability of ``targets[t]`` (the token after row t,
         -1 for none) under each row's distribution, with the top alternatives."""
-        if self._score is None:  # compiled on first use: only echo / prompt_logprobs need it
-            score = scoring_step_function(self.model.graphdef, self.model.attention_impl,
-                                          self.model.mesh, self.groups)
-            rep = self.model.replicated()
-            self._score = jax.jit(score, donate_argnums=(1,),
-                                  in_shardings=(self.model.param_shardings, None) + (rep,) * 7)
-        batch, args = self._sample_args(chunks, sampling, seeds, steps, stop_ids)
-        rows = np.full(batch.tokens.shape[0], -1, np.int32)
+        inputs = self.prepare(chunks, sampling, seeds, steps, stop_ids)
+        rows = np.full(inputs.tokens.shape[0], -1, np.int32)
         rows[: len(targets)] = targets
-        (out, scored), self.cache = self._score(self.model.params, self.cache, *args, rows)
-        picked = _check_finite(Sampled(*(np.asarray(a)[: batch.num_seqs] for a in out)))
-        return picked, Scored(*(np.asarray(a)[: len(targets)] for a in scored))
+        return self.run_scored(inputs, rows, len(chunks), len(targets))
 
-    def _sample_args(self, chunks, sampling, seeds, steps, stop_ids
-                     ) -> tuple[StepBatch, tuple]:
+    def prepare(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
+                seeds: Sequence[int], steps: Sequence[int],
+                stop_ids: Sequence[Collection[int]] | None = None) -> StepInputs:
+        """The step's host arrays, padded to its buckets and checked (``build_step``)."""
         batch = self._batch(chunks)
         slots = batch.logits_rows.shape[0]
         pad = slots - len(chunks)
@@ -246,8 +252,39 @@ class ModelRunner:
         seeds_arr[: len(chunks)] = seed_words(seeds)
         steps_arr = np.zeros(slots, np.int32)
         steps_arr[: len(chunks)] = steps
-        return batch, (batch.tokens, batch.meta, batch.logits_rows, arrays, seeds_arr,
-                       steps_arr)
+        return StepInputs(batch.tokens, batch.meta, batch.logits_rows, arrays, seeds_arr,
+                          steps_arr)
+
+    def empty_inputs(self, rows: int, slots: int) -> StepInputs:
+        """Zeroed inputs of a step of ``rows`` rows and ``slots`` sequence slots: the shapes
+        a follower receives a step into."""
+        groups, width = self.groups.num_groups, self.policy.pages_per_seq
+        i32 = functools.partial(np.zeros, dtype=np.int32)
+        meta = AttentionMetadata(i32(rows), i32((groups, rows)), i32((groups, slots, width)),
+                                 i32(slots), i32(slots + 1), np.int32(0))
+        return StepInputs(i32(rows), meta, i32(slots),
+                          SamplingArrays.from_params([GREEDY] * slots),
+                          np.zeros((slots, 2), np.uint32), i32(slots))
+
+    def run(self, inputs: StepInputs, num_seqs: int) -> Sampled:
+        """Runs the compiled step on ``inputs``; returns the picks of the first ``num_seqs``
+        slots, checked finite. The picks are replicated, so every process reads its own copy."""
+        out, self.cache = self._sample(self.model.params, self.cache, *inputs)
+        return _check_finite(Sampled(*(to_host(a)[:num_seqs] for a in out)))
+
+    def run_scored(self, inputs: StepInputs, targets: np.ndarray, num_seqs: int,
+                   num_targets: int) -> tuple[Sampled, Scored]:
+        """``run``, and the scores of ``targets [rows]`` (-1: none) for the first
+        ``num_targets`` rows."""
+        if self._score is None:  # compiled on first use: only echo / prompt_logprobs need it
+            score = scoring_step_function(self.model.graphdef, self.model.attention_impl,
+                                          self.model.mesh, self.groups)
+            rep = self.model.replicated()
+            self._score = jax.jit(score, donate_argnums=(1,),
+                                  in_shardings=(self.model.param_shardings, None) + (rep,) * 7)
+        (out, scored), self.cache = self._score(self.model.params, self.cache, *inputs, targets)
+        picked = _check_finite(Sampled(*(to_host(a)[:num_seqs] for a in out)))
+        return picked, Scored(*(to_host(a)[:num_targets] for a in scored))
 
 
 def _check_finite(picked: Sampled) -> Sampled:

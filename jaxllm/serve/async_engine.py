@@ -7,7 +7,9 @@ per-request asyncio queue.
 A failing step fails the requests in it (a 500 each), never the server: the engine recovers
 and serves the rest. When it cannot (recovery failed, steps keep failing, the thread died) it
 says so: ``unhealthy`` gives the reason (``/health`` answers 503) and every waiting and new
-request gets a 503, so an orchestrator can restart the server.
+request gets a 503, so an orchestrator can restart the server. Across processes, a broken
+group (a process died: ``jaxllm.engine.executor``) fails every request with a 503 and the
+server exits with status 1.
 """
 
 from __future__ import annotations
@@ -49,13 +51,19 @@ class AsyncEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
+        engine.executor.on_failure = self._give_up
         self._thread = threading.Thread(target=self._run, name="jaxllm-engine", daemon=True)
         self._thread.start()
 
     def shutdown(self) -> None:
+        """Stops the engine thread, then any follower processes."""
         self._stop.set()
         self._inbox.put(None)
         self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            log.error("the engine thread did not stop within 10 s; followers not stopped")
+        else:
+            self.engine.executor.stop()
 
     @property
     def alive(self) -> bool:

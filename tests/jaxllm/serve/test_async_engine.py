@@ -32,6 +32,7 @@ class FakeEngine:
         self.abort_seen = threading.Event()
         self.fail_at, self.steps, self.recovers = fail_at, 0, recovers
         self.gate = threading.Semaphore(0) if gated else None
+        self.executor = SimpleNamespace(on_failure=None, stop=lambda: None)
 
     def submit(self, request: Request) -> str:
         if request.request_id in self.requests:

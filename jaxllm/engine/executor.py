@@ -1,0 +1,179 @@
+"""The executor: runs the engine's steps on this process, or on every process of a
+``jax.distributed`` group in lockstep.
+
+Across processes, process 0 (the leader) runs the server, the scheduler and the sampler
+bookkeeping; every other process (a follower) only runs steps (``follow``). For each step the
+leader broadcasts a fixed-size header (a command and the step's token and batch buckets), then
+the step's host arrays (``StepInputs``), whose shapes those buckets fix: every process runs
+the same compiled program on the same inputs, and none compiles a shape another did not.
+
+A collective that does not return within the step timeout (a process died or hangs), or a
+broadcast that fails, is fatal: the leader fails its requests (``on_failure``) and exits with
+status 1 instead of hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxllm.engine.runner import ModelRunner, Sampled, StepInputs
+from jaxllm.layout import SeqChunk
+from jaxllm.sampling import SamplingParams
+
+log = logging.getLogger("jaxllm.engine")
+
+
+class Command(enum.IntEnum):
+    """What the leader tells the followers to do next."""
+
+    STEP = 1  # receive a step's inputs and run it
+    RESET = 2  # re-create the KV cache (after a failed step)
+    STOP = 3  # leave ``follow``
+
+
+class Executor:
+    """Runs steps on ``runner``; with several processes, as the leader of them all.
+
+    ``step_timeout`` (seconds, None: wait forever) bounds each step across processes;
+    ``on_failure(reason)`` is called before the process exits when the group breaks.
+    """
+
+    def __init__(self, runner: ModelRunner, *, step_timeout: float | None = None,
+                 exit_grace: float = 2.0):
+        self.runner = runner
+        self.distributed = jax.process_count() > 1
+        self.leader = jax.process_index() == 0
+        self.on_failure: Callable[[str], None] | None = None
+        self.exit_grace = exit_grace
+        self._watchdog = (Watchdog(step_timeout, self._fail)
+                          if self.distributed and step_timeout else None)
+        self._stopped = False
+
+    def sample_step(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
+                    seeds: Sequence[int], steps: Sequence[int],
+                    stop_ids: Sequence[Collection[int]] | None = None) -> Sampled:
+        """``ModelRunner.sample_step``, run by every process."""
+        if not self.distributed:
+            return self.runner.sample_step(chunks, sampling, seeds, steps, stop_ids)
+        # A bad step raises here, before anything is sent.
+        inputs = self.runner.prepare(chunks, sampling, seeds, steps, stop_ids)
+        with self._guard("a step"):
+            self._send(Command.STEP, inputs)
+            return self.runner.run(inputs, len(chunks))
+
+    def reset_cache(self) -> None:
+        """``ModelRunner.reset_cache``, in every process."""
+        with self._guard("a KV cache reset"):
+            self._send(Command.RESET)
+            self.runner.reset_cache()
+
+    def stop(self) -> None:
+        """Lets the followers leave ``follow`` (once; nothing to do for a single process)."""
+        if self.distributed and not self._stopped:
+            self._stopped = True
+            with self._guard("the stop command"):
+                self._send(Command.STOP)
+
+    def follow(self) -> None:
+        """A follower's loop: runs what the leader broadcasts, discarding the picks, until
+        STOP."""
+        if self.leader:
+            raise RuntimeError("process 0 leads: it runs steps, it does not follow")
+        while True:
+            header = multihost_utils.broadcast_one_to_all(np.zeros(3, np.int32))
+            command, rows, slots = (int(v) for v in header)
+            if command == Command.STOP:
+                return
+            if command == Command.RESET:
+                self.runner.reset_cache()
+            elif command == Command.STEP:
+                inputs = self.runner.empty_inputs(rows, slots)
+                self.runner.run(multihost_utils.broadcast_one_to_all(inputs), 0)
+            else:
+                raise RuntimeError(f"unknown command {command} from the leader")
+
+    def _send(self, command: Command, inputs: StepInputs | None = None) -> None:
+        if not self.distributed:
+            return
+        if not self.leader:
+            raise RuntimeError(f"process {jax.process_index()} follows: only process 0 "
+                               "runs steps")
+        if self._stopped and command != Command.STOP:
+            raise RuntimeError("the followers were stopped")
+        rows, slots = (0, 0) if inputs is None else (inputs.tokens.shape[0],
+                                                     inputs.logits_rows.shape[0])
+        try:
+            multihost_utils.broadcast_one_to_all(np.array([command, rows, slots], np.int32))
+            if inputs is not None:
+                multihost_utils.broadcast_one_to_all(inputs)
+        except Exception as error:
+            self._fail(f"broadcasting {command.name} to the followers failed "
+                       f"({type(error).__name__}: {error})")
+
+    def _guard(self, what: str) -> contextlib.AbstractContextManager:
+        return self._watchdog.guard(what) if self._watchdog else contextlib.nullcontext()
+
+    def _fail(self, reason: str) -> None:
+        """The group is out of lockstep: nothing can run any more. Fails the requests, exits."""
+        log.critical("%s; exiting: the processes cannot run steps together any more", reason)
+        if self.on_failure is not None:
+            try:
+                self.on_failure(reason)
+                time.sleep(self.exit_grace)  # the failed requests' answers go out
+            except Exception:
+                log.exception("failing the requests failed")
+        os._exit(1)
+
+
+class Watchdog:
+    """Calls ``on_expire(reason)``, from its own thread, when a guarded block outlives
+    ``timeout`` seconds."""
+
+    def __init__(self, timeout: float, on_expire: Callable[[str], None]):
+        if timeout <= 0:
+            raise ValueError(f"step timeout {timeout} must be > 0 seconds")
+        self.timeout = timeout
+        self._on_expire = on_expire
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._what = ""
+        threading.Thread(target=self._watch, name="jaxllm-watchdog", daemon=True).start()
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        with self._cond:
+            self._deadline, self._what = time.monotonic() + self.timeout, what
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._deadline = None
+
+    def _watch(self) -> None:
+        with self._cond:
+            while self._deadline is None or time.monotonic() < self._deadline:
+                self._cond.wait(None if self._deadline is None
+                                else self._deadline - time.monotonic())
+            what = self._what
+        self._on_expire(f"{what} did not finish within the step timeout of {self.timeout:g} s "
+                        "(a process of the group died or hangs)")
+
+
+def agree_on_minimum(value: int) -> int:
+    """The smallest of every process's ``value`` (each process calls it): a plan that fits
+    every process's memory."""
+    if jax.process_count() == 1:
+        return value
+    values = multihost_utils.process_allgather(np.array([value], np.int64))
+    return int(np.min(values))

@@ -1,0 +1,67 @@
+"""The executor in one process, its step inputs, and the watchdog that bounds a step.
+
+Several processes in lockstep are tested end to end in tests/jaxllm/serve/test_multiprocess.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import jaxllm
+from jaxllm import SamplingParams
+from jaxllm.engine import Engine
+from jaxllm.engine.executor import Watchdog, agree_on_minimum
+from jaxllm.layout import SeqChunk
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    model = jaxllm.load_model(tiny_model("scout")[2], max_model_len=64, page_size=8,
+                              max_num_seqs=2)
+    return Engine(model, num_pages=32, max_num_batched_tokens=16)
+
+
+def test_empty_inputs_have_the_shapes_and_dtypes_of_a_prepared_step(engine):
+    groups = engine.groups.num_groups
+    chunks = [SeqChunk([[1, 2]] * groups, 3, [5, 6]), SeqChunk([[3]] * groups, 0, [7])]
+    greedy = [SamplingParams(temperature=0.0)] * 2
+    prepared = engine.runner.prepare(chunks, greedy, seeds=[1, 2], steps=[0, 0])
+    empty = engine.runner.empty_inputs(16, 2)
+    shapes = jax.tree.map(lambda a: (np.shape(a), np.asarray(a).dtype), prepared)
+    assert jax.tree.map(lambda a: (np.shape(a), np.asarray(a).dtype), empty) == shapes
+    # The runner's two halves give what sample_step gives.
+    once = engine.runner.sample_step(chunks, greedy, seeds=[1, 2], steps=[0, 0])
+    again = engine.runner.run(prepared, 2)
+    np.testing.assert_array_equal(once.tokens, again.tokens)
+
+
+def test_one_process_needs_no_group(engine):
+    assert not engine.executor.distributed
+    assert agree_on_minimum(7) == 7
+    engine.executor.stop()  # nothing to stop
+    with pytest.raises(RuntimeError, match="process 0 leads"):
+        engine.executor.follow()
+
+
+def test_watchdog_fires_only_when_a_guarded_block_outlives_the_timeout():
+    fired: list[str] = []
+    done = threading.Event()
+    dog = Watchdog(0.3, lambda reason: (fired.append(reason), done.set()))
+    for _ in range(3):
+        with dog.guard("a quick step"):
+            time.sleep(0.05)
+    time.sleep(0.5)
+    assert fired == []
+    with dog.guard("a slow step"):
+        assert done.wait(5)
+    assert "a slow step did not finish within the step timeout of 0.3 s" in fired[0]
+
+
+def test_watchdog_refuses_a_timeout_that_is_not_positive():
+    with pytest.raises(ValueError, match="step timeout 0 must be > 0"):
+        Watchdog(0, lambda reason: None)
