@@ -43,6 +43,17 @@ def initialize(
     return True
 
 
+def shutdown() -> None:
+    """Leaves the process group once every process does (a barrier), so that no process
+    exits while another still talks to it."""
+    jax.distributed.shutdown()
+
+
+def is_follower() -> bool:
+    """Whether this process follows process 0 (which alone serves and schedules)."""
+    return jax.process_index() != 0
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     if value is None or value == "":

@@ -1,17 +1,23 @@
 """``python -m jaxllm.serve``: the OpenAI-compatible server.
 
     python -m jaxllm.serve --model checkpoints/scout --max-model-len 32768 --port 8000
+
+Across processes (``JAXLLM_COORDINATOR_ADDRESS`` / ``JAXLLM_NUM_PROCESSES`` /
+``JAXLLM_PROCESS_ID`` set, e.g. by ``scripts/launch.py``), every process runs the same
+command: process 0 serves HTTP and leads; the others follow its steps and exit when it stops.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from jaxllm.engine import Engine
     from jaxllm.serve.app import ServerState
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-llama4"
@@ -43,7 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compilation-cache-dir", default=None,
                    help="persistent XLA compilation cache (default: $JAXLLM_CACHE_DIR or "
                    "~/.cache/jaxllm/xla; '' turns it off)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="devices of the mesh's model axis; across processes, the mesh spans "
+                   "every process's devices")
+    p.add_argument("--data-parallel-size", type=int, default=1,
+                   help="devices of the mesh's data axis, which splits each step's token batch "
+                   "(one engine, not vLLM's engine replicas)")
+    p.add_argument("--step-timeout", type=float, default=300.0,
+                   help="across processes: seconds a step may take before the leader fails "
+                   "its requests and exits (a process died); cover the slowest compile")
     p.add_argument("--block-size", type=int, default=16, help="KV cache page size in tokens")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attention-impl", default=None, choices=["pallas", "xla"])
@@ -63,37 +77,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_state(args: argparse.Namespace) -> ServerState:
-    import time
+def build_engine(args: argparse.Namespace) -> Engine:
+    """The engine, built the same way in every process: compilation cache, mesh, weights, memory
+    plan."""
+    import jax
 
     import jaxllm
     from jaxllm import compile_cache
     from jaxllm.engine import Engine
-    from jaxllm.serve.app import ServerState
-    from jaxllm.serve.async_engine import AsyncEngine
-    from jaxllm.serve.metrics import Metrics
-    from jaxllm.serve.tokenizer import TextCodec
 
     cache_dir = (compile_cache.default_cache_dir() if args.compilation_cache_dir is None
                  else args.compilation_cache_dir)
     cache_dir = compile_cache.enable(cache_dir)
     log.info("compilation cache: %s", cache_dir or "off")
-    start = time.perf_counter()
     mesh = None
-    if args.tensor_parallel_size > 1:
-        import jax
-
-        devices = jax.devices()[: args.tensor_parallel_size]
-        mesh = jaxllm.make_mesh(model=args.tensor_parallel_size, devices=devices)
+    size = args.data_parallel_size * args.tensor_parallel_size
+    if jax.process_count() > 1 and size != jax.device_count():
+        raise ValueError(f"--data-parallel-size={args.data_parallel_size} x "
+                         f"--tensor-parallel-size={args.tensor_parallel_size} = {size} devices "
+                         f"must span every process's: {jax.process_count()} processes hold "
+                         f"{jax.device_count()}")
+    if size > 1:
+        mesh = jaxllm.make_mesh(data=args.data_parallel_size, model=args.tensor_parallel_size,
+                                devices=jax.devices()[:size])
     model = jaxllm.load_model(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                               mesh=mesh, attention_impl=args.attention_impl,
                               page_size=args.block_size, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               hybrid_kv_cache=not args.disable_hybrid_kv_cache_manager)
+    return Engine(model, num_pages=args.num_kv_pages,
+                  kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                  gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+                  step_timeout=args.step_timeout)
+
+
+def build_state(args: argparse.Namespace) -> ServerState:
+    """The leader's server state: the engine, warmed up, behind the async front."""
+    import time
+
+    from jaxllm import compile_cache
+    from jaxllm.serve.app import ServerState
+    from jaxllm.serve.async_engine import AsyncEngine
+    from jaxllm.serve.metrics import Metrics
+    from jaxllm.serve.tokenizer import TextCodec
+
+    start = time.perf_counter()
     with compile_cache.CompileCounter() as compiles:
-        engine = Engine(model, num_pages=args.num_kv_pages,
-                        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-                        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+        engine = build_engine(args)
         for line in engine.report():
             log.info("%s", line)
         warm = time.perf_counter()
@@ -105,6 +135,26 @@ def build_state(args: argparse.Namespace) -> ServerState:
     metrics = Metrics(name)
     return ServerState(AsyncEngine(engine, metrics), TextCodec.from_dir(args.model), name,
                        metrics, args.api_key, args.max_request_bytes)
+
+
+def follow(args: argparse.Namespace) -> int:
+    """A follower process: builds the same engine and runs the leader's steps until it stops."""
+    import os
+
+    import jax
+
+    from jaxllm import distributed
+
+    try:
+        engine = build_engine(args)
+        log.info("process %d follows process 0", jax.process_index())
+        engine.executor.follow()
+    except Exception:
+        log.exception("follower process %d failed", jax.process_index())
+        os._exit(1)  # a clean exit would wait for the leader at the shutdown barrier
+    log.info("process %d: the leader stopped", jax.process_index())
+    distributed.shutdown()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,19 +180,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import uvicorn
 
+    from jaxllm import distributed
     from jaxllm.serve.app import build_app
 
     try:
+        multi_process = distributed.initialize()
+        if multi_process and distributed.is_follower():
+            return follow(args)
         state = build_state(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"serving {state.model_name} (max_model_len {state.max_model_len}) on "
           f"http://{args.host}:{args.port}/v1", flush=True)
+    # uvicorn re-raises SIGTERM after its graceful shutdown: exit through the finally below,
+    # which stops the followers, instead of dying of the signal.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(build_app(state), host=args.host, port=args.port, log_level="warning")
     finally:
-        state.engine.shutdown()
+        state.engine.shutdown()  # and the followers
+        if multi_process:
+            distributed.shutdown()
     return 0
 
 

@@ -1,0 +1,179 @@
+"""The server as 2 processes x 4 CPU devices (``scripts/launch.py``): the same tokens as the
+single-process server, followers that stop with the leader, and a leader that fails its
+requests and exits when a follower dies."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from jaxllm import testing as hf_models
+
+REPO = Path(__file__).resolve().parents[3]
+MODEL = REPO / "checkpoints" / "tiny-llama4"
+MAX_LEN = 64
+ARGS = ["--model", str(MODEL), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "2",
+        "--max-num-batched-tokens", "32", "--seed", "0", "--compilation-cache-dir", ""]
+STEP_TIMEOUT = 15
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched(args: list[str], timeout: float = 600):
+    """``scripts/launch.py`` running the server as 2 processes x 4 CPU devices until /health
+    answers; yields (base URL, the launcher process, a function returning its log's end)."""
+    port = _free_port()
+    cmd = [sys.executable, str(REPO / "scripts" / "launch.py"), "--num-processes", "2",
+           "--cpu-devices-per-process", "4", "--grace", "60", "--", sys.executable, "-m",
+           "jaxllm.serve", *args, "--port", str(port)]
+    log = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill and block the server
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+    def read_log() -> str:
+        log.seek(0)
+        return log.read()[-6000:]
+
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"server did not start:\n{read_log()}")
+            time.sleep(0.5)
+        yield base, proc, read_log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        log.close()
+
+
+def _client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+LONG = list(range(10, 50))  # 40 tokens: two full pages of 16, shared by a second request
+
+
+def _answers(client: openai.OpenAI) -> dict:
+    """Greedy (and seeded) answers that cover streaming, n > 1, a prefix-cache hit, chunked
+    prefill and a request ending exactly at max_model_len; tokens, not just text."""
+    def completion(**kwargs) -> list:
+        r = client.completions.create(model="tiny-llama4", logprobs=1, **kwargs)
+        return [(c.logprobs.tokens, c.finish_reason) for c in r.choices]
+
+    out = {
+        "greedy": completion(prompt=[5, 41, 42, 83, 7, 9], max_tokens=12, temperature=0),
+        "n=2 seeded": completion(prompt=[5, 41, 42], max_tokens=10, temperature=0.9, n=2,
+                                 seed=7),
+        "prefix miss": completion(prompt=LONG, max_tokens=8, temperature=0),
+        "prefix hit": completion(prompt=LONG + [3], max_tokens=8, temperature=0),
+        "to max_model_len": completion(prompt=list(range(40, 90)), max_tokens=MAX_LEN - 50,
+                                       temperature=0, extra_body={"ignore_eos": True}),
+    }
+    chat = client.chat.completions.create(
+        model="tiny-llama4", messages=[{"role": "user", "content": "hello there"}],
+        max_tokens=10, temperature=0)
+    out["chat"] = [(c.message.content, c.finish_reason) for c in chat.choices]
+    stream = client.completions.create(model="tiny-llama4", prompt=[9, 8, 7], max_tokens=12,
+                                       temperature=0, stream=True, n=2)
+    out["stream"] = sorted((c.index, c.text, c.finish_reason) for chunk in stream
+                           for c in chunk.choices)
+    return out
+
+
+MESHES = {"model=8": ["--tensor-parallel-size", "8"],
+          "data=2,model=4": ["--data-parallel-size", "2", "--tensor-parallel-size", "4"]}
+
+
+@pytest.mark.parametrize("mesh", ["model=8", pytest.param("data=2,model=4",
+                                                          marks=pytest.mark.slow)])
+def test_two_processes_answer_like_one(mesh):
+    with hf_models.serving([*ARGS, *MESHES[mesh]], cwd=REPO) as base:
+        expected = _answers(_client(base))
+    with launched([*ARGS, *MESHES[mesh]]) as (base, launcher, read_log):
+        answers = _answers(_client(base))
+        launcher.send_signal(signal.SIGTERM)  # the leader stops, then its follower
+        assert launcher.wait(timeout=120) == 0, read_log()
+    assert answers == expected
+    assert answers["to max_model_len"][0][1] == "length"
+    assert len(answers["to max_model_len"][0][0]) == MAX_LEN - 50
+    assert len(answers["n=2 seeded"]) == 2
+
+
+def _child(launcher: subprocess.Popen, process_id: int) -> psutil.Process:
+    [child] = [c for c in psutil.Process(launcher.pid).children()
+               if c.environ().get("JAXLLM_PROCESS_ID") == str(process_id)]
+    return child
+
+
+@pytest.mark.parametrize("fault", ["killed", pytest.param("hung", marks=pytest.mark.slow)])
+def test_a_lost_follower_fails_requests_and_stops_the_leader(fault):
+    """A killed follower breaks the leader's next collective; a hung one (stopped) makes the
+    step outlive the step timeout. Either way: 5xx answers, the leader exits non-zero."""
+    args = [*ARGS, "--tensor-parallel-size", "8", "--step-timeout", str(STEP_TIMEOUT)]
+    with launched(args) as (base, launcher, read_log):
+        processes = psutil.Process(launcher.pid).children()
+        leader, follower = _child(launcher, 0), _child(launcher, 1)
+        plain: dict = {}
+
+        def request_in_flight():
+            plain["response"] = httpx.post(f"{base}/v1/completions", timeout=120, json={
+                "model": "tiny-llama4", "prompt": [5, 6, 7], "max_tokens": 55,
+                "temperature": 0, "ignore_eos": True})
+
+        thread = threading.Thread(target=request_in_flight)
+        thread.start()
+        events = []
+        with httpx.stream("POST", f"{base}/v1/completions", timeout=120, json={
+                "model": "tiny-llama4", "prompt": [9, 8, 7], "max_tokens": 55,
+                "temperature": 0, "ignore_eos": True, "stream": True}) as stream:
+            for line in stream.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                events.append(json.loads(line[len("data: "):]))
+                if len(events) == 2:
+                    lost = time.monotonic()
+                    if fault == "killed":
+                        follower.kill()
+                    else:
+                        follower.suspend()
+        answered = time.monotonic() - lost
+        thread.join(timeout=120)
+        leader.wait(timeout=STEP_TIMEOUT + 60)
+        if fault == "hung":
+            follower.resume()  # lets the launcher's SIGTERM end it
+        rc = launcher.wait(timeout=120)
+        log = read_log()
+    print(f"\n{fault} follower: errors answered {answered:.1f} s later")
+    assert answered < STEP_TIMEOUT + 30
+    errors = [e["error"] for e in events if "error" in e]
+    assert errors and errors[0]["code"] >= 500, events[-3:]
+    assert plain["response"].status_code >= 500, plain["response"].text
+    assert plain["response"].json()["object"] == "error"
+    assert rc != 0, log
+    assert not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
