@@ -97,8 +97,9 @@ class Executor:
             if command == Command.RESET:
                 self.runner.reset_cache()
             elif command == Command.STEP:
-                inputs = self.runner.empty_inputs(rows, slots)
-                self.runner.run(multihost_utils.broadcast_one_to_all(inputs), 0)
+                template = self.runner.empty_inputs(rows, slots)
+                message = multihost_utils.broadcast_one_to_all(pack(template))
+                self.runner.run(unpack(message, template), 0)
             else:
                 raise RuntimeError(f"unknown command {command} from the leader")
 
@@ -115,7 +116,7 @@ class Executor:
         try:
             multihost_utils.broadcast_one_to_all(np.array([command, rows, slots], np.int32))
             if inputs is not None:
-                multihost_utils.broadcast_one_to_all(inputs)
+                multihost_utils.broadcast_one_to_all(pack(inputs))
         except Exception as error:
             self._fail(f"broadcasting {command.name} to the followers failed "
                        f"({type(error).__name__}: {error})")
@@ -168,6 +169,29 @@ class Watchdog:
             what = self._what
         self._on_expire(f"{what} did not finish within the step timeout of {self.timeout:g} s "
                         "(a process of the group died or hangs)")
+
+
+def pack(inputs: StepInputs) -> np.ndarray:
+    """Every array of ``inputs`` in one int32 message (their bits, not their values): one
+    collective per step instead of one per array."""
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(inputs)]
+    wide = [leaf.dtype for leaf in leaves if leaf.dtype.itemsize != 4]
+    if wide:
+        raise TypeError(f"step inputs must be 4-byte arrays to pack, got {wide}")
+    return np.concatenate([leaf.reshape(-1).view(np.int32) for leaf in leaves])
+
+
+def unpack(message: np.ndarray, template: StepInputs) -> StepInputs:
+    """``pack``'s inverse, into the shapes and dtypes of ``template``."""
+    leaves, treedef = jax.tree.flatten(template)
+    leaves = [np.asarray(leaf) for leaf in leaves]
+    if (words := sum(leaf.size for leaf in leaves)) != message.size:
+        raise ValueError(f"a message of {message.size} words for inputs of {words}")
+    out, offset = [], 0
+    for leaf in leaves:
+        out.append(message[offset : offset + leaf.size].view(leaf.dtype).reshape(leaf.shape))
+        offset += leaf.size
+    return jax.tree.unflatten(treedef, out)
 
 
 def agree_on_minimum(value: int) -> int:

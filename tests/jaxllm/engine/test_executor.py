@@ -15,7 +15,7 @@ import pytest
 import jaxllm
 from jaxllm import SamplingParams
 from jaxllm.engine import Engine
-from jaxllm.engine.executor import Watchdog, agree_on_minimum
+from jaxllm.engine.executor import Watchdog, agree_on_minimum, pack, unpack
 from jaxllm.layout import SeqChunk
 
 
@@ -65,3 +65,19 @@ def test_watchdog_fires_only_when_a_guarded_block_outlives_the_timeout():
 def test_watchdog_refuses_a_timeout_that_is_not_positive():
     with pytest.raises(ValueError, match="step timeout 0 must be > 0"):
         Watchdog(0, lambda reason: None)
+
+
+def test_pack_and_unpack_keep_every_bit(engine):
+    groups = engine.groups.num_groups
+    chunks = [SeqChunk([[1, 2]] * groups, 3, [5, 6]), SeqChunk([[3]] * groups, 0, [7])]
+    sampling = [SamplingParams(temperature=0.7, top_p=0.9, min_p=1e-7),
+                SamplingParams(temperature=0.0)]
+    inputs = engine.runner.prepare(chunks, sampling, seeds=[2**32 - 1, 5], steps=[4, 0])
+    message = pack(inputs)
+    assert message.dtype == np.int32 and message.ndim == 1
+    back = unpack(message, engine.runner.empty_inputs(16, 2))
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(inputs), strict=True):
+        assert got.dtype == np.asarray(want).dtype
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="a message of"):
+        unpack(message[:-1], inputs)

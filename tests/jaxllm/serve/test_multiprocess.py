@@ -26,8 +26,15 @@ REPO = Path(__file__).resolve().parents[3]
 MODEL = REPO / "checkpoints" / "tiny-llama4"
 MAX_LEN = 64
 ARGS = ["--model", str(MODEL), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "2",
-        "--max-num-batched-tokens", "32", "--seed", "0", "--compilation-cache-dir", ""]
+        "--max-num-batched-tokens", "32", "--seed", "0"]
 STEP_TIMEOUT = 15
+
+
+@pytest.fixture(scope="module")
+def args(tmp_path_factory) -> list[str]:
+    """The servers' flags; one compilation cache for the module, so later servers load the
+    step programs that earlier ones compiled."""
+    return [*ARGS, "--compilation-cache-dir", str(tmp_path_factory.mktemp("xla"))]
 
 
 def _free_port() -> int:
@@ -112,10 +119,10 @@ MESHES = {"model=8": ["--tensor-parallel-size", "8"],
 
 @pytest.mark.parametrize("mesh", ["model=8", pytest.param("data=2,model=4",
                                                           marks=pytest.mark.slow)])
-def test_two_processes_answer_like_one(mesh):
-    with hf_models.serving([*ARGS, *MESHES[mesh]], cwd=REPO) as base:
+def test_two_processes_answer_like_one(args, mesh):
+    with hf_models.serving([*args, *MESHES[mesh]], cwd=REPO) as base:
         expected = _answers(_client(base))
-    with launched([*ARGS, *MESHES[mesh]]) as (base, launcher, read_log):
+    with launched([*args, *MESHES[mesh]]) as (base, launcher, read_log):
         answers = _answers(_client(base))
         launcher.send_signal(signal.SIGTERM)  # the leader stops, then its follower
         assert launcher.wait(timeout=120) == 0, read_log()
@@ -132,11 +139,11 @@ def _child(launcher: subprocess.Popen, process_id: int) -> psutil.Process:
 
 
 @pytest.mark.parametrize("fault", ["killed", pytest.param("hung", marks=pytest.mark.slow)])
-def test_a_lost_follower_fails_requests_and_stops_the_leader(fault):
+def test_a_lost_follower_fails_requests_and_stops_the_leader(args, fault):
     """A killed follower breaks the leader's next collective; a hung one (stopped) makes the
     step outlive the step timeout. Either way: 5xx answers, the leader exits non-zero."""
-    args = [*ARGS, "--tensor-parallel-size", "8", "--step-timeout", str(STEP_TIMEOUT)]
-    with launched(args) as (base, launcher, read_log):
+    flags = [*args, *MESHES["model=8"], "--step-timeout", str(STEP_TIMEOUT)]
+    with launched(flags) as (base, launcher, read_log):
         processes = psutil.Process(launcher.pid).children()
         leader, follower = _child(launcher, 0), _child(launcher, 1)
         plain: dict = {}
