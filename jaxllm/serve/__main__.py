@@ -55,9 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-parallel-size", type=int, default=1,
                    help="devices of the mesh's data axis, which splits each step's token batch "
                    "(one engine, not vLLM's engine replicas)")
-    p.add_argument("--step-timeout", type=float, default=300.0,
+    p.add_argument("--step-timeout", type=float, default=60.0,
                    help="across processes: seconds a step may take before the leader fails "
-                   "its requests and exits (a process died); cover the slowest compile")
+                   "its requests and exits (a process died or hangs); it must cover the "
+                   "slowest compile and stay under JAX's 100 s heartbeat timeout, past which "
+                   "JAX aborts every process without answering")
     p.add_argument("--block-size", type=int, default=16, help="KV cache page size in tokens")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attention-impl", default=None, choices=["pallas", "xla"])

@@ -16,7 +16,7 @@ def test_defaults():
     assert args.attention_impl is None and args.dtype is None and not args.skip_warmup
     assert args.max_request_bytes == DEFAULT_MAX_REQUEST_BYTES
     assert parse_args(["--max-request-bytes", "1000"]).max_request_bytes == 1000
-    assert (args.data_parallel_size, args.step_timeout) == (1, 300.0)
+    assert (args.data_parallel_size, args.step_timeout) == (1, 60.0)
 
 
 def test_flags_are_parsed():
