@@ -147,6 +147,8 @@ def follow(args: argparse.Namespace) -> int:
 
     from jaxllm import distributed
 
+    # Ctrl-C reaches every process of a terminal's group: the leader's stop ends this one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         engine = build_engine(args)
         log.info("process %d follows process 0", jax.process_index())
