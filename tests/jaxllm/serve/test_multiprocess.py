@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -86,6 +87,14 @@ def _client(base: str) -> openai.OpenAI:
 LONG = list(range(10, 50))  # 40 tokens: two full pages of 16, shared by a second request
 
 
+def _prefix_cache_hits(base: str) -> float:
+    """Prompt tokens the server served from its prefix cache so far (its metrics)."""
+    found = re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$",
+                      httpx.get(f"{base}/metrics").text, re.M)
+    assert found, "no prefix-cache metric"
+    return float(found.group(1))
+
+
 def _answers(client: openai.OpenAI) -> dict:
     """Greedy (and seeded) answers that cover streaming, n > 1, a prefix-cache hit, chunked
     prefill and a request ending exactly at max_model_len; tokens, not just text."""
@@ -122,8 +131,10 @@ MESHES = {"model=8": ["--tensor-parallel-size", "8"],
 def test_two_processes_answer_like_one(args, mesh):
     with hf_models.serving([*args, *MESHES[mesh]], cwd=REPO) as base:
         expected = _answers(_client(base))
+        expected_hits = _prefix_cache_hits(base)
     with launched([*args, *MESHES[mesh]]) as (base, launcher, read_log):
         answers = _answers(_client(base))
+        assert _prefix_cache_hits(base) == expected_hits >= 32  # two pages of LONG
         launcher.send_signal(signal.SIGTERM)  # the leader stops, then its follower
         assert launcher.wait(timeout=120) == 0, read_log()
     assert answers == expected
