@@ -156,7 +156,7 @@ class Engine:
             targets = _prompt_targets(scheduled)
             scored = None
             if any(t >= 0 for t in targets):
-                picked, scored = self.runner.sample_and_score_step(*args, targets, stops)
+                picked, scored = self.executor.sample_and_score_step(*args, targets, stops)
             else:
                 picked = self.executor.sample_step(*args, stops)
         except Exception as error:

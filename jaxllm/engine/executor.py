@@ -4,7 +4,8 @@
 Across processes, process 0 (the leader) runs the server, the scheduler and the sampler
 bookkeeping; every other process (a follower) only runs steps (``follow``). For each step the
 leader broadcasts a fixed-size header (a command and the step's token and batch buckets), then
-the step's host arrays (``StepInputs``), whose shapes those buckets fix: every process runs
+the step's host arrays (``StepInputs``, and for a scoring step each row's target), whose
+shapes those buckets fix, in one message: every process runs
 the same compiled program on the same inputs, and none compiles a shape another did not.
 
 A collective that does not return within the step timeout (a process died or hangs), or a
@@ -21,12 +22,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxllm.engine.runner import ModelRunner, Sampled, StepInputs
+from jaxllm.engine.runner import ModelRunner, Sampled, Scored, StepInputs, target_rows
 from jaxllm.layout import SeqChunk
 from jaxllm.sampling import SamplingParams
 
@@ -39,6 +41,7 @@ class Command(enum.IntEnum):
     STEP = 1  # receive a step's inputs and run it
     RESET = 2  # re-create the KV cache (after a failed step)
     STOP = 3  # leave ``follow``
+    SCORE = 4  # receive a step's inputs and each row's target; run the scoring step
 
 
 class Executor:
@@ -71,6 +74,21 @@ class Executor:
             self._send(Command.STEP, inputs)
             return self.runner.run(inputs, len(chunks))
 
+    def sample_and_score_step(self, chunks: Sequence[SeqChunk],
+                              sampling: Sequence[SamplingParams], seeds: Sequence[int],
+                              steps: Sequence[int], targets: Sequence[int],
+                              stop_ids: Sequence[Collection[int]] | None = None
+                              ) -> tuple[Sampled, Scored]:
+        """``ModelRunner.sample_and_score_step``, run by every process."""
+        if not self.distributed:
+            return self.runner.sample_and_score_step(chunks, sampling, seeds, steps, targets,
+                                                     stop_ids)
+        inputs = self.runner.prepare(chunks, sampling, seeds, steps, stop_ids)
+        rows = target_rows(inputs, targets)
+        with self._guard("a scoring step"):
+            self._send(Command.SCORE, inputs, rows)
+            return self.runner.run_scored(inputs, rows, len(chunks), len(targets))
+
     def reset_cache(self) -> None:
         """``ModelRunner.reset_cache``, in every process."""
         with self._guard("a KV cache reset"):
@@ -100,10 +118,16 @@ class Executor:
                 template = self.runner.empty_inputs(rows, slots)
                 message = multihost_utils.broadcast_one_to_all(pack(template))
                 self.runner.run(unpack(message, template), 0)
+            elif command == Command.SCORE:
+                template = (self.runner.empty_inputs(rows, slots), np.zeros(rows, np.int32))
+                message = multihost_utils.broadcast_one_to_all(pack(template))
+                inputs, targets = unpack(message, template)
+                self.runner.run_scored(inputs, targets, 0, 0)
             else:
                 raise RuntimeError(f"unknown command {command} from the leader")
 
-    def _send(self, command: Command, inputs: StepInputs | None = None) -> None:
+    def _send(self, command: Command, inputs: StepInputs | None = None,
+              targets: np.ndarray | None = None) -> None:
         if not self.distributed:
             return
         if not self.leader:
@@ -116,7 +140,8 @@ class Executor:
         try:
             multihost_utils.broadcast_one_to_all(np.array([command, rows, slots], np.int32))
             if inputs is not None:
-                multihost_utils.broadcast_one_to_all(pack(inputs))
+                payload = inputs if targets is None else (inputs, targets)
+                multihost_utils.broadcast_one_to_all(pack(payload))
         except Exception as error:
             self._fail(f"broadcasting {command.name} to the followers failed "
                        f"({type(error).__name__}: {error})")
@@ -171,17 +196,17 @@ class Watchdog:
                         "(a process of the group died or hangs)")
 
 
-def pack(inputs: StepInputs) -> np.ndarray:
-    """Every array of ``inputs`` in one int32 message (their bits, not their values): one
-    collective per step instead of one per array."""
-    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(inputs)]
+def pack(tree: Any) -> np.ndarray:
+    """Every array of ``tree`` (a step's inputs) in one int32 message (their bits, not their
+    values): one collective per step instead of one per array."""
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
     wide = [leaf.dtype for leaf in leaves if leaf.dtype.itemsize != 4]
     if wide:
         raise TypeError(f"step inputs must be 4-byte arrays to pack, got {wide}")
     return np.concatenate([leaf.reshape(-1).view(np.int32) for leaf in leaves])
 
 
-def unpack(message: np.ndarray, template: StepInputs) -> StepInputs:
+def unpack(message: np.ndarray, template: Any) -> Any:
     """``pack``'s inverse, into the shapes and dtypes of ``template``."""
     leaves, treedef = jax.tree.flatten(template)
     leaves = [np.asarray(leaf) for leaf in leaves]

@@ -235,8 +235,7 @@ class ModelRunner:
         """``sample_step``, and the log-probability of ``targets[t]`` (the token after row t,
         -1 for none) under each row's distribution, with the top alternatives."""
         inputs = self.prepare(chunks, sampling, seeds, steps, stop_ids)
-        rows = np.full(inputs.tokens.shape[0], -1, np.int32)
-        rows[: len(targets)] = targets
+        rows = target_rows(inputs, targets)
         return self.run_scored(inputs, rows, len(chunks), len(targets))
 
     def prepare(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
@@ -285,6 +284,13 @@ class ModelRunner:
         (out, scored), self.cache = self._score(self.model.params, self.cache, *inputs, targets)
         picked = _check_finite(Sampled(*(to_host(a)[:num_seqs] for a in out)))
         return picked, Scored(*(to_host(a)[:num_targets] for a in scored))
+
+
+def target_rows(inputs: StepInputs, targets: Sequence[int]) -> np.ndarray:
+    """``targets`` (the token after each row) padded with -1 (none) to the step's rows."""
+    rows = np.full(inputs.tokens.shape[0], -1, np.int32)
+    rows[: len(targets)] = targets
+    return rows
 
 
 def _check_finite(picked: Sampled) -> Sampled:

@@ -16,6 +16,7 @@ import jaxllm
 from jaxllm import SamplingParams
 from jaxllm.engine import Engine
 from jaxllm.engine.executor import Watchdog, agree_on_minimum, pack, unpack
+from jaxllm.engine.runner import target_rows
 from jaxllm.layout import SeqChunk
 
 
@@ -81,3 +82,16 @@ def test_pack_and_unpack_keep_every_bit(engine):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="a message of"):
         unpack(message[:-1], inputs)
+
+
+def test_a_scoring_steps_message_round_trips(engine):
+    groups = engine.groups.num_groups
+    chunks = [SeqChunk([[1, 2]] * groups, 0, [5, 6, 9])]
+    inputs = engine.runner.prepare(chunks, [SamplingParams(temperature=0.0)], seeds=[3],
+                                   steps=[0])
+    rows = target_rows(inputs, [6, 9])
+    assert rows.tolist() == [6, 9] + [-1] * 14
+    template = (engine.runner.empty_inputs(16, 1), np.zeros(16, np.int32))
+    back_inputs, back_rows = unpack(pack((inputs, rows)), template)
+    np.testing.assert_array_equal(back_rows, rows)
+    np.testing.assert_array_equal(back_inputs.meta.slot_mapping, inputs.meta.slot_mapping)

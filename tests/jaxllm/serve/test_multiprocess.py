@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import psutil
 import pytest
@@ -97,7 +98,8 @@ def _prefix_cache_hits(base: str) -> float:
 
 def _answers(client: openai.OpenAI) -> dict:
     """Greedy (and seeded) answers that cover streaming, n > 1, a prefix-cache hit, chunked
-    prefill and a request ending exactly at max_model_len; tokens, not just text."""
+    prefill, a request ending exactly at max_model_len and echoed prompt scores (the scoring
+    step); tokens, not just text."""
     def completion(**kwargs) -> list:
         r = client.completions.create(model="tiny-llama4", logprobs=1, **kwargs)
         return [(c.logprobs.tokens, c.finish_reason) for c in r.choices]
@@ -111,6 +113,10 @@ def _answers(client: openai.OpenAI) -> dict:
         "to max_model_len": completion(prompt=list(range(40, 90)), max_tokens=MAX_LEN - 50,
                                        temperature=0, extra_body={"ignore_eos": True}),
     }
+    echo = client.completions.create(model="tiny-llama4", prompt=[5, 41, 42, 83, 7],
+                                     max_tokens=3, temperature=0, echo=True, logprobs=1)
+    out["echo"] = echo.choices[0].logprobs.tokens
+    out["echo scores"] = echo.choices[0].logprobs.token_logprobs
     chat = client.chat.completions.create(
         model="tiny-llama4", messages=[{"role": "user", "content": "hello there"}],
         max_tokens=10, temperature=0)
@@ -137,7 +143,10 @@ def test_two_processes_answer_like_one(args, mesh):
         assert _prefix_cache_hits(base) == expected_hits >= 32  # two pages of LONG
         launcher.send_signal(signal.SIGTERM)  # the leader stops, then its follower
         assert launcher.wait(timeout=120) == 0, read_log()
+    scores, expected_scores = answers.pop("echo scores"), expected.pop("echo scores")
     assert answers == expected
+    assert scores[0] is None and expected_scores[0] is None  # the first token has no context
+    np.testing.assert_allclose(scores[1:], expected_scores[1:], atol=1e-4)
     assert answers["to max_model_len"][0][1] == "length"
     assert len(answers["to max_model_len"][0][0]) == MAX_LEN - 50
     assert len(answers["n=2 seeded"]) == 2
