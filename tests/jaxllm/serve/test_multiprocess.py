@@ -108,6 +108,8 @@ def _answers(client: openai.OpenAI) -> dict:
         "greedy": completion(prompt=[5, 41, 42, 83, 7, 9], max_tokens=12, temperature=0),
         "n=2 seeded": completion(prompt=[5, 41, 42], max_tokens=10, temperature=0.9, n=2,
                                  seed=7),
+        "bias, min_tokens": completion(prompt=[5, 41, 42], max_tokens=6, temperature=0,
+                                       logit_bias={"7": 4}, extra_body={"min_tokens": 4}),
         "prefix miss": completion(prompt=LONG, max_tokens=8, temperature=0),
         "prefix hit": completion(prompt=LONG + [3], max_tokens=8, temperature=0),
         "to max_model_len": completion(prompt=list(range(40, 90)), max_tokens=MAX_LEN - 50,
