@@ -131,36 +131,55 @@ def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-@contextlib.contextmanager
-def serving(args: list[str], cwd: Path | None = None, timeout: float = 300):
-    """Runs ``python -m jaxllm.serve ARGS --port <free>`` until /health answers; yields the
-    base URL and stops the server afterwards."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket
-    import subprocess
-    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: Any, port: int, timeout: float = 300, *, log: Any = None,
+                 track_rss: bool = False) -> int:
+    """Polls the server of ``proc`` on ``port`` until /health answers 200; kills it and raises
+    RuntimeError with its output (``log()``, default its stdout) if it exits or ``timeout``
+    passes first. Returns the peak RSS of ``proc`` seen meanwhile (0 unless ``track_rss``)."""
     import time
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    deadline, peak = time.monotonic() + timeout, 0
+    while True:
+        if track_rss:
+            import psutil
+
+            peak = max(peak, psutil.Process(proc.pid).memory_info().rss)
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return peak
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            output = log() if log is not None else proc.stdout.read()
+            raise RuntimeError(f"server did not start:\n{output}")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def serving(args: list[str], cwd: Path | None = None, timeout: float = 300):
+    """Runs ``python -m jaxllm.serve ARGS --port <free>`` until /health answers; yields the
+    base URL and stops the server afterwards."""
+    import subprocess
+    import sys
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "jaxllm.serve", *args, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"server did not start:\n{proc.stdout.read()}")
-            time.sleep(0.5)
-        yield base
+        wait_healthy(proc, port, timeout)
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -214,6 +214,8 @@ def test_a_chunked_group_gives_back_pages_behind_its_chunk():
         global_row, local_row = request.pages
         held.append((len(global_row), [p != 0 for p in local_row].count(True),
                      local_row.count(0)))
+        assert sched.pages_held_by_group() == [len(global_row), len(local_row)
+                                               - local_row.count(0)]
     # (global pages, live chunked pages, null entries): chunk starts 0, 8, 16, 16.
     assert held == [(2, 2, 0), (3, 1, 2), (5, 1, 4), (5, 1, 4)]
     assert sched.pages.num_free == 32 - 5 - 1

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from jaxllm import testing as hf_models
+from jaxllm.testing import free_port, wait_healthy
 from tests.jaxllm.conftest import run_converter
-from tests.jaxllm.serve.test_startup import free_port, wait_healthy
 
 
 def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
@@ -41,7 +41,7 @@ def test_20000_tokens_with_chunk_8192(tmp_path):
          "--max-model-len", "20000", "--port", str(port), "--compilation-cache-dir", ""],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        peak = wait_healthy(proc, port, track_rss=True)
+        peak = wait_healthy(proc, port, 900, track_rss=True)
         started = time.monotonic() - begin
         rng = np.random.default_rng(5)
         results = {}

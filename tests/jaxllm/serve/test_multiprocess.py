@@ -8,7 +8,6 @@ import contextlib
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,17 +38,11 @@ def args(tmp_path_factory) -> list[str]:
     return [*ARGS, "--compilation-cache-dir", str(tmp_path_factory.mktemp("xla"))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def launched(args: list[str], timeout: float = 600):
     """``scripts/launch.py`` running the server as 2 processes x 4 CPU devices until /health
     answers; yields (base URL, the launcher process, a function returning its log's end)."""
-    port = _free_port()
+    port = hf_models.free_port()
     cmd = [sys.executable, str(REPO / "scripts" / "launch.py"), "--num-processes", "2",
            "--cpu-devices-per-process", "4", "--grace", "60", "--", sys.executable, "-m",
            "jaxllm.serve", *args, "--port", str(port)]
@@ -60,20 +53,9 @@ def launched(args: list[str], timeout: float = 600):
         log.seek(0)
         return log.read()[-6000:]
 
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"server did not start:\n{read_log()}")
-            time.sleep(0.5)
-        yield base, proc, read_log
+        hf_models.wait_healthy(proc, port, timeout, log=read_log)
+        yield f"http://127.0.0.1:{port}", proc, read_log
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

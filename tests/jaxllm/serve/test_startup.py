@@ -3,36 +3,11 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import time
 
-import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 900,
-                 track_rss: bool = False) -> int:
-    """Polls /health until 200; returns the peak RSS seen meanwhile (0 if not tracked)."""
-    import psutil
-
-    begin, peak = time.monotonic(), 0
-    while True:
-        if track_rss:
-            peak = max(peak, psutil.Process(proc.pid).memory_info().rss)
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return peak
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() - begin < timeout, proc.stdout.read()
-        time.sleep(0.2)
+from jaxllm.testing import free_port, wait_healthy
 
 
 def _start(args: list[str]) -> tuple[str, float]:
@@ -42,7 +17,7 @@ def _start(args: list[str]) -> tuple[str, float]:
     proc = subprocess.Popen([sys.executable, "-m", "jaxllm.serve", *args, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_healthy(proc, port)
+        wait_healthy(proc, port, 900)
         ready = time.monotonic() - begin
     finally:
         proc.terminate()
