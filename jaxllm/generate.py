@@ -126,6 +126,9 @@ def generate(
     ``max_num_seqs``; a prompt + ``max_new_tokens`` over ``max_model_len`` is refused.
     """
     sampling = GREEDY if sampling is None else sampling
+    if sampling.structured is not None:
+        raise ValueError("generate() does not constrain outputs to a grammar: structured "
+                         "outputs need the engine (jaxllm.engine.Engine, or the server)")
     policy = model.bucket_policy
     checked = []
     for prompt in prompts:

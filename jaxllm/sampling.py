@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +12,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.sharding import LOGICAL_AXIS_RULES, axis_size
+
+if TYPE_CHECKING:
+    from jaxllm.structured import StructuredOutput
 
 MAX_LOGIT_BIAS = 300  # entries per request (a fixed-shape array on device)
 MAX_MIN_TOKENS_STOP_IDS = 16  # stop ids held back by min_tokens
@@ -39,6 +42,9 @@ class SamplingParams:
     # (token id, bias) pairs added to the logits before picking (OpenAI's logit_bias).
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0  # the stop ids (EOS included) cannot be picked before this many tokens
+    # The output must match this grammar (JSON schema, regex, choice, Lark): structured
+    # outputs, ``jaxllm.structured``; the engine stops the request when the grammar ends.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -146,6 +152,37 @@ def adjust_logits(logits: jax.Array, s: SamplingArrays, steps: jax.Array) -> jax
     logits = logits.at[rows, ids].add(s.bias_values, mode="drop")
     early = (steps < s.min_tokens)[:, None] & (s.held_stop_ids >= 0)
     return logits.at[rows, jnp.where(early, s.held_stop_ids, vocab)].set(-jnp.inf, mode="drop")
+
+
+def mask_words(vocab: int) -> int:
+    """Words of a token bitmask over ``vocab`` tokens (32 tokens per int32 word)."""
+    return -(-vocab // 32)
+
+
+def apply_token_mask(logits: jax.Array, words: jax.Array, mesh: Mesh | None = None
+                     ) -> jax.Array:
+    """``logits [B, V]`` with every token a row's bitmask leaves out at -inf (structured
+    outputs): ``words [B, mask_words(V)]`` int32, bit ``t % 32`` of word ``t // 32`` set when
+    token t is allowed; a row of all-ones words is unconstrained. Each vocabulary shard reads
+    the bits of its own slice; a batch with no constrained row skips it (``lax.cond``)."""
+    vocab_axis = LOGICAL_AXIS_RULES["vocab"]
+    n = axis_size(mesh, vocab_axis)
+    sharded = n > 1 and logits.shape[-1] % n == 0
+
+    def local(block, words):
+        first = jax.lax.axis_index(vocab_axis) * block.shape[-1] if sharded else 0
+        ids = first + jnp.arange(block.shape[-1])
+        bits = (jnp.take(words, ids // 32, axis=1) >> (ids % 32)) & 1
+        return jnp.where(bits == 1, block, -jnp.inf)
+
+    def masked(_):
+        if not sharded:
+            return local(logits, words)
+        return jax.shard_map(local, mesh=mesh,
+                             in_specs=(PartitionSpec(None, vocab_axis), PartitionSpec()),
+                             out_specs=PartitionSpec(None, vocab_axis))(logits, words)
+
+    return jax.lax.cond(jnp.any(words != -1), masked, lambda _: logits, None)
 
 
 def greedy(logits: jax.Array, mesh: Mesh | None = None) -> jax.Array:

@@ -239,7 +239,8 @@ def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any
     from jaxllm.engine.runner import step_functions
     from jaxllm.kv_cache import kv_cache_sharding
     from jaxllm.layout import AttentionMetadata
-    from jaxllm.sampling import GREEDY, SamplingArrays
+    from jaxllm.sampling import GREEDY, SamplingArrays, mask_words
+    from jaxllm.sharding import padded_vocab_size
 
     groups = cache.groups(config)
     num_groups = groups.num_groups
@@ -249,11 +250,13 @@ def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any
     meta = AttentionMetadata(rep((rows,)), rep((num_groups, rows)),
                              rep((num_groups, slots, width)), rep((slots,)),
                              rep((slots + 1,)), rep(()))
-    sampling = jax.tree.map(lambda a: rep((slots,), a.dtype),
+    sampling = jax.tree.map(lambda a: rep(a.shape, a.dtype),
                             SamplingArrays.from_params([GREEDY] * slots))
+    words = mask_words(padded_vocab_size(config.vocab_size, mesh))
     _, sample_step = step_functions(graphdef, "pallas", mesh, groups)
     return sample_step, (params, [(page, page)] * groups.num_slabs, rep((rows,)), meta,
-                         rep((slots,)), sampling, rep((slots, 2), jnp.uint32), rep((slots,)))
+                         rep((slots,)), sampling, rep((slots, 2), jnp.uint32), rep((slots,)),
+                         rep((slots, words)))
 
 
 def engine_cases() -> list[Case]:

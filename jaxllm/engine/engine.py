@@ -8,6 +8,9 @@ import logging
 import random
 import secrets
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from jaxllm.api import Model
 from jaxllm.engine.executor import Executor, agree_on_minimum
@@ -23,6 +26,9 @@ from jaxllm.engine.runner import ModelRunner, Scored, step_temp_bytes
 from jaxllm.engine.scheduler import Request, Scheduled, Scheduler
 from jaxllm.layout import SeqChunk, check_token_ids, pages_for
 from jaxllm.sampling import MAX_MIN_TOKENS_STOP_IDS, SamplingParams
+
+if TYPE_CHECKING:
+    from jaxllm.structured import GrammarCompiler
 
 log = logging.getLogger("jaxllm.engine")
 
@@ -87,6 +93,9 @@ class Engine:
         self.runner = ModelRunner(model, self.policy)
         self.executor = Executor(self.runner, step_timeout=step_timeout)
         self.requests: dict[str, Request] = {}
+        # Compiles structured-output grammars against the tokenizer (set by whoever has one,
+        # e.g. the server); requests with ``sampling.structured`` are refused without it.
+        self.grammars: GrammarCompiler | None = None
         self._ids = itertools.count()
         # Seeds for requests that bring none: reproducible runs when the engine has a seed.
         self._seeds = random.Random(seed if seed is not None else secrets.randbits(64))
@@ -112,9 +121,16 @@ class Engine:
         if sampling.min_tokens and len(stops) > MAX_MIN_TOKENS_STOP_IDS:
             raise ValueError(f"min_tokens holds back at most {MAX_MIN_TOKENS_STOP_IDS} stop "
                              f"ids; this request has {len(stops)}")
+        matcher = None
+        if sampling.structured is not None:
+            if self.grammars is None:
+                raise ValueError("structured outputs need the model's tokenizer, and this "
+                                 "engine has none")
+            matcher = self.grammars.matcher(sampling.structured)
         request_id = request_id or f"req-{next(self._ids)}"
         seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(63)
-        return Request(request_id, ids, sampling, max_tokens, seed, frozenset(stops))
+        return Request(request_id, ids, sampling, max_tokens, seed, frozenset(stops),
+                       matcher=matcher)
 
     def submit(self, request: Request) -> str:
         if request.request_id in self.requests:
@@ -153,12 +169,14 @@ class Engine:
             args = (chunks, [s.request.sampling for s in scheduled],
                     [s.request.seed for s in scheduled], [len(s.request.output) for s in scheduled])
             stops = [s.request.stop_ids for s in scheduled]
+            masks = self._token_masks(scheduled)
             targets = _prompt_targets(scheduled)
             scored = None
             if any(t >= 0 for t in targets):
-                picked, scored = self.executor.sample_and_score_step(*args, targets, stops)
+                picked, scored = self.executor.sample_and_score_step(*args, targets, stops,
+                                                                     masks)
             else:
-                picked = self.executor.sample_step(*args, stops)
+                picked = self.executor.sample_step(*args, stops, masks)
         except Exception as error:
             ids = [s.request.request_id for s in scheduled]
             log.error("engine step failed (%s: %s); stopping its requests %s",
@@ -186,10 +204,24 @@ class Engine:
                     request.num_cached_prompt, 0, request.queued_seconds,
                     request.scored_prompt))
                 continue
+            if request.matcher is not None and not request.matcher.consume_token(token):
+                # The mask allowed only tokens the grammar accepts; a token outside it means
+                # nothing was allowed (e.g. min_tokens holding back the only way to end).
+                log.warning("request %s: token %d does not continue its grammar (%s); "
+                            "stopping it", request.request_id, token,
+                            request.matcher.get_error())
+                self.scheduler.finish(request, "stop")
+                del self.requests[request.request_id]
+                outputs.append(RequestOutput(
+                    request.request_id, [], [], True, "stop", len(request.prompt),
+                    request.num_cached_prompt, len(request.output), request.queued_seconds))
+                continue
             request.output.append(int(token))
             reason = None
             if token in request.stop_ids:
                 reason = "stop"
+            elif request.matcher is not None and request.matcher.is_stopped():
+                reason = "stop"  # the grammar is complete: nothing but EOS could follow
             elif len(request.output) >= request.max_tokens:
                 reason = "length"
             if reason:
@@ -204,6 +236,17 @@ class Engine:
                 request.scored_prompt if request.sampling.prompt_logprobs is not None
                 and len(request.output) == 1 else None))
         return outputs
+
+    def _token_masks(self, scheduled: Sequence[Scheduled]) -> dict[int, np.ndarray] | None:
+        """The allowed tokens of each constrained sequence that picks a token this step
+        (``jaxllm.structured``), keyed by its index in the step."""
+        constrained = [(i, s.request.matcher) for i, s in enumerate(scheduled)
+                       if s.samples and s.request.matcher is not None]
+        if not constrained:
+            return None
+        assert self.grammars is not None  # a request has a matcher only through it
+        masks = self.grammars.masks([m for _, m in constrained], self.runner.mask_words)
+        return {i: masks[k] for k, (i, _) in enumerate(constrained)}
 
     def report(self) -> list[str]:
         """The start-up report: memory, pages, concurrency (``jaxllm.engine.memory``)."""

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -64,12 +64,14 @@ class Executor:
 
     def sample_step(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
                     seeds: Sequence[int], steps: Sequence[int],
-                    stop_ids: Sequence[Collection[int]] | None = None) -> Sampled:
+                    stop_ids: Sequence[Collection[int]] | None = None,
+                    token_masks: Mapping[int, np.ndarray] | None = None) -> Sampled:
         """``ModelRunner.sample_step``, run by every process."""
         if not self.distributed:
-            return self.runner.sample_step(chunks, sampling, seeds, steps, stop_ids)
+            return self.runner.sample_step(chunks, sampling, seeds, steps, stop_ids,
+                                           token_masks)
         # A bad step raises here, before anything is sent.
-        inputs = self.runner.prepare(chunks, sampling, seeds, steps, stop_ids)
+        inputs = self.runner.prepare(chunks, sampling, seeds, steps, stop_ids, token_masks)
         with self._guard("a step"):
             self._send(Command.STEP, inputs)
             return self.runner.run(inputs, len(chunks))
@@ -77,13 +79,14 @@ class Executor:
     def sample_and_score_step(self, chunks: Sequence[SeqChunk],
                               sampling: Sequence[SamplingParams], seeds: Sequence[int],
                               steps: Sequence[int], targets: Sequence[int],
-                              stop_ids: Sequence[Collection[int]] | None = None
+                              stop_ids: Sequence[Collection[int]] | None = None,
+                              token_masks: Mapping[int, np.ndarray] | None = None
                               ) -> tuple[Sampled, Scored]:
         """``ModelRunner.sample_and_score_step``, run by every process."""
         if not self.distributed:
             return self.runner.sample_and_score_step(chunks, sampling, seeds, steps, targets,
-                                                     stop_ids)
-        inputs = self.runner.prepare(chunks, sampling, seeds, steps, stop_ids)
+                                                     stop_ids, token_masks)
+        inputs = self.runner.prepare(chunks, sampling, seeds, steps, stop_ids, token_masks)
         rows = target_rows(inputs, targets)
         with self._guard("a scoring step"):
             self._send(Command.SCORE, inputs, rows)

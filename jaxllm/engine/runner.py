@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -27,11 +27,13 @@ from jaxllm.sampling import (
     SamplingArrays,
     SamplingParams,
     adjust_logits,
+    apply_token_mask,
+    mask_words,
     sample,
     seed_keys,
     seed_words,
 )
-from jaxllm.sharding import to_host
+from jaxllm.sharding import padded_vocab_size, to_host
 
 TOP_LOGPROBS = 20  # the most the OpenAI API asks for
 
@@ -46,6 +48,9 @@ class StepInputs(NamedTuple):
     sampling: SamplingArrays
     seeds: np.ndarray  # [S, 2] uint32: each 64-bit seed's words (``seed_words``)
     steps: np.ndarray  # [S] int32
+    # [S, ceil(V / 32)] int32: each row's allowed tokens as bits (structured outputs; all
+    # ones: unconstrained), ``jaxllm.sampling.apply_token_mask``.
+    token_mask: np.ndarray
 
 
 class Sampled(NamedTuple):
@@ -58,12 +63,13 @@ class Sampled(NamedTuple):
 
 
 def pick(logits: jax.Array, sampling: SamplingArrays, seeds: jax.Array, steps: jax.Array,
-         mesh: Mesh | None) -> tuple[jax.Array, ...]:
+         token_mask: jax.Array, mesh: Mesh | None) -> tuple[jax.Array, ...]:
     """Each row's next token, its log-probability and the top alternatives."""
     # A row's key depends only on its request's seed and token index, so a seeded
     # request samples the same tokens whatever else shares its batch.
     keys = jax.vmap(jax.random.fold_in)(seed_keys(seeds), steps)
-    tokens = sample(adjust_logits(logits, sampling, steps), sampling, keys, mesh)
+    adjusted = apply_token_mask(adjust_logits(logits, sampling, steps), token_mask, mesh)
+    tokens = sample(adjusted, sampling, keys, mesh)
     # Log-probabilities under the model's own distribution (before temperature and
     # filters), for the chosen token and the TOP_LOGPROBS most likely ones.
     logprobs = jax.nn.log_softmax(logits, axis=-1)
@@ -78,7 +84,7 @@ def step_functions(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | Non
     compiling the same step ahead of time (``jaxllm.aot``).
 
     forward(params, cache, tokens, meta, logits_rows) -> (logits, cache);
-    forward_and_sample(..., sampling, seeds, steps) -> ((tokens, logprobs, top ids, top
+    forward_and_sample(..., sampling, seeds, steps, token_mask) -> ((tokens, logprobs, top ids, top
     logprobs), cache).
     """
 
@@ -88,9 +94,10 @@ def step_functions(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | Non
                                groups=groups)
         return module.logits(hidden[logits_rows]), cache
 
-    def forward_and_sample(params, cache, tokens, meta, logits_rows, sampling, seeds, steps):
+    def forward_and_sample(params, cache, tokens, meta, logits_rows, sampling, seeds, steps,
+                           token_mask):
         logits, cache = forward(params, cache, tokens, meta, logits_rows)
-        return pick(logits, sampling, seeds, steps, mesh), cache
+        return pick(logits, sampling, seeds, steps, token_mask, mesh), cache
 
     return forward, forward_and_sample
 
@@ -101,16 +108,17 @@ SCORE_BLOCK = 256  # rows whose full-vocabulary log-probabilities exist at once
 def scoring_step_function(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None,
                           groups: LayerGroups) -> Callable:
     """The step that also scores every row (prompt log-probabilities, for ``echo`` and
-    ``prompt_logprobs``): ``(..., steps, targets [T]) -> ((picked...), (target logprob [T],
-    top ids [T, K], top logprobs [T, K])), cache``. Row t's target is the token that follows
-    it (-1: none). The vocabulary-wide log-softmax runs ``SCORE_BLOCK`` rows at a time, so
-    its memory does not grow with the step's width."""
+    ``prompt_logprobs``): ``(..., steps, token_mask, targets [T]) -> ((picked...), (target
+    logprob [T], top ids [T, K], top logprobs [T, K])), cache``. Row t's target is the token
+    that follows it (-1: none). The vocabulary-wide log-softmax runs ``SCORE_BLOCK`` rows at
+    a time, so its memory does not grow with the step's width."""
     def forward_sample_and_score(params, cache, tokens, meta, logits_rows, sampling, seeds,
-                                 steps, targets):
+                                 steps, token_mask, targets):
         module = nnx.merge(graphdef, params)
         hidden, cache = module(tokens, cache, meta, attention_impl=attention_impl,
                                groups=groups)
-        picked = pick(module.logits(hidden[logits_rows]), sampling, seeds, steps, mesh)
+        picked = pick(module.logits(hidden[logits_rows]), sampling, seeds, steps, token_mask,
+                      mesh)
         rows = hidden.shape[0]
         block = math.gcd(rows, SCORE_BLOCK)
 
@@ -138,7 +146,7 @@ def _step_programs(model: Model, groups: LayerGroups):
     logits_fn = jax.jit(forward, donate_argnums=(1,),
                         in_shardings=(model.param_shardings, None) + (rep,) * 3)
     sample_fn = jax.jit(forward_and_sample, donate_argnums=(1,),
-                        in_shardings=(model.param_shardings, None) + (rep,) * 6,
+                        in_shardings=(model.param_shardings, None) + (rep,) * 7,
                         out_shardings=((rep,) * 4, None))
     return logits_fn, sample_fn
 
@@ -163,10 +171,16 @@ def step_temp_bytes(model: Model, policy: BucketPolicy) -> int:
         compiled = sample_fn.lower(
             model.params, [(pages, pages)] * groups.num_slabs, i32((rows,)), meta,
             i32((slots,)), SamplingArrays.from_params([GREEDY] * slots),
-            jax.ShapeDtypeStruct((slots, 2), np.uint32), i32((slots,))).compile()
+            jax.ShapeDtypeStruct((slots, 2), np.uint32), i32((slots,)),
+            i32((slots, mask_words(logits_width(model))))).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     return model.compiled(("step_temp_bytes", policy), measure)
+
+
+def logits_width(model: Model) -> int:
+    """The logits' vocabulary width: the model's vocabulary padded for its mesh."""
+    return padded_vocab_size(model.config.vocab_size, model.mesh)
 
 
 class Scored(NamedTuple):
@@ -193,6 +207,7 @@ class ModelRunner:
         self.cache = self._new_cache()
         self._logits, self._sample = _step_programs(model, groups)
         self._score = None
+        self.mask_words = mask_words(logits_width(model))
 
     def reset_cache(self) -> None:
         """Re-creates the KV cache, zeroed. After a failed step the old buffers are donated or
@@ -218,29 +233,34 @@ class ModelRunner:
 
     def sample_step(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
                     seeds: Sequence[int], steps: Sequence[int],
-                    stop_ids: Sequence[Collection[int]] | None = None) -> Sampled:
+                    stop_ids: Sequence[Collection[int]] | None = None,
+                    token_masks: Mapping[int, np.ndarray] | None = None) -> Sampled:
         """Runs one step and picks each sequence's next token on device.
 
         ``seeds`` (< 2**64, all bits used) and ``steps`` (the index of the token being picked)
         key each row's sampler; ``stop_ids`` (each sequence's, EOS included) are held back
-        until its ``min_tokens``.
+        until its ``min_tokens``; ``token_masks`` maps a sequence's index to its allowed
+        tokens (``[mask_words]`` int32 bits; structured outputs).
         """
-        return self.run(self.prepare(chunks, sampling, seeds, steps, stop_ids), len(chunks))
+        inputs = self.prepare(chunks, sampling, seeds, steps, stop_ids, token_masks)
+        return self.run(inputs, len(chunks))
 
     def sample_and_score_step(self, chunks: Sequence[SeqChunk],
                               sampling: Sequence[SamplingParams], seeds: Sequence[int],
                               steps: Sequence[int], targets: Sequence[int],
-                              stop_ids: Sequence[Collection[int]] | None = None
+                              stop_ids: Sequence[Collection[int]] | None = None,
+                              token_masks: Mapping[int, np.ndarray] | None = None
                               ) -> tuple[Sampled, Scored]:
         """``sample_step``, and the log-probability of ``targets[t]`` (the token after row t,
         -1 for none) under each row's distribution, with the top alternatives."""
-        inputs = self.prepare(chunks, sampling, seeds, steps, stop_ids)
+        inputs = self.prepare(chunks, sampling, seeds, steps, stop_ids, token_masks)
         rows = target_rows(inputs, targets)
         return self.run_scored(inputs, rows, len(chunks), len(targets))
 
     def prepare(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
                 seeds: Sequence[int], steps: Sequence[int],
-                stop_ids: Sequence[Collection[int]] | None = None) -> StepInputs:
+                stop_ids: Sequence[Collection[int]] | None = None,
+                token_masks: Mapping[int, np.ndarray] | None = None) -> StepInputs:
         """The step's host arrays, padded to its buckets and checked (``build_step``)."""
         batch = self._batch(chunks)
         slots = batch.logits_rows.shape[0]
@@ -251,8 +271,11 @@ class ModelRunner:
         seeds_arr[: len(chunks)] = seed_words(seeds)
         steps_arr = np.zeros(slots, np.int32)
         steps_arr[: len(chunks)] = steps
+        mask = np.full((slots, self.mask_words), -1, np.int32)
+        for index, words in (token_masks or {}).items():
+            mask[index] = words
         return StepInputs(batch.tokens, batch.meta, batch.logits_rows, arrays, seeds_arr,
-                          steps_arr)
+                          steps_arr, mask)
 
     def empty_inputs(self, rows: int, slots: int) -> StepInputs:
         """Zeroed inputs of a step of ``rows`` rows and ``slots`` sequence slots: the shapes
@@ -263,7 +286,8 @@ class ModelRunner:
                                  i32(slots), i32(slots + 1), np.int32(0))
         return StepInputs(i32(rows), meta, i32(slots),
                           SamplingArrays.from_params([GREEDY] * slots),
-                          np.zeros((slots, 2), np.uint32), i32(slots))
+                          np.zeros((slots, 2), np.uint32), i32(slots),
+                          i32((slots, self.mask_words)))
 
     def run(self, inputs: StepInputs, num_seqs: int) -> Sampled:
         """Runs the compiled step on ``inputs``; returns the picks of the first ``num_seqs``
@@ -280,7 +304,7 @@ class ModelRunner:
                                           self.model.mesh, self.groups)
             rep = self.model.replicated()
             self._score = jax.jit(score, donate_argnums=(1,),
-                                  in_shardings=(self.model.param_shardings, None) + (rep,) * 7)
+                                  in_shardings=(self.model.param_shardings, None) + (rep,) * 8)
         (out, scored), self.cache = self._score(self.model.params, self.cache, *inputs, targets)
         picked = _check_finite(Sampled(*(to_host(a)[:num_seqs] for a in out)))
         return picked, Scored(*(to_host(a)[:num_targets] for a in scored))

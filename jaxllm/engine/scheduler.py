@@ -18,6 +18,7 @@ import enum
 import time
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.pages import PageAllocator, page_hashes
@@ -51,6 +52,9 @@ class Request:
     # With prompt_logprobs: the score of prompt tokens 1, 2, ... (token 0 has none).
     scored_prompt: list = dataclasses.field(default_factory=list)
     first_scheduled_at: float | None = None
+    # With structured outputs: the grammar's state (an ``llguidance.LLMatcher``), advanced
+    # by each picked token.
+    matcher: Any = None
 
     @property
     def queued_seconds(self) -> float | None:

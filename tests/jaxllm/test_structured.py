@@ -1,0 +1,182 @@
+"""Structured outputs: the token mask in the compiled sampler, llguidance grammars against the
+model's tokenizer, and the engine keeping each constrained request inside its grammar."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import jsonschema
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from jaxllm.sampling import SamplingParams, apply_token_mask, mask_words
+from jaxllm.sharding import make_mesh
+from jaxllm.structured import GrammarCompiler, StructuredOutput
+
+BUNDLED = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-llama4"
+
+
+def reference_mask(logits: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """The mask from its definition: token t is allowed when bit t % 32 of word t // 32 is set."""
+    out = logits.copy()
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            if not (int(words[b, t // 32]) >> (t % 32)) & 1:
+                out[b, t] = -np.inf
+    return out
+
+
+def random_words(rng, rows: int, vocab: int) -> np.ndarray:
+    words = rng.integers(-2**31, 2**31, size=(rows, mask_words(vocab)), dtype=np.int64)
+    words = words.astype(np.int32)
+    words[0] = -1  # an unconstrained row
+    words[1] = 0
+    words[1, 2] = -2**31  # only token 95 (the sign bit)
+    return words
+
+
+def test_token_mask_matches_the_definition():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 100)).astype(np.float32)
+    words = random_words(rng, 4, 100)
+    out = np.asarray(jax.jit(apply_token_mask)(logits, words))
+    np.testing.assert_array_equal(out, reference_mask(logits, words))
+    assert np.isfinite(out[0]).all() and np.flatnonzero(np.isfinite(out[1])).tolist() == [95]
+
+
+def test_token_mask_on_a_vocab_sharded_mesh():
+    mesh = make_mesh(model=8)
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 336)).astype(np.float32)
+    words = random_words(rng, 3, 336)
+    sharded = jax.device_put(logits, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, "model")))
+    out = jax.jit(lambda x, w: apply_token_mask(x, w, mesh))(sharded, words)
+    np.testing.assert_array_equal(np.asarray(out), reference_mask(logits, words))
+
+
+def test_unconstrained_batches_are_untouched():
+    logits = np.random.default_rng(2).normal(size=(2, 64)).astype(np.float32)
+    out = jax.jit(apply_token_mask)(logits, np.full((2, 2), -1, np.int32))
+    np.testing.assert_array_equal(np.asarray(out), logits)
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    return GrammarCompiler(Tokenizer.from_file(str(BUNDLED / "tokenizer.json")), [2], 102)
+
+
+def allowed(masks: np.ndarray, row: int, vocab: int) -> list[int]:
+    return [t for t in range(vocab) if (int(masks[row, t // 32]) >> (t % 32)) & 1]
+
+
+def test_masks_allow_exactly_the_grammar(compiler):
+    tok = Tokenizer.from_file(str(BUNDLED / "tokenizer.json"))
+    choice = compiler.matcher(StructuredOutput.choice(["yes", "no"]))
+    digits = compiler.matcher(StructuredOutput("regex", "[0-9]+"))
+    masks = compiler.masks([choice, digits], mask_words(128))
+    assert masks.shape == (2, 4)
+    assert sorted(tok.id_to_token(t) for t in allowed(masks, 0, 128)) == ["n", "y"]
+    assert sorted(tok.id_to_token(t) for t in allowed(masks, 1, 128)) == list("0123456789")
+    assert choice.consume_token(tok.token_to_id("y"))
+    masks = compiler.masks([choice], mask_words(128))
+    assert [tok.id_to_token(t) for t in allowed(masks, 0, 128)] == ["e"]
+
+
+@pytest.mark.parametrize("structured,message", [
+    (StructuredOutput("regex", "(("), "invalid regex constraint"),
+    (StructuredOutput.json_schema({"type": "nonsense"}), "invalid json constraint"),
+    (StructuredOutput("grammar", "start: undefined_rule"), "invalid grammar constraint"),
+])
+def test_bad_grammars_name_the_problem(compiler, structured, message):
+    with pytest.raises(ValueError, match=message):
+        compiler.matcher(structured)
+
+
+def test_choice_needs_an_option():
+    with pytest.raises(ValueError, match="at least one option"):
+        StructuredOutput.choice([])
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from jaxllm.engine import Engine
+    from jaxllm.loading import load_model
+
+    model = load_model(BUNDLED)
+    engine = Engine(model, num_pages=64)
+    engine.grammars = GrammarCompiler(Tokenizer.from_file(str(BUNDLED / "tokenizer.json")),
+                                      model.eos_token_ids, model.config.vocab_size)
+    return engine
+
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+    "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+def prompt_ids(text: str) -> list[int]:
+    return Tokenizer.from_file(str(BUNDLED / "tokenizer.json")).encode(text).ids
+
+
+def decode(ids) -> str:
+    return Tokenizer.from_file(str(BUNDLED / "tokenizer.json")).decode(ids)
+
+
+def test_engine_outputs_follow_their_grammars(engine):
+    prompt = prompt_ids("<|user|>What is 12 + 34?<|assistant|>")
+    cases = [
+        (StructuredOutput.json_schema(PERSON),
+         lambda text: jsonschema.validate(json.loads(text), PERSON)),
+        (StructuredOutput("regex", r"[0-9]{3}-[a-z]{2,4}"),
+         lambda text: re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", text) or pytest.fail(text)),
+        (StructuredOutput.choice(["alpha", "beta", "gamma"]),
+         lambda text: text in {"alpha", "beta", "gamma"} or pytest.fail(text)),
+        (StructuredOutput("grammar", 'start: "sum=" NUM\nNUM: /[0-9]{1,3}/'),
+         lambda text: re.fullmatch(r"sum=[0-9]{1,3}", text) or pytest.fail(text)),
+    ]
+    for temperature in (0.0, 1.0):
+        ids = [engine.add_request(prompt, SamplingParams(
+            temperature=temperature, seed=7, max_tokens=120, structured=s)) for s, _ in cases]
+        produced = {i: [] for i in ids}
+        finish = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                produced[out.request_id] += out.new_token_ids
+                if out.finished:
+                    finish[out.request_id] = out.finish_reason
+        for i, (_, check) in zip(ids, cases, strict=True):
+            assert finish[i] == "stop", (decode(produced[i]), finish[i])
+            check(decode(produced[i]))
+
+
+def test_unconstrained_neighbours_are_unchanged(engine):
+    """A constrained request in the batch changes nothing for the others (batch invariance)."""
+    prompt = prompt_ids("<|user|>What is 58 + 67?<|assistant|>")
+    alone = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    constrained = SamplingParams(temperature=0.0, max_tokens=8,
+                                 structured=StructuredOutput("regex", "[a-z]+"))
+    ids = [engine.add_request(prompt, constrained),
+           engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=8))]
+    produced = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            produced[out.request_id] += out.new_token_ids
+    assert produced[ids[1]] == alone
+    assert re.fullmatch("[a-z]+", decode(produced[ids[0]]))
+    assert decode(alone).strip() == "125"  # the bundled model's own answer, unconstrained
+
+
+def test_engine_without_a_tokenizer_refuses_structured_requests(engine):
+    grammars, engine.grammars = engine.grammars, None
+    try:
+        with pytest.raises(ValueError, match="need the model's tokenizer"):
+            engine.prepare([1, 2], SamplingParams(structured=StructuredOutput.choice(["a"])))
+    finally:
+        engine.grammars = grammars
