@@ -19,6 +19,7 @@ from typing import Any, Literal
 import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
+from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 from tokenizers import Tokenizer
 
 Kind = Literal["json", "regex", "choice", "grammar"]
@@ -37,7 +38,12 @@ class StructuredOutput:
     spec: str
 
     @classmethod
-    def json_schema(cls, schema: dict[str, Any] | bool | str) -> StructuredOutput:
+    def json_schema(cls, schema: dict[str, Any] | bool | str, *, closed: bool = False
+                    ) -> StructuredOutput:
+        """``closed``: objects take no property their schema does not list (OpenAI's strict
+        mode, vLLM's ``disable_additional_properties``), unless the schema says otherwise."""
+        if closed:
+            schema = closed_objects(json.loads(schema) if isinstance(schema, str) else schema)
         text = schema if isinstance(schema, str) else json.dumps(schema)
         return cls("json", text)
 
@@ -58,12 +64,27 @@ class StructuredOutput:
                 options = json.loads(self.spec)
                 lark = "start: " + " | ".join(json.dumps(o) for o in options)
                 return llguidance.LLMatcher.grammar_from_lark(lark)
-            text = self.spec
-            if "::=" in text:  # GBNF (llama.cpp's EBNF), as vLLM also accepts
-                text = llguidance.gbnf_to_lark(text)
-            return llguidance.LLMatcher.grammar_from_lark(text)
-        except (ValueError, RuntimeError) as e:
+            # Lark, or GBNF (llama.cpp's EBNF, which vLLM also accepts) converted to Lark.
+            return llguidance.LLMatcher.grammar_from_lark(any_to_lark(self.spec))
+        except (ValueError, RuntimeError, GbnfToLarkError) as e:
             raise ValueError(f"invalid {self.kind} constraint: {e}") from e
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``"additionalProperties": false`` on every object schema that does not
+    set it (in nested properties, items, combinators and definitions alike)."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) if k not in ("const", "enum", "default", "examples") else v
+           for k, v in schema.items()}
+    if "properties" in out and isinstance(out["properties"], dict):
+        out["properties"] = {k: closed_objects(v) for k, v in schema["properties"].items()}
+    if (out.get("type") == "object" or "properties" in out) and (
+            "additionalProperties" not in out):
+        out["additionalProperties"] = False
+    return out
 
 
 class GrammarCompiler:

@@ -204,7 +204,7 @@ class Engine:
                     request.num_cached_prompt, 0, request.queued_seconds,
                     request.scored_prompt))
                 continue
-            if request.matcher is not None and not request.matcher.consume_token(token):
+            if request.matcher is not None and not _advance(request.matcher, token):
                 # The mask allowed only tokens the grammar accepts; a token outside it means
                 # nothing was allowed (e.g. min_tokens holding back the only way to end).
                 log.warning("request %s: token %d does not continue its grammar (%s); "
@@ -300,6 +300,16 @@ class Engine:
             for out in self.step():
                 produced[out.request_id] += out.new_token_ids
         return [produced[i] for i in ids]
+
+
+def _advance(matcher, token: int) -> bool:
+    """Feeds ``token`` to a request's grammar; False when the grammar refuses it (or the
+    matcher fails: it must never take the engine thread down)."""
+    try:
+        return bool(matcher.consume_token(token))
+    except Exception as error:  # noqa: BLE001 - reported, and the request is stopped
+        log.error("grammar matcher failed on token %d: %s", token, error)
+        return False
 
 
 def _prompt_targets(scheduled: Sequence[Scheduled]) -> list[int]:

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,6 +44,8 @@ from jaxllm.serve.protocol import (
 )
 from jaxllm.serve.streaming import stream_events
 from jaxllm.serve.tokenizer import TextCodec
+from jaxllm.serve.tools import CallStream, parse_tool_calls, prompt_messages
+from jaxllm.structured import GrammarCompiler
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
@@ -72,6 +74,10 @@ class ServerState:
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="jaxllm", version=jaxllm.__version__)
     app.state.jaxllm = state
+    engine = state.engine.engine
+    if state.codec is not None and engine.grammars is None:  # structured outputs, tools
+        engine.grammars = GrammarCompiler(state.codec.tokenizer, engine.model.eos_token_ids,
+                                          engine.model.config.vocab_size)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
@@ -147,7 +153,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         _check_model(state, req.model)
         codec = _need_codec(state)
-        ids = await _encode_chat(codec, req.messages, req.add_generation_prompt)
+        tools = req.tool_dicts() if req.tool_mode != "none" else None
+        ids = await _encode_chat(codec, req.messages, req.add_generation_prompt, tools)
         return await _serve(state, req, [ids], raw, chat=True)
 
     return app
@@ -208,14 +215,17 @@ async def _encode(codec: TextCodec, text: str, field: str,
 
 
 async def _encode_chat(codec: TextCodec, messages: list[ChatMessage],
-                       add_generation_prompt: bool) -> list[int]:
+                       add_generation_prompt: bool,
+                       tools: list[dict[str, Any]] | None = None) -> list[int]:
     rendered = [{**m.model_dump(exclude_none=True, exclude={"content"}),
                  **({} if m.content is None else {"content": m.text()})} for m in messages]
     for i, m in enumerate(rendered):
         if "content" in m:
             _check_unicode(m["content"], f"messages.{i}.content")
+    rendered = prompt_messages(rendered, tools, codec.template_has_tools)
     try:
-        text = await asyncio.to_thread(codec.render_chat, rendered, add_generation_prompt)
+        text = await asyncio.to_thread(codec.render_chat, rendered, add_generation_prompt,
+                                       tools if codec.template_has_tools else None)
     except Exception as e:
         raise ApiError(f"cannot apply the chat template: {e}") from e
     return await _encode(codec, text, "messages", add_special_tokens=False)
@@ -286,7 +296,8 @@ async def _run_choice(state: ServerState, choice: Choice) -> AsyncIterator[None]
 async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], raw: Request,
                  chat: bool):
     state.engine.check_serving()  # a 503 before a stream's status line, never a hang
-    choices = _prepare(state, req, prompts)
+    # On a worker thread: compiling a request's grammar (structured outputs) can take a while.
+    choices = await asyncio.to_thread(_prepare, state, req, prompts)
     kind = "chat.completion" if chat else "text_completion"
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()), "model": state.model_name}
@@ -296,7 +307,7 @@ async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], r
             choices, lambda c: _run_choice(state, c), head=head, chat=chat,
             logprobs_of=lambda items: _logprobs(state, req, items, chat),
             include_usage=req.include_usage, usage_of=usage_of,
-            continuous_usage=req.continuous_usage)
+            continuous_usage=req.continuous_usage, call_stream=_call_stream(req, chat))
         return StreamingResponse(events, media_type="text/event-stream")
     if not await _drain(state, choices, raw):
         return Response(status_code=499)  # nobody reads it: the client has gone
@@ -346,6 +357,20 @@ def _logprobs(state: ServerState, req, items, chat: bool) -> dict[str, Any] | No
     return completion_logprobs(token_text, req.logprobs, items)
 
 
+def _callable_tools(req: _Sampling) -> list[str]:
+    """The names of the functions a chat request lets the model call (none: [])."""
+    if not isinstance(req, ChatCompletionRequest) or req.tool_mode == "none":
+        return []
+    return [t["function"]["name"] for t in req.tool_dicts()]
+
+
+def _call_stream(req: _Sampling, chat: bool) -> Callable[[], CallStream] | None:
+    names = _callable_tools(req) if chat else []
+    if not names:
+        return None
+    return lambda: CallStream(names, named=req.tool_mode == "named")
+
+
 def _final_choice(state, req, c: Choice, chat: bool) -> dict[str, Any]:
     c.take_delta()
     token_text, prompt = token_text_fn(state.codec), c.request.prompt
@@ -354,9 +379,15 @@ def _final_choice(state, req, c: Choice, chat: bool) -> dict[str, Any]:
         extra["prompt_logprobs"] = vllm_prompt_logprobs(token_text, req.prompt_logprobs,
                                                         prompt, c.prompt_scores or [])
     if chat:
-        return {"index": c.index, "message": {"role": "assistant", "content": c.text},
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        finish = c.finish_reason
+        names = _callable_tools(req)
+        if names and finish == "stop" and (calls := parse_tool_calls(c.text, names)):
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            finish = "stop" if req.tool_mode == "named" else "tool_calls"
+        return {"index": c.index, "message": message,
                 "logprobs": _logprobs(state, req, c.logprobs, chat),
-                "finish_reason": c.finish_reason, **extra}
+                "finish_reason": finish, **extra}
     text, logprobs = c.text, _logprobs(state, req, c.logprobs, chat)
     if req.echo:
         text = (state.codec.decode(prompt) if state.codec else "") + text

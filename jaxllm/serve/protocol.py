@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from jaxllm.sampling import SamplingParams
+from jaxllm.serve.tools import call_schema
+from jaxllm.structured import ANY_JSON_OBJECT, StructuredOutput
 
 log = logging.getLogger("jaxllm.serve")
 
@@ -24,22 +26,16 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "repetition_penalty": (None, 1, 1.0),
-    "response_format": (None, {"type": "text"}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
+    "functions": (None, []),  # the deprecated forms of tools / tool_choice
     "function_call": (None, "none"),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "structured_outputs": (None,),
+    "guided_whitespace_pattern": (None,),
+    "guided_decoding_backend": (None, "auto", "guidance", "llguidance"),
 }
 _UNSUPPORTED_COMPLETION: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
 }
-# Accepted and meaningless here: only bookkeeping, or only meaningful with refused tools.
-_HARMLESS = frozenset({"user", "parallel_tool_calls"})
+# Accepted and meaningless here: only bookkeeping.
+_HARMLESS = frozenset({"user"})
 
 
 def _refuse_extras(extras: dict[str, Any], unsupported: dict[str, tuple[Any, ...]]) -> None:
@@ -61,6 +57,69 @@ class StreamOptions(BaseModel):
 
     include_usage: bool = False
     continuous_usage_stats: bool = False  # usage in every chunk
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the output always matches the schema, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or a JSON schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput.json_schema(ANY_JSON_OBJECT)
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise ValueError("response_format of type 'json_schema' needs json_schema.schema")
+        return StructuredOutput.json_schema(self.json_schema.schema_,
+                                            closed=bool(self.json_schema.strict))
+
+
+class StructuredOutputsParams(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one of json, regex, choice, grammar,
+    json_object."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | str | bool | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # JSON is always written without free whitespace here (True is what happens anyway);
+    # with one backend there is nothing to fall back to.
+    disable_any_whitespace: Literal[True] | None = None
+    disable_fallback: bool | None = None
+    disable_additional_properties: bool = False
+
+    def constraints(self) -> list[tuple[str, StructuredOutput]]:
+        found = []
+        if self.json_ is not None:
+            found.append(("structured_outputs.json", StructuredOutput.json_schema(
+                self.json_, closed=self.disable_additional_properties)))
+        if self.regex is not None:
+            found.append(("structured_outputs.regex", StructuredOutput("regex", self.regex)))
+        if self.choice is not None:
+            found.append(("structured_outputs.choice", StructuredOutput.choice(self.choice)))
+        if self.grammar is not None:
+            found.append(("structured_outputs.grammar", StructuredOutput("grammar",
+                                                                         self.grammar)))
+        if self.json_object:
+            found.append(("structured_outputs.json_object",
+                          StructuredOutput.json_schema(ANY_JSON_OBJECT)))
+        return found
 
 
 class _Sampling(BaseModel):
@@ -88,8 +147,40 @@ class _Sampling(BaseModel):
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)  # vLLM's
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM's
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names for the same
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     _unsupported = _UNSUPPORTED
+
+    def constraints(self) -> list[tuple[str, StructuredOutput]]:
+        """Every structured-output constraint the request asks for, with its field name."""
+        found = []
+        if self.response_format is not None and (
+                fmt := self.response_format.structured()) is not None:
+            found.append((f"response_format ({self.response_format.type})", fmt))
+        if self.structured_outputs is not None:
+            found += self.structured_outputs.constraints()
+        if self.guided_json is not None:
+            found.append(("guided_json", StructuredOutput.json_schema(self.guided_json)))
+        if self.guided_regex is not None:
+            found.append(("guided_regex", StructuredOutput("regex", self.guided_regex)))
+        if self.guided_choice is not None:
+            found.append(("guided_choice", StructuredOutput.choice(self.guided_choice)))
+        if self.guided_grammar is not None:
+            found.append(("guided_grammar", StructuredOutput("grammar", self.guided_grammar)))
+        return found
+
+    def structured(self) -> StructuredOutput | None:
+        """The one constraint on the output, or None (two or more are refused)."""
+        found = self.constraints()
+        if len(found) > 1:
+            raise ValueError("give at most one structured-output constraint; got "
+                             + ", ".join(name for name, _ in found))
+        return found[0][1] if found else None
 
     @property
     def scores_prompt(self) -> int | None:
@@ -115,6 +206,7 @@ class _Sampling(BaseModel):
         if self.scores_prompt is not None and self.stream:
             raise ValueError("prompt log-probabilities (echo with logprobs, prompt_logprobs) "
                              "are not supported with stream=true")
+        self.structured()  # at most one constraint
         return self
 
     @property
@@ -138,7 +230,8 @@ class _Sampling(BaseModel):
                               min_p=self.min_p, seed=seed, max_tokens=max_tokens,
                               stop_token_ids=tuple(self.stop_token_ids or ()),
                               prompt_logprobs=self.scores_prompt,
-                              logit_bias=self.bias_pairs(), min_tokens=self.min_tokens)
+                              logit_bias=self.bias_pairs(), min_tokens=self.min_tokens,
+                              structured=self.structured())
 
     def bias_pairs(self) -> tuple[tuple[int, float], ...]:
         """``logit_bias`` as (token id, bias) pairs; a key that is not an integer is refused."""
@@ -220,11 +313,82 @@ class ChatMessage(BaseModel):
         return self.content
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-.]{0,63}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema (an object's); None: none
+    strict: bool | None = None  # arguments are constrained when the choice forces a call
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: ChosenFunction
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _check_tools(self):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tool names must be unique, got {names}")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise ValueError(f"tool_choice={self.chosen_tool or choice!r} needs 'tools'")
+        if self.chosen_tool is not None and self.chosen_tool not in names:
+            raise ValueError(f"tool_choice names function {self.chosen_tool!r}, which is not "
+                             f"in tools ({', '.join(names)})")
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        """"none", "auto", "required" or "named" (a function chosen by name)."""
+        if not self.tools:
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    @property
+    def chosen_tool(self) -> str | None:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return None
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def constraints(self) -> list[tuple[str, StructuredOutput]]:
+        found = super().constraints()
+        if self.tool_mode in ("required", "named"):
+            schema = call_schema(self.tool_dicts(), self.chosen_tool, self.parallel_tool_calls)
+            found.append((f"tool_choice ({self.tool_mode})",
+                          StructuredOutput.json_schema(schema, closed=True)))
+        return found
 
 
 class TokenizeRequest(BaseModel):

@@ -9,6 +9,7 @@ from typing import Any
 
 from jaxllm.serve.choice import Choice
 from jaxllm.serve.protocol import error_body
+from jaxllm.serve.tools import CallStream
 
 
 def sse(payload: Any) -> str:
@@ -25,16 +26,23 @@ async def stream_events(
     include_usage: bool,
     usage_of: Callable[[], dict[str, int]],
     continuous_usage: bool = False,
+    call_stream: Callable[[], CallStream] | None = None,
 ) -> AsyncIterator[str]:
     """The SSE body of a streamed request: every choice's deltas as they come, each choice's
     finish chunk, the usage chunk when asked for, then ``[DONE]``. ``continuous_usage``
-    puts the usage so far in every chunk. An error after the status line went out is
+    puts the usage so far in every chunk. With tools (``call_stream``), a chat choice's
+    calls come as ``tool_calls`` deltas. An error after the status line went out is
     reported in-stream."""
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+    calls = {c.index: call_stream() for c in choices} if chat and call_stream else {}
 
-    def chunk(c: Choice, text: str, new_logprobs: list, finish: str | None) -> dict[str, Any]:
+    def chunk(c: Choice, text: str, new_logprobs: list, finish: str | None,
+              delta: dict[str, Any] | None = None) -> dict[str, Any]:
         if chat:
-            body = {"index": c.index, "delta": {"content": text} if text else {},
+            if delta is None:
+                stream = calls.get(c.index)
+                delta = stream.delta(text) if stream else {"content": text} if text else {}
+            body = {"index": c.index, "delta": delta,
                     "logprobs": logprobs_of(new_logprobs), "finish_reason": finish}
         else:
             body = {"index": c.index, "text": text, "finish_reason": finish,
@@ -69,7 +77,14 @@ async def stream_events(
                                                getattr(delta, "kind", "InternalServerError"))})
             elif delta is None:
                 remaining -= 1
-                yield sse(chunk(c, c.take_delta(), [], c.finish_reason or "abort"))
+                reason = c.finish_reason or "abort"
+                if (stream := calls.get(c.index)) is not None:
+                    deltas, reason = stream.finish(c.take_delta(), reason)
+                    for d in deltas:
+                        yield sse(chunk(c, "", [], None, d))
+                    yield sse(chunk(c, "", [], reason, {}))
+                else:
+                    yield sse(chunk(c, c.take_delta(), [], reason))
             elif delta or new_logprobs:  # one chunk per token, so clients can time them
                 yield sse(chunk(c, delta, new_logprobs, None))
         if include_usage:

@@ -20,6 +20,9 @@ class TextCodec:
         self.tokenizer = tokenizer
         self.special = special
         self._template = None
+        # A template that reads ``tools`` prints them itself (Llama 4's does); for one that
+        # does not, the server describes them in the system message (``serve.tools``).
+        self.template_has_tools = bool(chat_template) and "tools" in chat_template
         if chat_template:
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True,
                                                                lstrip_blocks=True)
@@ -58,12 +61,12 @@ class TextCodec:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
-                    ) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         if self._template is None:
             raise ValueError("this model has no chat template; use /v1/completions")
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self.special)
+                                     tools=tools or None, **self.special)
 
 
 def _token_text(value: Any) -> str | None:
