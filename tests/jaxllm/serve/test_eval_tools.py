@@ -31,7 +31,7 @@ def test_schemathesis_finds_no_server_error_and_no_answer_off_the_schema(tmp_pat
             [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json",
              "--checks", checks, "--max-examples", "25", "--seed", "1", "--no-color",
              "--report", "har", "--report-har-path", str(har)],
-            capture_output=True, text=True, timeout=900)
+            capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache dir there
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     entries = json.loads(har.read_text())["log"]["entries"]
     statuses = collections.Counter(
