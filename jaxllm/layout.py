@@ -60,7 +60,12 @@ def check_token_ids(token_ids: Sequence[int] | np.ndarray, vocab_size: int) -> n
     """
     ids = np.asarray(token_ids)
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+        # An id past int64 makes an object array: name the first bad value, not the dtype.
+        for x in ids.ravel().tolist():
+            if not isinstance(x, int) or isinstance(x, bool):
+                raise ValueError(f"token ids must be integers, got {x!r:.80}")
+            if not 0 <= x < vocab_size:
+                raise ValueError(f"Token id {x} is out of vocabulary (vocab_size={vocab_size})")
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any():
         first = ids[bad].flat[0]

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jaxllm
@@ -35,10 +35,17 @@ from jaxllm.serve.guards import Guards
 from jaxllm.serve.metrics import Metrics
 from jaxllm.serve.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     ChatMessage,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelList,
     TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
     _Sampling,
     error_body,
 )
@@ -93,9 +100,13 @@ def build_app(state: ServerState) -> FastAPI:
         return JSONResponse(error_body(message, 400), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException):
+    async def _http(request: Request, e: StarletteHTTPException):
         kind = _HTTP_KINDS.get(e.status_code, "BadRequestError")
-        return JSONResponse(error_body(str(e.detail), e.status_code, kind),
+        message = str(e.detail)
+        if e.status_code == 405:
+            message = (f"method {request.method} is not allowed on {request.url.path} "
+                       f"(allowed: {(e.headers or {}).get('Allow')})")
+        return JSONResponse(error_body(message, e.status_code, kind),
                             status_code=e.status_code, headers=e.headers)
 
     # A plain ASGI layer (not an http middleware, whose task group would wrap the body
@@ -103,28 +114,29 @@ def build_app(state: ServerState) -> FastAPI:
     # do not.
     app.add_middleware(Guards, max_body_bytes=state.max_request_bytes, api_key=state.api_key)
 
-    @app.get("/health")
+    @app.get("/health", responses=_errors(500, 503))
     async def health():
         if (reason := state.engine.unhealthy) is not None:
             return JSONResponse(error_body(f"the engine cannot serve: {reason}", 503,
                                            "ServiceUnavailableError"), status_code=503)
         return {}
 
-    @app.get("/version")
+    @app.get("/version", responses={200: {"model": VersionResponse}, **_errors(500)})
     async def version():
         return {"version": jaxllm.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_errors(500))
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401, 500)})
     async def models():
         return {"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": int(time.time()),
             "owned_by": "jaxllm", "max_model_len": state.max_model_len}]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses={200: {"model": TokenizeResponse},
+                                       **_errors(400, 404, 413, 500)})
     async def tokenize(req: TokenizeRequest):
         _check_model(state, req.model)
         codec = _need_codec(state)
@@ -136,20 +148,21 @@ def build_app(state: ServerState) -> FastAPI:
             ids = await _encode(codec, req.prompt, "prompt", req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses={200: {"model": DetokenizeResponse},
+                                         **_errors(400, 404, 413, 500)})
     async def detokenize(req: DetokenizeRequest):
         _check_model(state, req.model)
         codec = _need_codec(state)
         _check_ids(state, req.tokens)
         return {"prompt": codec.decode(req.tokens)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_generation_responses(CompletionResponse))
     async def completions(req: CompletionRequest, raw: Request):
         _check_model(state, req.model)
         prompts = await _completion_prompts(state, req.prompt)
         return await _serve(state, req, prompts, raw, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         _check_model(state, req.model)
         codec = _need_codec(state)
@@ -157,7 +170,49 @@ def build_app(state: ServerState) -> FastAPI:
         ids = await _encode_chat(codec, req.messages, req.add_generation_prompt, tools)
         return await _serve(state, req, [ids], raw, chat=True)
 
+    _document_errors_as_400(app)
     return app
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "A bad request; the message names the bad value",
+    401: "No or a wrong API key (when the server has --api-key)",
+    404: "The model does not exist",
+    413: "The body is larger than --max-request-bytes",
+    500: "An internal error",
+    503: "The engine cannot serve",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[code]}
+            for code in codes}
+
+
+def _generation_responses(model: type) -> dict[int | str, dict[str, Any]]:
+    """A JSON body, or server-sent events with ``stream``; and every error."""
+    return {200: {"model": model, "description": "The completion, or with stream=true its "
+                  "chunks as server-sent events ending in 'data: [DONE]'",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            **_errors(400, 401, 404, 413, 500, 503)}
+
+
+def _document_errors_as_400(app: FastAPI) -> None:
+    """Drops FastAPI's default 422 from the OpenAPI schema: validation errors are 400s here
+    (documented per route with the other errors)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema["components"]["schemas"].pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _check_model(state: ServerState, name: str | None) -> None:

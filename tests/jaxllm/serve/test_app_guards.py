@@ -101,8 +101,23 @@ def test_an_internal_error_is_a_json_500_and_is_not_re_raised(served):
 def test_405_keeps_the_allow_header(served):
     app, *_ = served
     r = _call(app, "GET", "/v1/completions")
-    _error(r, 405)
+    assert _error(r, 405) == "method GET is not allowed on /v1/completions (allowed: POST)"
     assert r.headers["allow"] == "POST"
+
+
+def test_openapi_documents_the_400_and_the_response_bodies(served):
+    app, *_ = served
+    schema = _call(app, "GET", "/openapi.json").json()
+    completions = schema["paths"]["/v1/completions"]["post"]["responses"]
+    assert sorted(completions) == ["200", "400", "401", "404", "413", "500", "503"]
+    assert set(completions["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert completions["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorResponse"}
+    assert not any("422" in op["responses"] for ops in schema["paths"].values()
+                   for op in ops.values())
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
 
 
 def test_a_body_over_the_limit_is_a_413_by_length_or_while_streaming_it(served):
