@@ -77,8 +77,8 @@ def test_content_parts_other_than_text_are_refused(part, needle):
 
 @pytest.mark.parametrize("name, value", [
     ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("repetition_penalty", 1.2),
-    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
-    ("tool_choice", "auto"), ("guided_json", {}), ("structured_outputs", {"regex": "a"}),
+    ("functions", [{"name": "f"}]), ("function_call", "auto"),
+    ("guided_whitespace_pattern", " *"), ("guided_decoding_backend", "xgrammar"),
 ])
 def test_unsupported_parameters_are_refused_by_name(name, value):
     for make in (lambda **kw: _chat(**kw), lambda **kw: CompletionRequest(prompt="x", **kw)):

@@ -135,8 +135,7 @@ BAD = [
      "'presence_penalty' is not supported by this server (got 0.5)"),
     ("POST", "/v1/chat/completions", _json({
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-        "response_format": {"type": "json_object"}}), 400,
-     "'response_format' is not supported by this server"),
+        "structured_outputs": {"regex": "(("}}), 400, "invalid regex constraint"),
 ]
 
 
