@@ -383,6 +383,7 @@ class ChatCompletionRequest(_Sampling):
         return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     def constraints(self) -> list[tuple[str, StructuredOutput]]:
+        self._check_tools()  # the base class's checks run first, and ask for these
         found = super().constraints()
         if self.tool_mode in ("required", "named"):
             schema = call_schema(self.tool_dicts(), self.chosen_tool, self.parallel_tool_calls)

@@ -23,10 +23,9 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 def tool_instructions(tools: Sequence[dict[str, Any]]) -> str:
     """How to call the tools, for a chat template that has no tool section of its own."""
-    listed = "\n\n".join(json.dumps(t, indent=4) for t in tools)
-    return ("You can call these functions. To call one, answer with only a JSON object "
-            '{"name": <function name>, "parameters": <object of argument names and values>}, '
-            "and nothing else.\n\n" + listed)
+    listed = "\n".join(json.dumps(t["function"]) for t in tools)
+    return ('To call a function, answer only {"name": <name>, "parameters": <arguments>}. '
+            "Functions:\n" + listed)
 
 
 def prompt_messages(messages: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None,
