@@ -228,19 +228,26 @@ def test_max_completion_tokens_and_include_stop_str_on_completions(server):
     assert cut.choices[0].text == full[: full.index(stop) + len(stop)]
 
 
-def test_image_content_and_tools_are_refused_by_name(server):
+def test_image_content_and_legacy_functions_are_refused_by_name(server):
     _, _, _, client = server
     image = {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}
     for kwargs, needle in [
         (dict(messages=[{"role": "user", "content": [image]}]), "image input is not supported"),
         (dict(messages=[{"role": "user", "content": "w1"}],
-              tools=[{"type": "function", "function": {"name": "f"}}]),
-         "'tools' is not supported"),
-        (dict(messages=[{"role": "user", "content": "w1"}],
-              response_format={"type": "json_object"}), "'response_format' is not supported"),
+              functions=[{"name": "f", "parameters": {}}]), "'functions' is not supported"),
     ]:
         with pytest.raises(openai.BadRequestError, match=needle):
             client.chat.completions.create(model="tiny", max_tokens=2, **kwargs)
+
+
+def test_continuous_usage_stats_counts_every_chunk(server):
+    _, _, _, client = server
+    chunks = list(client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks if c.choices and c.choices[0].text]
+    assert counts == sorted(counts) and counts[0] >= 1 and len(set(counts)) == len(counts)
+    assert all(c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in chunks)
 
 
 def test_echo_scores_the_prompt_like_lm_eval(server):
