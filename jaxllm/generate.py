@@ -126,6 +126,10 @@ def generate(
     ``max_num_seqs``; a prompt + ``max_new_tokens`` over ``max_model_len`` is refused.
     """
     sampling = GREEDY if sampling is None else sampling
+    if sampling.has_penalties:
+        raise ValueError("generate() does not apply presence_penalty, frequency_penalty or "
+                         "repetition_penalty: run the request through jaxllm.engine.Engine "
+                         "(or the server), which does")
     policy = model.bucket_policy
     checked = []
     for prompt in prompts:

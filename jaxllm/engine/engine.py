@@ -22,6 +22,7 @@ from jaxllm.engine.pages import PageAllocator
 from jaxllm.engine.runner import ModelRunner, Scored, step_temp_bytes
 from jaxllm.engine.scheduler import Request, Scheduled, Scheduler
 from jaxllm.layout import SeqChunk, check_token_ids, pages_for
+from jaxllm.penalties import SeqPenalty
 from jaxllm.sampling import MAX_MIN_TOKENS_STOP_IDS, SamplingParams
 
 log = logging.getLogger("jaxllm.engine")
@@ -153,12 +154,16 @@ class Engine:
             args = (chunks, [s.request.sampling for s in scheduled],
                     [s.request.seed for s in scheduled], [len(s.request.output) for s in scheduled])
             stops = [s.request.stop_ids for s in scheduled]
+            penalties = [None if s.request.penalty_slot is None
+                         else SeqPenalty(s.request.penalty_slot, len(s.request.prompt))
+                         for s in scheduled]
             targets = _prompt_targets(scheduled)
             scored = None
             if any(t >= 0 for t in targets):
-                picked, scored = self.executor.sample_and_score_step(*args, targets, stops)
+                picked, scored = self.executor.sample_and_score_step(*args, targets, stops,
+                                                                     penalties)
             else:
-                picked = self.executor.sample_step(*args, stops)
+                picked = self.executor.sample_step(*args, stops, penalties)
         except Exception as error:
             ids = [s.request.request_id for s in scheduled]
             log.error("engine step failed (%s: %s); stopping its requests %s",

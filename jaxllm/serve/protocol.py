@@ -21,9 +21,6 @@ INT32_MAX = 2**31 - 1  # the engine's device arrays are int32
 # Known OpenAI / vLLM parameters the server does not implement, each with the values that
 # change nothing (accepted, so clients sending defaults keep working).
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
     "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -88,6 +85,10 @@ class _Sampling(BaseModel):
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)  # vLLM's
+    # Penalties with vLLM's semantics (``jaxllm.sampling.SamplingParams``); null = off.
+    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=1.0, gt=0.0, allow_inf_nan=False)  # vLLM's
 
     _unsupported = _UNSUPPORTED
 
@@ -138,7 +139,11 @@ class _Sampling(BaseModel):
                               min_p=self.min_p, seed=seed, max_tokens=max_tokens,
                               stop_token_ids=tuple(self.stop_token_ids or ()),
                               prompt_logprobs=self.scores_prompt,
-                              logit_bias=self.bias_pairs(), min_tokens=self.min_tokens)
+                              logit_bias=self.bias_pairs(), min_tokens=self.min_tokens,
+                              presence_penalty=self.presence_penalty or 0.0,
+                              frequency_penalty=self.frequency_penalty or 0.0,
+                              repetition_penalty=(1.0 if self.repetition_penalty is None
+                                                  else self.repetition_penalty))
 
     def bias_pairs(self) -> tuple[tuple[int, float], ...]:
         """``logit_bias`` as (token id, bias) pairs; a key that is not an integer is refused."""

@@ -161,9 +161,12 @@ def test_dry_run_plans_a_deployment_from_a_config_alone(tmp_path, hybrid):
                                   r"([\d.]+)x", report).group(1))
     assert concurrency == pytest.approx(pages / need, abs=0.005)
     budget = re.search(r"budget: 0.90 x ([\d.]+) GiB device memory - ([\d.]+) GiB weights - "
-                       r"([\d.]+) GiB step temporaries", report)
-    device, weights, temp = (float(x) for x in budget.groups())
+                       r"([\d.]+) GiB penalty state - ([\d.]+) GiB step temporaries", report)
+    device, weights, penalty, temp = (float(x) for x in budget.groups())
     slabs = 1 if hybrid else 4
     kv = pages * 16 * slabs * per_token / 2**30
     assert device == pytest.approx(84942979072 / 2**30, abs=0.01)  # the H100 target's memory
-    assert 0.9 * device - weights - temp - kv == pytest.approx(0, abs=0.01)
+    # The penalty state: max_num_seqs (8 by default) slots of int32 counts and bool flags
+    # over this device's eighth of the vocabulary.
+    assert penalty == pytest.approx(8 * 202048 // 8 * 5 / 2**30, abs=0.001)
+    assert 0.9 * device - weights - penalty - temp - kv == pytest.approx(0, abs=0.01)
