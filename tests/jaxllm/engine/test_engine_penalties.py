@@ -11,6 +11,7 @@ import jaxllm
 from jaxllm import SamplingParams
 from jaxllm.engine import Engine
 from jaxllm.sharding import make_mesh
+from jaxllm.testing import count_compilations
 
 from .test_engine import _prompts, hf_greedy
 
@@ -146,3 +147,14 @@ def test_generate_refuses_penalties(scout):
     model = jaxllm.load_model(path, max_model_len=80, page_size=8)
     with pytest.raises(ValueError, match="generate\\(\\) does not apply presence_penalty"):
         jaxllm.generate(model, [[5, 6]], max_new_tokens=2, sampling=FREQUENCY)
+
+
+def test_penalised_requests_compile_nothing_after_warmup(scout):
+    """The penalties run inside the one step program: no program of their own."""
+    _, path = scout
+    model = jaxllm.load_model(path, max_model_len=80, page_size=8, max_num_seqs=2)
+    engine = Engine(model, max_num_batched_tokens=16)
+    engine.warmup(progress=False)
+    with count_compilations() as compiles:
+        _run(engine, list(zip(_prompts([21, 4], seed=35), [ALL, PLAIN], strict=True)))
+    assert compiles == []
