@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.layout import SeqChunk
-from jaxllm.sharding import LOGICAL_AXIS_RULES, axis_size, named_sharding
+from jaxllm.sharding import LOGICAL_AXIS_RULES, axis_size, constrain, named_sharding
 
 STATE_AXES = (None, "vocab")
 
@@ -124,17 +124,25 @@ def penalize(logits: jax.Array, state: PenaltyState, rows: PenaltyRows, tokens: 
         return _penalize_slice(logits, PenaltyState(counts, seen), rows, tokens - first,
                                presence, frequency, repetition)
 
+    def pinned(logits, state):
+        # The branches and the result keep the state split over the vocabulary: left
+        # unconstrained, the partitioner picked a replicated result for the step's output
+        # and all-gathered the whole state every step.
+        return (constrain(logits, STATE_AXES, mesh),
+                PenaltyState(*(constrain(a, STATE_AXES, mesh) for a in state)))
+
     def run(_):
         args = (logits, *state, rows, tokens, presence, frequency, repetition)
         if n == 1:
-            return local(*args)
+            return pinned(*local(*args))
         vocab = PartitionSpec(None, vocab_axis)
         rep = PartitionSpec()
-        return jax.shard_map(
+        return pinned(*jax.shard_map(
             local, mesh=mesh, in_specs=(vocab, vocab, vocab, rep, rep, rep, rep, rep),
-            out_specs=(vocab, PenaltyState(vocab, vocab)), check_vma=False)(*args)
+            out_specs=(vocab, PenaltyState(vocab, vocab)), check_vma=False)(*args))
 
-    return jax.lax.cond(jnp.any(rows.seq_slot >= 0), run, lambda _: (logits, state), None)
+    return pinned(*jax.lax.cond(jnp.any(rows.seq_slot >= 0), run,
+                                lambda _: pinned(logits, state), None))
 
 
 def _penalize_slice(logits: jax.Array, state: PenaltyState, rows: PenaltyRows,

@@ -157,3 +157,21 @@ def test_sampling_params_check_the_penalties(kwargs, needle):
         SamplingParams(**kwargs)
     assert not SamplingParams(repetition_penalty=1.0, presence_penalty=0).has_penalties
     assert SamplingParams(repetition_penalty=3.5).has_penalties  # (0, inf), as vLLM
+
+
+def test_the_state_stays_split_over_the_vocabulary_in_the_compiled_step():
+    """No all-gather (CPU partitioner): each device reads and writes only its slice, and the
+    updated state leaves split as it came in. The GPU partitioner did gather it before the
+    pins in ``penalize``; ``tests/jaxllm/test_aot.py`` checks the compiled H100 step."""
+    mesh = make_mesh(model=8)
+    slots, vocab, rows = 4, 64, 16
+    state = jax.device_put(init_state(slots, vocab), state_sharding(slots, vocab, mesh))
+    logits = jax.device_put(np.zeros((slots, vocab), np.float32),
+                            NamedSharding(mesh, PartitionSpec(None, "model")))
+    values = [np.zeros(slots, np.float32)] * 3
+    step = jax.jit(lambda *a: penalize(*a, mesh=mesh), donate_argnums=(1,))
+    args = (logits, state, no_rows(rows, slots), np.zeros(rows, np.int32), *values)
+    compiled = step.lower(*args).compile()
+    assert "all-gather" not in compiled.as_text()
+    _, new = step(*args)
+    assert all(a.sharding.spec == PartitionSpec(None, "model") for a in new)
