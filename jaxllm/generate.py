@@ -129,6 +129,10 @@ def generate(
     if sampling.structured is not None:
         raise ValueError("generate() does not constrain outputs to a grammar: structured "
                          "outputs need the engine (jaxllm.engine.Engine, or the server)")
+    if sampling.has_penalties:
+        raise ValueError("generate() does not apply presence_penalty, frequency_penalty or "
+                         "repetition_penalty: run the request through jaxllm.engine.Engine "
+                         "(or the server), which does")
     policy = model.bucket_policy
     checked = []
     for prompt in prompts:

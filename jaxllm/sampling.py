@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -26,7 +27,11 @@ class SamplingParams:
 
     Order of application: temperature, then top-k, then top-p over the top-k renormalised
     distribution, then min-p relative to the most likely token. ``top_k`` <= 0 and
-    ``top_p == 1`` disable those filters.
+    ``top_p == 1`` disable those filters. Before all of them: ``logit_bias`` and
+    ``min_tokens``, then the penalties (vLLM's order and semantics; ``jaxllm.penalties``):
+    ``repetition_penalty`` divides a positive logit (multiplies a negative one) of every
+    token seen in the prompt or the output, ``frequency_penalty`` subtracts itself times the
+    token's count in the output, ``presence_penalty`` itself once if the output has it.
     """
 
     temperature: float = 1.0
@@ -45,6 +50,9 @@ class SamplingParams:
     # The output must match this grammar (JSON schema, regex, choice, Lark): structured
     # outputs, ``jaxllm.structured``; the engine stops the request when the grammar ends.
     structured: StructuredOutput | None = None
+    presence_penalty: float = 0.0  # in [-2, 2]
+    frequency_penalty: float = 0.0  # in [-2, 2]
+    repetition_penalty: float = 1.0  # > 0
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -71,6 +79,12 @@ class SamplingParams:
                                    and self.min_tokens > self.max_tokens):
             raise ValueError(f"min_tokens={self.min_tokens} must be in [0, max_tokens="
                              f"{self.max_tokens}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [-2, 2]")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 "
+                             "(and finite)")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed} must be in [0, 2**63)")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -80,6 +94,12 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any penalty changes the logits (the request then needs a penalty slot)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -111,6 +131,9 @@ class SamplingArrays(NamedTuple):
     bias_values: jax.Array  # [B, MAX_LOGIT_BIAS]
     min_tokens: jax.Array  # [B]
     held_stop_ids: jax.Array  # [B, MAX_MIN_TOKENS_STOP_IDS]: suppressed before min_tokens
+    presence_penalty: jax.Array  # [B]
+    frequency_penalty: jax.Array  # [B]
+    repetition_penalty: jax.Array  # [B]
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams],
@@ -140,6 +163,9 @@ class SamplingArrays(NamedTuple):
             bias_values=bias_values,
             min_tokens=np.asarray([p.min_tokens for p in params], np.int32),
             held_stop_ids=held,
+            presence_penalty=np.asarray([p.presence_penalty for p in params], np.float32),
+            frequency_penalty=np.asarray([p.frequency_penalty for p in params], np.float32),
+            repetition_penalty=np.asarray([p.repetition_penalty for p in params], np.float32),
         )
 
 

@@ -210,7 +210,7 @@ def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_l
         graphdef, params = abstract_params(config, BF16, mesh)
         sample_step, args = abstract_step(graphdef, params, config, cache, mesh, rows, slots,
                                           width)
-        return sample_step, mesh, args, (1,)
+        return sample_step, mesh, args, (1, 2)
 
     return Case(name, build, no_gather=(cache.page_shape(config), (rows, H, D)))
 
@@ -239,8 +239,8 @@ def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any
     from jaxllm.engine.runner import step_functions
     from jaxllm.kv_cache import kv_cache_sharding
     from jaxllm.layout import AttentionMetadata
+    from jaxllm.penalties import PenaltyState, no_rows, state_sharding
     from jaxllm.sampling import GREEDY, SamplingArrays, mask_words
-    from jaxllm.sharding import padded_vocab_size
 
     groups = cache.groups(config)
     num_groups = groups.num_groups
@@ -252,11 +252,18 @@ def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any
                              rep((slots + 1,)), rep(()))
     sampling = jax.tree.map(lambda a: rep(a.shape, a.dtype),
                             SamplingArrays.from_params([GREEDY] * slots))
-    words = mask_words(padded_vocab_size(config.vocab_size, mesh))
+    penalty_rows = jax.tree.map(lambda a: rep(a.shape, a.dtype), no_rows(rows, slots))
+    # The penalty state: a slot per sequence of the widest step, split over the vocabulary.
+    shape = (slots, params["embed"].shape[0])
+    penalties = PenaltyState(*(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+                               for dtype, sharding in zip((jnp.int32, jnp.bool_),
+                                                          state_sharding(*shape, mesh),
+                                                          strict=True)))
     _, sample_step = step_functions(graphdef, "pallas", mesh, groups)
-    return sample_step, (params, [(page, page)] * groups.num_slabs, rep((rows,)), meta,
-                         rep((slots,)), sampling, rep((slots, 2), jnp.uint32), rep((slots,)),
-                         rep((slots, words)))
+    return sample_step, (params, [(page, page)] * groups.num_slabs, penalties, rep((rows,)),
+                         meta, rep((slots,)), sampling, rep((slots, 2), jnp.uint32),
+                         rep((slots,)), penalty_rows,
+                         rep((slots, mask_words(params["embed"].shape[0]))))
 
 
 def engine_cases() -> list[Case]:

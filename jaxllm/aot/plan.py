@@ -18,6 +18,7 @@ from jaxllm.buckets import GPU_MAX_NUM_BATCHED_TOKENS, BucketPolicy
 from jaxllm.config import Llama4Config
 from jaxllm.engine.memory import (
     pages_for_sequence,
+    penalty_bytes_per_device,
     plan_kv_cache,
     startup_report,
     weights_bytes_per_device,
@@ -65,7 +66,7 @@ def dry_run(args: argparse.Namespace) -> list[str]:
                                         policy.token_buckets[-1], policy.batch_buckets[-1],
                                         policy.pages_per_seq)
         with tempfile.TemporaryDirectory() as dump:
-            compiled = compile_for(step, mesh, *step_args, dump_dir=dump, donate_argnums=(1,))
+            compiled = compile_for(step, mesh, *step_args, dump_dir=dump, donate_argnums=(1, 2))
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     plan = plan_kv_cache(
@@ -73,7 +74,8 @@ def dry_run(args: argparse.Namespace) -> list[str]:
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization, on_gpu=True,
         device_bytes=lambda: target_memory_bytes(args.target), weights_bytes=lambda: weights,
-        step_temp_bytes=step_temp_bytes)
+        step_temp_bytes=step_temp_bytes,
+        penalty_bytes=penalty_bytes_per_device(config, policy, mesh))
     head = (f"dry run: {config.num_layers} layers, {config.num_experts} experts, vocab "
             f"{config.vocab_size}, {jnp.dtype(dtype).name}, on {devices} x {args.target} "
             f"(compile-only), max_model_len {policy.max_model_len}, "

@@ -25,6 +25,7 @@ from jaxllm.engine.pages import PageAllocator
 from jaxllm.engine.runner import ModelRunner, Scored, step_temp_bytes
 from jaxllm.engine.scheduler import Request, Scheduled, Scheduler
 from jaxllm.layout import SeqChunk, check_token_ids, pages_for
+from jaxllm.penalties import SeqPenalty
 from jaxllm.sampling import MAX_MIN_TOKENS_STOP_IDS, SamplingParams
 
 if TYPE_CHECKING:
@@ -169,14 +170,17 @@ class Engine:
             args = (chunks, [s.request.sampling for s in scheduled],
                     [s.request.seed for s in scheduled], [len(s.request.output) for s in scheduled])
             stops = [s.request.stop_ids for s in scheduled]
+            penalties = [None if s.request.penalty_slot is None
+                         else SeqPenalty(s.request.penalty_slot, len(s.request.prompt))
+                         for s in scheduled]
             masks = self._token_masks(scheduled)
             targets = _prompt_targets(scheduled)
             scored = None
             if any(t >= 0 for t in targets):
                 picked, scored = self.executor.sample_and_score_step(*args, targets, stops,
-                                                                     masks)
+                                                                     penalties, masks)
             else:
-                picked = self.executor.sample_step(*args, stops, masks)
+                picked = self.executor.sample_step(*args, stops, penalties, masks)
         except Exception as error:
             ids = [s.request.request_id for s in scheduled]
             log.error("engine step failed (%s: %s); stopping its requests %s",

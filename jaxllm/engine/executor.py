@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 
 from jaxllm.engine.runner import ModelRunner, Sampled, Scored, StepInputs, target_rows
 from jaxllm.layout import SeqChunk
+from jaxllm.penalties import SeqPenalty
 from jaxllm.sampling import SamplingParams
 
 log = logging.getLogger("jaxllm.engine")
@@ -65,13 +66,15 @@ class Executor:
     def sample_step(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
                     seeds: Sequence[int], steps: Sequence[int],
                     stop_ids: Sequence[Collection[int]] | None = None,
+                    penalties: Sequence[SeqPenalty | None] | None = None,
                     token_masks: Mapping[int, np.ndarray] | None = None) -> Sampled:
         """``ModelRunner.sample_step``, run by every process."""
         if not self.distributed:
-            return self.runner.sample_step(chunks, sampling, seeds, steps, stop_ids,
+            return self.runner.sample_step(chunks, sampling, seeds, steps, stop_ids, penalties,
                                            token_masks)
         # A bad step raises here, before anything is sent.
-        inputs = self.runner.prepare(chunks, sampling, seeds, steps, stop_ids, token_masks)
+        inputs = self.runner.prepare(chunks, sampling, seeds, steps, stop_ids, penalties,
+                                     token_masks)
         with self._guard("a step"):
             self._send(Command.STEP, inputs)
             return self.runner.run(inputs, len(chunks))
@@ -80,20 +83,22 @@ class Executor:
                               sampling: Sequence[SamplingParams], seeds: Sequence[int],
                               steps: Sequence[int], targets: Sequence[int],
                               stop_ids: Sequence[Collection[int]] | None = None,
+                              penalties: Sequence[SeqPenalty | None] | None = None,
                               token_masks: Mapping[int, np.ndarray] | None = None
                               ) -> tuple[Sampled, Scored]:
         """``ModelRunner.sample_and_score_step``, run by every process."""
         if not self.distributed:
             return self.runner.sample_and_score_step(chunks, sampling, seeds, steps, targets,
-                                                     stop_ids, token_masks)
-        inputs = self.runner.prepare(chunks, sampling, seeds, steps, stop_ids, token_masks)
+                                                     stop_ids, penalties, token_masks)
+        inputs = self.runner.prepare(chunks, sampling, seeds, steps, stop_ids, penalties,
+                                     token_masks)
         rows = target_rows(inputs, targets)
         with self._guard("a scoring step"):
             self._send(Command.SCORE, inputs, rows)
             return self.runner.run_scored(inputs, rows, len(chunks), len(targets))
 
     def reset_cache(self) -> None:
-        """``ModelRunner.reset_cache``, in every process."""
+        """``ModelRunner.reset_cache`` (KV cache and penalty state), in every process."""
         with self._guard("a KV cache reset"):
             self._send(Command.RESET)
             self.runner.reset_cache()

@@ -1,6 +1,7 @@
 """Sizing the KV cache from a memory budget (vLLM's flags), and the start-up report.
 
-The pool gets what is left of the budget after the weights and the largest step's temporary
+The pool gets what is left of the budget after the weights, the sampler's penalty state
+(``jaxllm.penalties``: ``max_num_seqs`` x vocabulary, fixed) and the largest step's temporary
 memory (read from the compiled step, not guessed); a page costs ``CacheConfig.bytes_per_page``.
 A sequence of L tokens needs ``pages_for(L)`` pages in each global layer group and, in each
 chunked group, at most the pages one chunk plus one step can span.
@@ -22,6 +23,8 @@ from jaxllm.buckets import BucketPolicy
 from jaxllm.config import Llama4Config
 from jaxllm.kv_cache import LayerGroups
 from jaxllm.layout import pages_for
+from jaxllm.penalties import state_bytes_per_device
+from jaxllm.sharding import padded_vocab_size
 
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of a GPU
 CPU_MEMORY_UTILIZATION = 0.3  # of the machine's RAM (shared by every simulated device)
@@ -83,6 +86,7 @@ class KVPlan:
     utilization: float | None = None
     weights_bytes: int | None = None
     step_temp_bytes: int | None = None
+    penalty_bytes: int | None = None
 
     @property
     def kv_bytes(self) -> int:
@@ -101,10 +105,12 @@ def plan_kv_cache(
     device_bytes: Callable[[], int],
     weights_bytes: Callable[[], int],
     step_temp_bytes: Callable[[], int],
+    penalty_bytes: int = 0,
 ) -> KVPlan:
     """Pages for the KV cache: ``num_pages`` if given, else what ``kv_cache_memory_bytes``
-    holds, else the device's ``gpu_memory_utilization`` share less the weights and the
-    step's temporary memory (``step_temp_bytes()``, measured on the compiled step). Raises
+    holds, else the device's ``gpu_memory_utilization`` share less the weights, the penalty
+    state (``penalty_bytes``) and the step's temporary memory (``step_temp_bytes()``,
+    measured on the compiled step). Raises
     ValueError, naming both numbers and the longest max_model_len that fits, when one
     sequence of ``max_model_len`` does not fit. Bytes are per device of ``mesh``."""
     groups = policy.cache.groups(config)
@@ -120,16 +126,17 @@ def plan_kv_cache(
         if not 0 < utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={utilization} must be in (0, 1]")
         device, weights, temp = device_bytes(), weights_bytes(), step_temp_bytes()
-        pages = max(0, int(device * utilization) - weights - temp) // page_bytes
+        pages = max(0, int(device * utilization) - weights - penalty_bytes - temp) // page_bytes
         if not on_gpu:  # RAM is shared: never take more than max_num_seqs sequences can use
             pages = min(pages, policy.max_num_seqs * need)
         plan = KVPlan(pages, page_bytes, "--gpu-memory-utilization", device, utilization,
-                      weights, temp)
+                      weights, temp, penalty_bytes)
     if plan.device_bytes is not None and plan.kv_bytes == 0:
         raise ValueError(
             f"nothing is left for the KV cache: {plan.utilization} x {plan.device_bytes} "
-            f"bytes of device memory less {plan.weights_bytes} bytes of weights and "
-            f"{plan.step_temp_bytes} bytes of step temporaries per device; use more devices "
+            f"bytes of device memory less {plan.weights_bytes} bytes of weights, "
+            f"{plan.penalty_bytes} bytes of penalty state and {plan.step_temp_bytes} bytes of "
+            f"step temporaries per device; use more devices "
             f"(--tensor-parallel-size), a smaller --dtype or --max-num-batched-tokens")
     if plan.num_pages < need:
         fits = longest_fitting_length(policy, groups, plan.num_pages)
@@ -148,7 +155,17 @@ def plan_for_model(model: Model, policy: BucketPolicy, step_temp_bytes: Callable
                          on_gpu=jax.default_backend() == "gpu",
                          device_bytes=device_memory_bytes,
                          weights_bytes=lambda: weights_bytes_per_device(model.params),
-                         step_temp_bytes=step_temp_bytes, **flags)
+                         step_temp_bytes=step_temp_bytes,
+                         penalty_bytes=penalty_bytes_per_device(model.config, policy,
+                                                                model.mesh), **flags)
+
+
+def penalty_bytes_per_device(config: Llama4Config, policy: BucketPolicy,
+                             mesh: Mesh | None) -> int:
+    """The penalty state's bytes per device: a slot per sequence of a step, over the padded
+    vocabulary split like the logits."""
+    return state_bytes_per_device(policy.max_num_seqs,
+                                  padded_vocab_size(config.vocab_size, mesh), mesh)
 
 
 def startup_report(config: Llama4Config, policy: BucketPolicy, plan: KVPlan,
@@ -177,6 +194,7 @@ def startup_report(config: Llama4Config, policy: BucketPolicy, plan: KVPlan,
     if plan.device_bytes is not None:
         lines.append(
             f"budget: {plan.utilization:.2f} x {plan.device_bytes / gib:.2f} GiB device memory"
-            f" - {plan.weights_bytes / gib:.3f} GiB weights - {plan.step_temp_bytes / gib:.3f}"
-            f" GiB step temporaries (compiled)")
+            f" - {plan.weights_bytes / gib:.3f} GiB weights - {(plan.penalty_bytes or 0) / gib:.3f}"
+            f" GiB penalty state - {plan.step_temp_bytes / gib:.3f} GiB step temporaries"
+            f" (compiled)")
     return lines

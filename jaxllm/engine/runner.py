@@ -22,6 +22,16 @@ from jaxllm.api import Model
 from jaxllm.buckets import BucketPolicy
 from jaxllm.kv_cache import LayerGroups, init_kv_cache, kv_cache_sharding
 from jaxllm.layout import AttentionMetadata, SeqChunk, StepBatch, build_step
+from jaxllm.penalties import (
+    PenaltyRows,
+    PenaltyState,
+    SeqPenalty,
+    build_rows,
+    init_state,
+    no_rows,
+    penalize,
+    state_sharding,
+)
 from jaxllm.sampling import (
     GREEDY,
     SamplingArrays,
@@ -33,7 +43,7 @@ from jaxllm.sampling import (
     seed_keys,
     seed_words,
 )
-from jaxllm.sharding import padded_vocab_size, to_host
+from jaxllm.sharding import to_host
 
 TOP_LOGPROBS = 20  # the most the OpenAI API asks for
 
@@ -48,6 +58,7 @@ class StepInputs(NamedTuple):
     sampling: SamplingArrays
     seeds: np.ndarray  # [S, 2] uint32: each 64-bit seed's words (``seed_words``)
     steps: np.ndarray  # [S] int32
+    penalty_rows: PenaltyRows  # which penalty slots this step records into and reads
     # [S, ceil(V / 32)] int32: each row's allowed tokens as bits (structured outputs; all
     # ones: unconstrained), ``jaxllm.sampling.apply_token_mask``.
     token_mask: np.ndarray
@@ -63,19 +74,26 @@ class Sampled(NamedTuple):
 
 
 def pick(logits: jax.Array, sampling: SamplingArrays, seeds: jax.Array, steps: jax.Array,
-         token_mask: jax.Array, mesh: Mesh | None) -> tuple[jax.Array, ...]:
-    """Each row's next token, its log-probability and the top alternatives."""
+         mesh: Mesh | None, penalties: PenaltyState, rows: PenaltyRows, fed: jax.Array,
+         token_mask: jax.Array) -> tuple[tuple[jax.Array, ...], PenaltyState]:
+    """Each row's next token, its log-probability and the top alternatives; and the penalty
+    state with the step's ``fed`` tokens recorded. Order (vLLM's): logit_bias and min_tokens,
+    then the penalties, then temperature and the filters."""
     # A row's key depends only on its request's seed and token index, so a seeded
     # request samples the same tokens whatever else shares its batch.
     keys = jax.vmap(jax.random.fold_in)(seed_keys(seeds), steps)
-    adjusted = apply_token_mask(adjust_logits(logits, sampling, steps), token_mask, mesh)
+    adjusted, penalties = penalize(
+        adjust_logits(logits, sampling, steps), penalties, rows, fed, sampling.presence_penalty,
+        sampling.frequency_penalty, sampling.repetition_penalty, mesh)
+    # Structured outputs: tokens outside a constrained row's grammar can never be picked.
+    adjusted = apply_token_mask(adjusted, token_mask, mesh)
     tokens = sample(adjusted, sampling, keys, mesh)
     # Log-probabilities under the model's own distribution (before temperature and
     # filters), for the chosen token and the TOP_LOGPROBS most likely ones.
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_values, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
-    return tokens, chosen, top_ids, top_values
+    return (tokens, chosen, top_ids, top_values), penalties
 
 
 def step_functions(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None,
@@ -84,8 +102,9 @@ def step_functions(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | Non
     compiling the same step ahead of time (``jaxllm.aot``).
 
     forward(params, cache, tokens, meta, logits_rows) -> (logits, cache);
-    forward_and_sample(..., sampling, seeds, steps, token_mask) -> ((tokens, logprobs, top ids, top
-    logprobs), cache).
+    forward_and_sample(params, cache, penalties, tokens, meta, logits_rows, sampling, seeds,
+    steps, penalty_rows, token_mask) -> ((tokens, logprobs, top ids, top logprobs), cache,
+    penalties).
     """
 
     def forward(params, cache, tokens, meta, logits_rows):
@@ -94,10 +113,12 @@ def step_functions(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | Non
                                groups=groups)
         return module.logits(hidden[logits_rows]), cache
 
-    def forward_and_sample(params, cache, tokens, meta, logits_rows, sampling, seeds, steps,
-                           token_mask):
+    def forward_and_sample(params, cache, penalties, tokens, meta, logits_rows, sampling,
+                           seeds, steps, penalty_rows, token_mask):
         logits, cache = forward(params, cache, tokens, meta, logits_rows)
-        return pick(logits, sampling, seeds, steps, token_mask, mesh), cache
+        picked, penalties = pick(logits, sampling, seeds, steps, mesh, penalties,
+                                 penalty_rows, tokens, token_mask)
+        return picked, cache, penalties
 
     return forward, forward_and_sample
 
@@ -108,17 +129,17 @@ SCORE_BLOCK = 256  # rows whose full-vocabulary log-probabilities exist at once
 def scoring_step_function(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None,
                           groups: LayerGroups) -> Callable:
     """The step that also scores every row (prompt log-probabilities, for ``echo`` and
-    ``prompt_logprobs``): ``(..., steps, token_mask, targets [T]) -> ((picked...), (target
-    logprob [T], top ids [T, K], top logprobs [T, K])), cache``. Row t's target is the token
-    that follows it (-1: none). The vocabulary-wide log-softmax runs ``SCORE_BLOCK`` rows at
-    a time, so its memory does not grow with the step's width."""
-    def forward_sample_and_score(params, cache, tokens, meta, logits_rows, sampling, seeds,
-                                 steps, token_mask, targets):
+    ``prompt_logprobs``): ``(..., penalty_rows, token_mask, targets [T]) -> ((picked...), (target
+    logprob [T], top ids [T, K], top logprobs [T, K])), cache, penalties``. Row t's target
+    is the token that follows it (-1: none). The vocabulary-wide log-softmax runs
+    ``SCORE_BLOCK`` rows at a time, so its memory does not grow with the step's width."""
+    def forward_sample_and_score(params, cache, penalties, tokens, meta, logits_rows, sampling,
+                                 seeds, steps, penalty_rows, token_mask, targets):
         module = nnx.merge(graphdef, params)
         hidden, cache = module(tokens, cache, meta, attention_impl=attention_impl,
                                groups=groups)
-        picked = pick(module.logits(hidden[logits_rows]), sampling, seeds, steps, token_mask,
-                      mesh)
+        picked, penalties = pick(module.logits(hidden[logits_rows]), sampling, seeds, steps,
+                                 mesh, penalties, penalty_rows, tokens, token_mask)
         rows = hidden.shape[0]
         block = math.gcd(rows, SCORE_BLOCK)
 
@@ -132,22 +153,22 @@ def scoring_step_function(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mes
         scored = jax.lax.map(score, (hidden.reshape(rows // block, block, -1),
                                      targets.reshape(rows // block, block)))
         scored = jax.tree.map(lambda a: a.reshape(rows, *a.shape[2:]), scored)
-        return (picked, scored), cache
+        return (picked, scored), cache, penalties
 
     return forward_sample_and_score
 
 
 def _step_programs(model: Model, groups: LayerGroups):
-    """The two jitted step programs (cache donated): logits of each sequence's last row, and
-    logits + on-device sampling + log-probabilities."""
+    """The two jitted step programs (cache, and the sampler's penalty state, donated): logits
+    of each sequence's last row, and logits + on-device sampling + log-probabilities."""
     forward, forward_and_sample = step_functions(model.graphdef, model.attention_impl,
                                                  model.mesh, groups)
     rep = model.replicated()
     logits_fn = jax.jit(forward, donate_argnums=(1,),
                         in_shardings=(model.param_shardings, None) + (rep,) * 3)
-    sample_fn = jax.jit(forward_and_sample, donate_argnums=(1,),
-                        in_shardings=(model.param_shardings, None) + (rep,) * 7,
-                        out_shardings=((rep,) * 4, None))
+    sample_fn = jax.jit(forward_and_sample, donate_argnums=(1, 2),
+                        in_shardings=(model.param_shardings, None, None) + (rep,) * 8,
+                        out_shardings=((rep,) * 4, None, None))
     return logits_fn, sample_fn
 
 
@@ -167,20 +188,20 @@ def step_temp_bytes(model: Model, policy: BucketPolicy) -> int:
         meta = AttentionMetadata(i32((rows,)), i32((num_groups, rows)),
                                  i32((num_groups, slots, width)), i32((slots,)),
                                  i32((slots + 1,)), i32(()))
+        shape = (policy.max_num_seqs, padded_vocab(model))
+        state = PenaltyState(*(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+                               for dtype, sharding in zip(
+                                   (np.int32, np.bool_),
+                                   state_sharding(*shape, model.mesh), strict=True)))
         _, sample_fn = _step_programs(model, groups)
         compiled = sample_fn.lower(
-            model.params, [(pages, pages)] * groups.num_slabs, i32((rows,)), meta,
+            model.params, [(pages, pages)] * groups.num_slabs, state, i32((rows,)), meta,
             i32((slots,)), SamplingArrays.from_params([GREEDY] * slots),
             jax.ShapeDtypeStruct((slots, 2), np.uint32), i32((slots,)),
-            i32((slots, mask_words(logits_width(model))))).compile()
+            no_rows(rows, slots), i32((slots, mask_words(padded_vocab(model))))).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     return model.compiled(("step_temp_bytes", policy), measure)
-
-
-def logits_width(model: Model) -> int:
-    """The logits' vocabulary width: the model's vocabulary padded for its mesh."""
-    return padded_vocab_size(model.config.vocab_size, model.mesh)
 
 
 class Scored(NamedTuple):
@@ -191,8 +212,15 @@ class Scored(NamedTuple):
     top_logprobs: np.ndarray  # [rows, TOP_LOGPROBS] float32
 
 
+def padded_vocab(model: Model) -> int:
+    """The vocabulary as the logits have it (padded to a multiple of its mesh axis)."""
+    return int(model.params["embed"].shape[0])
+
+
 class ModelRunner:
-    """Holds the paged KV cache and runs steps on it (cache donated: updated in place)."""
+    """Holds the paged KV cache and the sampler's penalty state (``jaxllm.penalties``, one
+    slot per sequence the engine can run at once) and runs steps on them (both donated:
+    updated in place)."""
 
     def __init__(self, model: Model, policy: BucketPolicy):
         """``policy`` is the engine's configuration, its cache sized (``for_engine``)."""
@@ -205,17 +233,24 @@ class ModelRunner:
             lambda: init_kv_cache(config, cache, model.mesh),
             out_shardings=[(sharding, sharding)] * groups.num_slabs)
         self.cache = self._new_cache()
+        self.num_penalty_slots = policy.max_num_seqs
+        shape = (self.num_penalty_slots, padded_vocab(model))
+        self._new_penalties = jax.jit(lambda: init_state(*shape),
+                                      out_shardings=state_sharding(*shape, model.mesh))
+        self.penalties = self._new_penalties()
         self._logits, self._sample = _step_programs(model, groups)
         self._score = None
-        self.mask_words = mask_words(logits_width(model))
+        self.mask_words = mask_words(padded_vocab(model))
 
     def reset_cache(self) -> None:
-        """Re-creates the KV cache, zeroed. After a failed step the old buffers are donated or
-        hold a failed computation's outputs: they are freed first and never read again."""
-        old, self.cache = self.cache, None
+        """Re-creates the KV cache and the penalty state, zeroed. After a failed step the old
+        buffers are donated or hold a failed computation's outputs: they are freed first and
+        never read again."""
+        old, self.cache, self.penalties = (self.cache, self.penalties), None, None
         for array in jax.tree.leaves(old):
             array.delete()
         self.cache = self._new_cache()
+        self.penalties = self._new_penalties()
 
     def _batch(self, chunks: Sequence[SeqChunk]) -> StepBatch:
         policy = self.policy
@@ -234,34 +269,39 @@ class ModelRunner:
     def sample_step(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
                     seeds: Sequence[int], steps: Sequence[int],
                     stop_ids: Sequence[Collection[int]] | None = None,
+                    penalties: Sequence[SeqPenalty | None] | None = None,
                     token_masks: Mapping[int, np.ndarray] | None = None) -> Sampled:
         """Runs one step and picks each sequence's next token on device.
 
         ``seeds`` (< 2**64, all bits used) and ``steps`` (the index of the token being picked)
         key each row's sampler; ``stop_ids`` (each sequence's, EOS included) are held back
-        until its ``min_tokens``; ``token_masks`` maps a sequence's index to its allowed
-        tokens (``[mask_words]`` int32 bits; structured outputs).
+        until its ``min_tokens``; ``penalties`` give each sequence that uses a penalty its
+        slot of the penalty state (None: none); ``token_masks`` maps a sequence's index to
+        its allowed tokens (``[mask_words]`` int32 bits; structured outputs).
         """
-        inputs = self.prepare(chunks, sampling, seeds, steps, stop_ids, token_masks)
+        inputs = self.prepare(chunks, sampling, seeds, steps, stop_ids, penalties, token_masks)
         return self.run(inputs, len(chunks))
 
     def sample_and_score_step(self, chunks: Sequence[SeqChunk],
                               sampling: Sequence[SamplingParams], seeds: Sequence[int],
                               steps: Sequence[int], targets: Sequence[int],
                               stop_ids: Sequence[Collection[int]] | None = None,
+                              penalties: Sequence[SeqPenalty | None] | None = None,
                               token_masks: Mapping[int, np.ndarray] | None = None
                               ) -> tuple[Sampled, Scored]:
         """``sample_step``, and the log-probability of ``targets[t]`` (the token after row t,
         -1 for none) under each row's distribution, with the top alternatives."""
-        inputs = self.prepare(chunks, sampling, seeds, steps, stop_ids, token_masks)
+        inputs = self.prepare(chunks, sampling, seeds, steps, stop_ids, penalties, token_masks)
         rows = target_rows(inputs, targets)
         return self.run_scored(inputs, rows, len(chunks), len(targets))
 
     def prepare(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
                 seeds: Sequence[int], steps: Sequence[int],
                 stop_ids: Sequence[Collection[int]] | None = None,
+                penalties: Sequence[SeqPenalty | None] | None = None,
                 token_masks: Mapping[int, np.ndarray] | None = None) -> StepInputs:
-        """The step's host arrays, padded to its buckets and checked (``build_step``)."""
+        """The step's host arrays, padded to its buckets and checked (``build_step``,
+        ``jaxllm.penalties.build_rows``)."""
         batch = self._batch(chunks)
         slots = batch.logits_rows.shape[0]
         pad = slots - len(chunks)
@@ -271,11 +311,13 @@ class ModelRunner:
         seeds_arr[: len(chunks)] = seed_words(seeds)
         steps_arr = np.zeros(slots, np.int32)
         steps_arr[: len(chunks)] = steps
+        rows = build_rows(chunks, [None] * len(chunks) if penalties is None else penalties,
+                          batch.tokens.shape[0], slots, self.num_penalty_slots)
         mask = np.full((slots, self.mask_words), -1, np.int32)
         for index, words in (token_masks or {}).items():
             mask[index] = words
         return StepInputs(batch.tokens, batch.meta, batch.logits_rows, arrays, seeds_arr,
-                          steps_arr, mask)
+                          steps_arr, rows, mask)
 
     def empty_inputs(self, rows: int, slots: int) -> StepInputs:
         """Zeroed inputs of a step of ``rows`` rows and ``slots`` sequence slots: the shapes
@@ -286,13 +328,14 @@ class ModelRunner:
                                  i32(slots), i32(slots + 1), np.int32(0))
         return StepInputs(i32(rows), meta, i32(slots),
                           SamplingArrays.from_params([GREEDY] * slots),
-                          np.zeros((slots, 2), np.uint32), i32(slots),
+                          np.zeros((slots, 2), np.uint32), i32(slots), no_rows(rows, slots),
                           i32((slots, self.mask_words)))
 
     def run(self, inputs: StepInputs, num_seqs: int) -> Sampled:
         """Runs the compiled step on ``inputs``; returns the picks of the first ``num_seqs``
         slots, checked finite. The picks are replicated, so every process reads its own copy."""
-        out, self.cache = self._sample(self.model.params, self.cache, *inputs)
+        out, self.cache, self.penalties = self._sample(self.model.params, self.cache,
+                                                       self.penalties, *inputs)
         return _check_finite(Sampled(*(to_host(a)[:num_seqs] for a in out)))
 
     def run_scored(self, inputs: StepInputs, targets: np.ndarray, num_seqs: int,
@@ -303,9 +346,11 @@ class ModelRunner:
             score = scoring_step_function(self.model.graphdef, self.model.attention_impl,
                                           self.model.mesh, self.groups)
             rep = self.model.replicated()
-            self._score = jax.jit(score, donate_argnums=(1,),
-                                  in_shardings=(self.model.param_shardings, None) + (rep,) * 8)
-        (out, scored), self.cache = self._score(self.model.params, self.cache, *inputs, targets)
+            self._score = jax.jit(score, donate_argnums=(1, 2),
+                                  in_shardings=(self.model.param_shardings, None, None)
+                                  + (rep,) * 9)
+        (out, scored), self.cache, self.penalties = self._score(
+            self.model.params, self.cache, self.penalties, *inputs, targets)
         picked = _check_finite(Sampled(*(to_host(a)[:num_seqs] for a in out)))
         return picked, Scored(*(to_host(a)[:num_targets] for a in scored))
 

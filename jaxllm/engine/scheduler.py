@@ -55,6 +55,8 @@ class Request:
     # With structured outputs: the grammar's state (an ``llguidance.LLMatcher``), advanced
     # by each picked token.
     matcher: Any = None
+    # With a penalty: the request's slot of the runner's penalty state while it runs.
+    penalty_slot: int | None = None
 
     @property
     def queued_seconds(self) -> float | None:
@@ -93,6 +95,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Penalty-state slots (``jaxllm.penalties``): at most max_num_seqs requests run.
+        self.free_penalty_slots = list(range(policy.max_num_seqs - 1, -1, -1))
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -122,6 +126,8 @@ class Scheduler:
                 self._drop_pages(request)  # retry whole when pages are free again
                 break
             self.waiting.popleft()
+            if request.sampling.has_penalties:
+                request.penalty_slot = self.free_penalty_slots.pop()
             request.status = Status.RUNNING
             if request.first_scheduled_at is None:
                 request.first_scheduled_at = time.monotonic()
@@ -152,8 +158,12 @@ class Scheduler:
         self._drop_pages(request)
 
     def _drop_pages(self, request: Request) -> None:
+        """Gives back the request's pages and penalty slot: it starts again from nothing."""
         self.pages.release(request.held_pages)
         request.pages, request.num_computed = [], 0
+        if request.penalty_slot is not None:
+            self.free_penalty_slots.append(request.penalty_slot)
+            request.penalty_slot = None
 
     def requeue(self, requests: Iterable[Request]) -> int:
         """Queues ``requests`` afresh, in order, each waiting with no pages and nothing
@@ -164,12 +174,16 @@ class Scheduler:
         self.num_preemptions += preempted
         for request in requests:
             request.pages, request.num_computed, request.status = [], 0, Status.WAITING
+            request.penalty_slot = None
         self.running, self.waiting = [], deque(requests)
+        self.free_penalty_slots = list(range(self.policy.max_num_seqs - 1, -1, -1))
         return preempted
 
     def _take_cached_prefix(self, request: Request) -> None:
-        if request.sampling.prompt_logprobs is not None:
-            return  # cached rows would never be scored: compute the whole prompt
+        # Cached rows would never be scored, nor recorded in a penalty slot (prompt tokens
+        # count for repetition_penalty): such requests compute the whole prompt.
+        if request.sampling.prompt_logprobs is not None or request.sampling.has_penalties:
+            return
         # At least the last token is computed, so the step yields logits for it.
         usable = request.tokens[: len(request.tokens) - 1]
         request.pages = self.pages.match_prefix(usable)

@@ -23,9 +23,6 @@ INT32_MAX = 2**31 - 1  # the engine's device arrays are int32
 # Known OpenAI / vLLM parameters the server does not implement, each with the values that
 # change nothing (accepted, so clients sending defaults keep working).
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
     "functions": (None, []),  # the deprecated forms of tools / tool_choice
     "function_call": (None, "none"),
     "guided_whitespace_pattern": (None,),
@@ -153,6 +150,10 @@ class _Sampling(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # Penalties with vLLM's semantics (``jaxllm.sampling.SamplingParams``); null = off.
+    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=1.0, gt=0.0, allow_inf_nan=False)  # vLLM's
 
     _unsupported = _UNSUPPORTED
 
@@ -231,7 +232,11 @@ class _Sampling(BaseModel):
                               stop_token_ids=tuple(self.stop_token_ids or ()),
                               prompt_logprobs=self.scores_prompt,
                               logit_bias=self.bias_pairs(), min_tokens=self.min_tokens,
-                              structured=self.structured())
+                              structured=self.structured(),
+                              presence_penalty=self.presence_penalty or 0.0,
+                              frequency_penalty=self.frequency_penalty or 0.0,
+                              repetition_penalty=(1.0 if self.repetition_penalty is None
+                                                  else self.repetition_penalty))
 
     def bias_pairs(self) -> tuple[tuple[int, float], ...]:
         """``logit_bias`` as (token id, bias) pairs; a key that is not an integer is refused."""

@@ -13,6 +13,7 @@ import pytest
 from jaxllm.aot.cases import (
     Case,
     K,
+    engine_cases,
     flash_case,
     problems_of,
     ragged_args,
@@ -161,9 +162,29 @@ def test_dry_run_plans_a_deployment_from_a_config_alone(tmp_path, hybrid):
                                   r"([\d.]+)x", report).group(1))
     assert concurrency == pytest.approx(pages / need, abs=0.005)
     budget = re.search(r"budget: 0.90 x ([\d.]+) GiB device memory - ([\d.]+) GiB weights - "
-                       r"([\d.]+) GiB step temporaries", report)
-    device, weights, temp = (float(x) for x in budget.groups())
+                       r"([\d.]+) GiB penalty state - ([\d.]+) GiB step temporaries", report)
+    device, weights, penalty, temp = (float(x) for x in budget.groups())
     slabs = 1 if hybrid else 4
     kv = pages * 16 * slabs * per_token / 2**30
     assert device == pytest.approx(84942979072 / 2**30, abs=0.01)  # the H100 target's memory
-    assert 0.9 * device - weights - temp - kv == pytest.approx(0, abs=0.01)
+    # The penalty state: max_num_seqs (8 by default) slots of int32 counts and bool flags
+    # over this device's eighth of the vocabulary.
+    assert penalty == pytest.approx(8 * 202048 // 8 * 5 / 2**30, abs=0.001)
+    assert 0.9 * device - weights - penalty - temp - kv == pytest.approx(0, abs=0.01)
+
+
+@needs_gpu_compiler
+def test_the_penalty_state_is_never_gathered_in_the_sharded_engine_step():
+    """The engine step on 8 compile-only H100s keeps the penalty state (int32 counts, bool
+    prompt flags, [64, 202048]) split over the vocabulary: without the sharding pins in
+    ``jaxllm.penalties.penalize`` the partitioner gathered both every step."""
+    import re
+    import tempfile
+
+    from jaxllm.aot.target import compile_for
+
+    [case] = [c for c in engine_cases() if c.name == "engine step 8 dev decode b64"]
+    fn, mesh, args, donate = case.build()
+    with tempfile.TemporaryDirectory() as dump:
+        hlo = compile_for(fn, mesh, *args, dump_dir=dump, donate_argnums=donate).as_text()
+    assert not re.findall(r"(?:s32|pred)\[64,202048\]\{[^}]*\} all-gather", hlo)

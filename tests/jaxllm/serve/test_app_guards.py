@@ -153,7 +153,10 @@ def test_invalid_unicode_is_a_400(served, path, body, needle):
 @pytest.mark.parametrize("body, needles", [
     ({"prompt": "a", "top_k": 2**31}, ["top_k", "2147483647", "got 2147483648"]),
     ({"prompt": "a", "seed": 2**63}, ["seed", "9223372036854775808"]),
-    ({"prompt": "a", "presence_penalty": 0.5}, ["'presence_penalty' is not supported"]),
+    ({"prompt": "a", "presence_penalty": 2.5}, ["presence_penalty", "less than or equal to 2",
+                                                "got 2.5"]),
+    ({"prompt": "a", "repetition_penalty": 0}, ["repetition_penalty", "greater than 0",
+                                                "got 0"]),
     ({"prompt": "a", "best_of": 3}, ["best_of=3, n=1"]),
     ({"prompt": "a", "stream_options": {"bogus": True}}, ["stream_options.bogus"]),
 ])

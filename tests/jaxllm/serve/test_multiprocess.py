@@ -79,9 +79,9 @@ def _prefix_cache_hits(base: str) -> float:
 
 
 def _answers(client: openai.OpenAI) -> dict:
-    """Greedy (and seeded) answers that cover streaming, n > 1, a prefix-cache hit, chunked
-    prefill, a request ending exactly at max_model_len and echoed prompt scores (the scoring
-    step); tokens, not just text."""
+    """Greedy (and seeded) answers that cover streaming, n > 1, penalties, a prefix-cache
+    hit, chunked prefill, a request ending exactly at max_model_len and echoed prompt
+    scores (the scoring step); tokens, not just text."""
     def completion(**kwargs) -> list:
         r = client.completions.create(model="tiny-llama4", logprobs=1, **kwargs)
         return [(c.logprobs.tokens, c.finish_reason) for c in r.choices]
@@ -92,6 +92,10 @@ def _answers(client: openai.OpenAI) -> dict:
                                  seed=7),
         "bias, min_tokens": completion(prompt=[5, 41, 42], max_tokens=6, temperature=0,
                                        logit_bias={"7": 4}, extra_body={"min_tokens": 4}),
+        # The penalty state is split over the vocabulary, so each process holds part of it.
+        "penalties": completion(prompt=[5, 41, 42, 5, 41], max_tokens=10, temperature=0,
+                                frequency_penalty=1.0, presence_penalty=0.5,
+                                extra_body={"repetition_penalty": 1.3}),
         "prefix miss": completion(prompt=LONG, max_tokens=8, temperature=0),
         "prefix hit": completion(prompt=LONG + [3], max_tokens=8, temperature=0),
         "to max_model_len": completion(prompt=list(range(40, 90)), max_tokens=MAX_LEN - 50,

@@ -76,7 +76,6 @@ def test_content_parts_other_than_text_are_refused(part, needle):
 
 
 @pytest.mark.parametrize("name, value", [
-    ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("repetition_penalty", 1.2),
     ("functions", [{"name": "f"}]), ("function_call", "auto"),
     ("guided_whitespace_pattern", " *"), ("guided_decoding_backend", "xgrammar"),
 ])
@@ -84,6 +83,29 @@ def test_unsupported_parameters_are_refused_by_name(name, value):
     for make in (lambda **kw: _chat(**kw), lambda **kw: CompletionRequest(prompt="x", **kw)):
         with pytest.raises(ValidationError, match=f"'{name}' is not supported by this server"):
             make(**{name: value})
+
+
+@pytest.mark.parametrize("name, value, needle", [
+    ("presence_penalty", 2.5, "less than or equal to 2"),
+    ("frequency_penalty", -2.01, "greater than or equal to -2"),
+    ("repetition_penalty", 0.0, "greater than 0"),
+    ("repetition_penalty", -1.0, "greater than 0"),
+])
+def test_penalties_out_of_range_are_refused(name, value, needle):
+    for make in (lambda **kw: _chat(**kw), lambda **kw: CompletionRequest(prompt="x", **kw)):
+        with pytest.raises(ValidationError, match=needle):
+            make(**{name: value})
+
+
+def test_penalties_reach_the_sampling_params():
+    params = _chat(presence_penalty=0.5, frequency_penalty=-1.0,
+                   repetition_penalty=1.3).sampling(None, 0)
+    assert (params.presence_penalty, params.frequency_penalty,
+            params.repetition_penalty) == (0.5, -1.0, 1.3)
+    assert params.has_penalties
+    off = CompletionRequest(prompt="x", presence_penalty=None, frequency_penalty=None,
+                            repetition_penalty=None).sampling(None, 0)
+    assert not off.has_penalties
 
 
 def test_completion_only_parameters():

@@ -154,7 +154,12 @@ def test_logprobs(server):
     (dict(prompt=PROMPT, temperature=-1), 400, "temperature"),
     (dict(prompt=PROMPT, model="other"), 404, "The model `other` does not exist."),
     (dict(prompt=[], max_tokens=2), 400, "prompt"),
-    (dict(prompt=PROMPT, presence_penalty=0.5), 400, "'presence_penalty' is not supported"),
+    (dict(prompt=PROMPT, presence_penalty=2.5), 400,
+     "presence_penalty: Input should be less than or equal to 2 (got 2.5)"),
+    (dict(prompt=PROMPT, frequency_penalty=-3), 400,
+     "frequency_penalty: Input should be greater than or equal to -2 (got -3)"),
+    (dict(prompt=PROMPT, extra_body={"repetition_penalty": 0}), 400,
+     "repetition_penalty: Input should be greater than 0 (got 0)"),
     (dict(prompt=PROMPT, echo=True, stream=True), 400, "'echo' is not supported with stream"),
     (dict(prompt=PROMPT, max_tokens=0), 400, "max_tokens=0 generates nothing"),
     (dict(prompt=PROMPT, logit_bias={"5": 101}), 400, "logit_bias[5]=101.0 must be in [-100, 100]"),
@@ -300,3 +305,49 @@ def test_logit_bias_and_min_tokens(server):
     assert held.usage.completion_tokens >= 2
     assert held.choices[0].logprobs.tokens[0] != first
 
+
+
+def hf_penalised(hf, ids: list[int], n: int, bias: dict[int, float], presence: float = 0.0,
+                 frequency: float = 0.0, repetition: float = 1.0) -> list[int]:
+    """HF greedy, token by token, with logit_bias and then vLLM's penalties applied in numpy
+    from their definition (repetition on prompt and output tokens, then frequency and
+    presence on the output)."""
+    output: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = hf(input_ids=torch.tensor([ids + output])).logits[0, -1].double().numpy()
+            for t, b in bias.items():
+                logits[t] += b
+            for t in set(ids) | set(output):
+                logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+            for t in set(output):
+                logits[t] -= frequency * output.count(t) + presence
+            output.append(int(logits.argmax()))
+            if output[-1] == 2:
+                break
+    return output
+
+
+def test_penalties_change_a_repetitive_continuation_like_the_reference(server):
+    """A logit_bias makes greedy repeat w77; frequency_penalty breaks the repetition, and
+    the text equals HF's with the bias and the penalty applied by definition."""
+    hf, ckpt, _, client = server
+    codec = TextCodec.from_dir(ckpt)
+    ids = codec.encode(PROMPT)
+    bias = {77: 8.0}
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                  logit_bias={"77": 8.0})
+    plain = client.completions.create(**kwargs).choices[0].text
+    assert plain.split().count("w77") >= 10  # repetitive
+    out = client.completions.create(frequency_penalty=2.0, **kwargs).choices[0]
+    want = hf_penalised(hf, ids, 12, bias, frequency=2.0)
+    assert out.text == codec.decode(want[:-1] if want[-1] == 2 else want)
+    assert out.text != plain and out.text.split().count("w77") < 10
+    # Chat, with a repetition and a presence penalty (vLLM's extra parameter in extra_body).
+    messages = [{"role": "user", "content": "w33 w77 w34"}]
+    chat_ids = codec.encode(codec.render_chat(messages), add_special_tokens=False)
+    chat = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0, presence_penalty=1.5,
+        logit_bias={"77": 8.0}, extra_body={"repetition_penalty": 1.7}).choices[0]
+    want = hf_penalised(hf, chat_ids, 10, bias, presence=1.5, repetition=1.7)
+    assert chat.message.content == codec.decode(want[:-1] if want[-1] == 2 else want)

@@ -1,0 +1,177 @@
+"""The penalty state and its application, against numpy references written from vLLM's
+definitions: on one device and with the vocabulary split over a simulated 8-device mesh."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxllm.layout import SeqChunk
+from jaxllm.penalties import (
+    SeqPenalty,
+    build_rows,
+    init_state,
+    no_rows,
+    penalize,
+    state_bytes_per_device,
+    state_sharding,
+)
+from jaxllm.sampling import SamplingParams
+from jaxllm.sharding import make_mesh
+
+VOCAB, PADDED, SLOTS = 21, 24, 4  # the padded entries are -inf, as the model's logits
+
+
+def reference(logits, prompt, output, presence, frequency, repetition):
+    """vLLM's penalties from the definition: repetition on every token of prompt or output
+    (positive logits divided, others multiplied), then frequency and presence on the output."""
+    out = np.array(logits, np.float64)
+    counts = np.zeros(out.shape[-1])
+    for t in output:
+        counts[t] += 1
+    seen = set(prompt) | set(output)
+    for t in seen:
+        out[t] = out[t] / repetition if out[t] > 0 else out[t] * repetition
+    for t in range(out.shape[-1]):
+        out[t] -= frequency * counts[t] + presence * (counts[t] > 0)
+    return out
+
+
+class Seq:
+    """A request's tokens (prompt, then output), its penalties and its slot (None: none)."""
+
+    def __init__(self, rng, num_prompt, num_output, slot, penalties):
+        self.tokens = rng.integers(0, VOCAB, num_prompt + num_output).tolist()
+        self.num_prompt, self.slot, self.penalties = num_prompt, slot, penalties
+
+
+def run_steps(steps, mesh, seed=0):
+    """Runs ``steps`` (each a list of (Seq, first position, rows)) through ``penalize`` and
+    compares each sequence's penalised logits with the reference over its tokens so far."""
+    rng = np.random.default_rng(seed)
+    vocab_sharding = None
+    if mesh is not None:
+        vocab_sharding = NamedSharding(mesh, PartitionSpec(None, "model"))
+    state = jax.device_put(init_state(SLOTS, PADDED), state_sharding(SLOTS, PADDED, mesh))
+    step_fn = jax.jit(lambda *a: penalize(*a, mesh=mesh), donate_argnums=(1,))
+    for step in steps:
+        num_seqs = 4  # a batch bucket: padding slots included
+        chunks = [SeqChunk([[1]], start, seq.tokens[start : start + n])
+                  for seq, start, n in step]
+        num_rows = 16
+        rows = build_rows(chunks, [None if seq.slot is None else SeqPenalty(seq.slot,
+                                                                           seq.num_prompt)
+                                   for seq, _, _ in step], num_rows, num_seqs, SLOTS)
+        tokens = np.zeros(num_rows, np.int32)
+        flat = [t for c in chunks for t in c.tokens]
+        tokens[: len(flat)] = flat
+        logits = rng.normal(0, 3, (num_seqs, PADDED)).astype(np.float32)
+        logits[:, VOCAB:] = -np.inf
+        params = [seq.penalties for seq, _, _ in step]
+        params += [SamplingParams()] * (num_seqs - len(params))
+        values = [np.asarray([getattr(p, name) for p in params], np.float32)
+                  for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")]
+        device_logits = logits if mesh is None else jax.device_put(logits, vocab_sharding)
+        out, state = step_fn(device_logits, state, rows, tokens, *values)
+        out = np.asarray(out)
+        for b, (seq, start, n) in enumerate(step):
+            seen = seq.tokens[: start + n]
+            expected = logits[b].astype(np.float64)
+            if seq.slot is not None:
+                expected = reference(logits[b], seen[: seq.num_prompt], seen[seq.num_prompt:],
+                                     seq.penalties.presence_penalty,
+                                     seq.penalties.frequency_penalty,
+                                     seq.penalties.repetition_penalty)
+            np.testing.assert_allclose(out[b], expected, rtol=1e-6, atol=1e-6)
+            assert np.all(np.isneginf(out[b, VOCAB:]))
+    return state
+
+
+def scenario(seed=0):
+    """Chunked prefills, decodes, a recompute from position 0 with outputs re-fed, a slot
+    reused by a new request (reset), and unpenalised sequences beside them."""
+    rng = np.random.default_rng(seed)
+    p = SamplingParams(presence_penalty=0.7, frequency_penalty=-0.4, repetition_penalty=1.6)
+    q = SamplingParams(presence_penalty=-1.5, frequency_penalty=1.1, repetition_penalty=0.5)
+    a = Seq(rng, 7, 4, 2, p)
+    b = Seq(rng, 5, 4, None, SamplingParams())
+    c = Seq(rng, 4, 5, 0, q)
+    d = Seq(rng, 3, 2, 2, q)  # takes a's slot once a is gone
+    return [
+        [(a, 0, 5), (b, 0, 5), (c, 0, 4)],  # first chunks (reset)
+        [(a, 5, 2), (b, 5, 1), (c, 4, 1)],  # a's last prompt rows, c feeds its first output
+        [(a, 7, 1), (c, 5, 1), (b, 6, 1)],  # decodes
+        [(c, 0, 7)],  # c recomputed after a preemption: prompt and outputs re-fed
+        [(a, 8, 1), (c, 7, 1)],
+        [(d, 0, 3), (c, 8, 1)],  # slot 2 reset for d: nothing of a remains
+        [(d, 3, 1), (b, 7, 1)],
+    ]
+
+
+def test_penalties_equal_the_reference_on_one_device():
+    run_steps(scenario(), None)
+
+
+def test_penalties_equal_the_reference_with_the_vocabulary_split_over_8_devices():
+    assert len(jax.devices()) == 8
+    mesh = make_mesh(model=8)
+    state = run_steps(scenario(seed=1), mesh, seed=1)
+    spec = state.counts.sharding.spec
+    assert tuple(spec) == (None, "model")  # each device holds its slice of the vocabulary
+    assert state_bytes_per_device(SLOTS, PADDED, mesh) == SLOTS * PADDED // 8 * 5
+
+
+def test_a_batch_without_penalties_leaves_the_state_alone():
+    state = init_state(SLOTS, PADDED)
+    state = state._replace(counts=state.counts.at[1, 3].set(5))
+    logits = np.ones((2, PADDED), np.float32)
+    rows = no_rows(8, 2)
+    values = [np.zeros(2, np.float32)] * 2 + [np.full(2, 2.0, np.float32)]
+    out, new = penalize(logits, state, rows, np.arange(8, dtype=np.int32), *values)
+    np.testing.assert_array_equal(out, logits)
+    assert int(new.counts[1, 3]) == 5 and int(new.counts.sum()) == 5
+
+
+def test_rows_name_prompt_and_output_positions_and_check_slots():
+    chunks = [SeqChunk([[1]], 3, [5, 6, 7, 8]), SeqChunk([[1]], 0, [9, 9])]
+    rows = build_rows(chunks, [SeqPenalty(1, 5), None], 8, 4, SLOTS)
+    assert rows.seq_slot.tolist() == [1, -1, -1, -1]
+    assert rows.seq_reset.tolist() == [0, 0, 0, 0]
+    assert rows.row_slot.tolist() == [1, 1, 1, 1, -1, -1, -1, -1]
+    assert rows.row_output.tolist() == [0, 0, 1, 1, 0, 0, 0, 0]  # positions 5, 6 are output
+    assert build_rows(chunks[1:], [SeqPenalty(0, 2)], 8, 4, SLOTS).seq_reset[0] == 1
+    with pytest.raises(ValueError, match="penalty slot 4 is outside"):
+        build_rows(chunks[1:], [SeqPenalty(4, 2)], 8, 4, SLOTS)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(presence_penalty=2.1), r"presence_penalty=2.1 must be in \[-2, 2\]"),
+    (dict(frequency_penalty=-3), r"frequency_penalty=-3 must be in \[-2, 2\]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty=0.0 must be > 0"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty=inf must be > 0"),
+])
+def test_sampling_params_check_the_penalties(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        SamplingParams(**kwargs)
+    assert not SamplingParams(repetition_penalty=1.0, presence_penalty=0).has_penalties
+    assert SamplingParams(repetition_penalty=3.5).has_penalties  # (0, inf), as vLLM
+
+
+def test_the_state_stays_split_over_the_vocabulary_in_the_compiled_step():
+    """No all-gather (CPU partitioner): each device reads and writes only its slice, and the
+    updated state leaves split as it came in. The GPU partitioner did gather it before the
+    pins in ``penalize``; ``tests/jaxllm/test_aot.py`` checks the compiled H100 step."""
+    mesh = make_mesh(model=8)
+    slots, vocab, rows = 4, 64, 16
+    state = jax.device_put(init_state(slots, vocab), state_sharding(slots, vocab, mesh))
+    logits = jax.device_put(np.zeros((slots, vocab), np.float32),
+                            NamedSharding(mesh, PartitionSpec(None, "model")))
+    values = [np.zeros(slots, np.float32)] * 3
+    step = jax.jit(lambda *a: penalize(*a, mesh=mesh), donate_argnums=(1,))
+    args = (logits, state, no_rows(rows, slots), np.zeros(rows, np.int32), *values)
+    compiled = step.lower(*args).compile()
+    assert "all-gather" not in compiled.as_text()
+    _, new = step(*args)
+    assert all(a.sharding.spec == PartitionSpec(None, "model") for a in new)
