@@ -122,6 +122,7 @@ def build_state(args: argparse.Namespace) -> ServerState:
     from jaxllm.serve.async_engine import AsyncEngine
     from jaxllm.serve.metrics import Metrics
     from jaxllm.serve.tokenizer import TextCodec
+    from jaxllm.structured import GrammarCompiler
 
     start = time.perf_counter()
     with compile_cache.CompileCounter() as compiles:
@@ -135,8 +136,12 @@ def build_state(args: argparse.Namespace) -> ServerState:
              compiles.compiled, compiles.cache_hits, time.perf_counter() - start)
     name = args.served_model_name or Path(args.model).resolve().name
     metrics = Metrics(name)
-    return ServerState(AsyncEngine(engine, metrics), TextCodec.from_dir(args.model), name,
-                       metrics, args.api_key, args.max_request_bytes)
+    codec = TextCodec.from_dir(args.model)
+    if codec is not None:  # structured outputs and tool calls compile grammars against it
+        engine.grammars = GrammarCompiler(codec.tokenizer, engine.model.eos_token_ids,
+                                          engine.model.config.vocab_size)
+    return ServerState(AsyncEngine(engine, metrics), codec, name, metrics, args.api_key,
+                       args.max_request_bytes)
 
 
 def follow(args: argparse.Namespace) -> int:

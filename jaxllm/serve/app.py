@@ -52,7 +52,6 @@ from jaxllm.serve.protocol import (
 from jaxllm.serve.streaming import stream_events
 from jaxllm.serve.tokenizer import TextCodec
 from jaxllm.serve.tools import CallStream, parse_tool_calls, prompt_messages
-from jaxllm.structured import GrammarCompiler
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
@@ -81,10 +80,6 @@ class ServerState:
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="jaxllm", version=jaxllm.__version__)
     app.state.jaxllm = state
-    engine = state.engine.engine
-    if state.codec is not None and engine.grammars is None:  # structured outputs, tools
-        engine.grammars = GrammarCompiler(state.codec.tokenizer, engine.model.eos_token_ids,
-                                          engine.model.config.vocab_size)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):

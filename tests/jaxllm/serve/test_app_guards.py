@@ -49,7 +49,9 @@ class TextCodec(ByteCodec):
         self.threads.append(threading.current_thread())
         return list(text.encode())
 
-    def render_chat(self, messages, add_generation_prompt: bool = True) -> str:
+    template_has_tools = False
+
+    def render_chat(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
         return "".join(m.get("content", "") for m in messages)
 
 
