@@ -131,8 +131,10 @@ BAD = [
      "equal to 16 (got 17)"),
     ("POST", "/v1/completions", _completion(model="gpt-9"), 404,
      "The model `gpt-9` does not exist."),
-    ("POST", "/v1/completions", _completion(presence_penalty=0.5), 400,
-     "'presence_penalty' is not supported by this server (got 0.5)"),
+    ("POST", "/v1/completions", _completion(presence_penalty=2.5), 400,
+     "presence_penalty: Input should be less than or equal to 2 (got 2.5)"),
+    ("POST", "/v1/completions", _completion(functions=[{"name": "f"}]), 400,
+     "'functions' is not supported by this server"),
     ("POST", "/v1/chat/completions", _json({
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
         "structured_outputs": {"regex": "(("}}), 400, "invalid regex constraint"),
