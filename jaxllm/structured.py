@@ -94,13 +94,18 @@ class GrammarCompiler:
     have are never allowed in a constrained row.
     """
 
-    def __init__(self, tokenizer: Tokenizer, eos_token_ids: Sequence[int], vocab_size: int):
-        self.vocab_size = vocab_size
-        self.tokenizer = _ll_tokenizer(tokenizer, list(eos_token_ids))
-        if self.tokenizer.vocab_size > vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than "
+    def __init__(self, tokenizer: llguidance.LLTokenizer, vocab_size: int):
+        if tokenizer.vocab_size > vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than "
                              f"the model's vocabulary ({vocab_size})")
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self._executor = llguidance.LLExecutor()
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Tokenizer, eos_token_ids: Sequence[int],
+                      vocab_size: int) -> GrammarCompiler:
+        """From an HF ``tokenizers`` tokenizer (the checkpoint's tokenizer.json)."""
+        return cls(_ll_tokenizer(tokenizer, list(eos_token_ids)), vocab_size)
 
     def matcher(self, structured: StructuredOutput) -> llguidance.LLMatcher:
         """A fresh matcher at the start of ``structured``'s grammar; a grammar that does not

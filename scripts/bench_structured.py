@@ -1,5 +1,6 @@
 """What structured outputs cost the engine: the same batch of requests, free and constrained to
-a JSON schema, through the engine on the bundled model; then the host-side mask time alone.
+a JSON schema, through the engine on the bundled model; then the host-side mask time alone,
+for the bundled vocabulary and for a synthetic one of Llama 4's size (202,048 tokens).
 
     python scripts/bench_structured.py [--requests 16] [--tokens 48]
 
@@ -53,7 +54,8 @@ def main() -> int:
     model = load_model(BUNDLED)
     engine = Engine(model, num_pages=256)
     tokenizer = Tokenizer.from_file(str(BUNDLED / "tokenizer.json"))
-    engine.grammars = GrammarCompiler(tokenizer, model.eos_token_ids, model.config.vocab_size)
+    engine.grammars = GrammarCompiler.for_tokenizer(tokenizer, model.eos_token_ids,
+                                                    model.config.vocab_size)
     engine.warmup(progress=False)
     prompt = tokenizer.encode("<s><|user|>Give data<|assistant|>", add_special_tokens=False).ids
     free = SamplingParams(temperature=1.0, seed=0, max_tokens=args.tokens, stop_token_ids=(),
@@ -84,7 +86,50 @@ def main() -> int:
     mask_ms = 1e3 * (time.perf_counter() - start) / reps
     print(f"bitmasks for {args.requests} requests: {mask_ms:.3f} ms per step "
           f"({np.float64(mask_ms) / rows[1][4]:.1%} of a constrained step here)")
+    print(f"bitmasks for {args.requests} requests, {LLAMA4_VOCAB:,}-token vocabulary: "
+          f"{large_vocab_mask_ms(args.requests):.3f} ms per step (inside a JSON string)")
     return 0
+
+
+LLAMA4_VOCAB = 202_048
+
+
+def large_vocab_mask_ms(n: int) -> float:
+    """Milliseconds to fill ``n`` bitmasks over a synthetic vocabulary of Llama 4's size: the
+    256 bytes plus random 2-8 character pieces (llguidance's cost grows with the token trie)."""
+    import llguidance
+
+    rng = np.random.default_rng(0)
+    alphabet = list('abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789{}[]":,.-_')
+    tokens = [bytes([i]) for i in range(256)]
+    seen = set(tokens)
+    while len(tokens) < LLAMA4_VOCAB:
+        piece = "".join(rng.choice(alphabet, int(rng.integers(2, 9)))).encode()
+        if piece not in seen:
+            seen.add(piece)
+            tokens.append(piece)
+
+    class Table:  # llguidance.TokenizerWrapper's input: token bytes and an encoder
+        eos_token_id, bos_token_id, special_token_ids = 0, None, [0]
+
+        def __init__(self):
+            self.tokens = tokens
+
+        def __call__(self, text):
+            return list(text.encode())
+
+    tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Table()))
+    grammar = StructuredOutput.json_schema(SCHEMA).grammar_text()
+    matchers = [llguidance.LLMatcher(tokenizer, grammar) for _ in range(n)]
+    for matcher in matchers:
+        for byte in b'{"name": "ab':  # byte tokens: their ids are the bytes
+            assert matcher.consume_token(byte)
+    compiler = GrammarCompiler(tokenizer, LLAMA4_VOCAB)
+    reps = 50
+    start = time.perf_counter()
+    for _ in range(reps):
+        compiler.masks(matchers, mask_words(LLAMA4_VOCAB))
+    return 1e3 * (time.perf_counter() - start) / reps
 
 
 if __name__ == "__main__":

@@ -138,8 +138,8 @@ def build_state(args: argparse.Namespace) -> ServerState:
     metrics = Metrics(name)
     codec = TextCodec.from_dir(args.model)
     if codec is not None:  # structured outputs and tool calls compile grammars against it
-        engine.grammars = GrammarCompiler(codec.tokenizer, engine.model.eos_token_ids,
-                                          engine.model.config.vocab_size)
+        engine.grammars = GrammarCompiler.for_tokenizer(
+            codec.tokenizer, engine.model.eos_token_ids, engine.model.config.vocab_size)
     return ServerState(AsyncEngine(engine, metrics), codec, name, metrics, args.api_key,
                        args.max_request_bytes)
 

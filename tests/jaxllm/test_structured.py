@@ -67,7 +67,8 @@ def test_unconstrained_batches_are_untouched():
 
 @pytest.fixture(scope="module")
 def compiler():
-    return GrammarCompiler(Tokenizer.from_file(str(BUNDLED / "tokenizer.json")), [2], 102)
+    tokenizer = Tokenizer.from_file(str(BUNDLED / "tokenizer.json"))
+    return GrammarCompiler.for_tokenizer(tokenizer, [2], 102)
 
 
 def allowed(masks: np.ndarray, row: int, vocab: int) -> list[int]:
@@ -109,8 +110,9 @@ def engine():
 
     model = load_model(BUNDLED)
     engine = Engine(model, num_pages=64)
-    engine.grammars = GrammarCompiler(Tokenizer.from_file(str(BUNDLED / "tokenizer.json")),
-                                      model.eos_token_ids, model.config.vocab_size)
+    tokenizer = Tokenizer.from_file(str(BUNDLED / "tokenizer.json"))
+    engine.grammars = GrammarCompiler.for_tokenizer(tokenizer, model.eos_token_ids,
+                                                    model.config.vocab_size)
     return engine
 
 
