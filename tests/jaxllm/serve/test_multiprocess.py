@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import numpy as np
 import openai
 import psutil
@@ -109,6 +110,12 @@ def _answers(client: openai.OpenAI) -> dict:
         model="tiny-llama4", messages=[{"role": "user", "content": "hello there"}],
         max_tokens=10, temperature=0)
     out["chat"] = [(c.message.content, c.finish_reason) for c in chat.choices]
+    # Structured outputs: the token mask travels with the step to every process.
+    constrained = client.chat.completions.create(
+        model="tiny-llama4", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
+        temperature=0.9, seed=3, n=2, response_format={"type": "json_schema", "json_schema": {
+            "name": "s", "schema": SCHEMA}})
+    out["json schema"] = [(c.message.content, c.finish_reason) for c in constrained.choices]
     stream = client.completions.create(model="tiny-llama4", prompt=[9, 8, 7], max_tokens=12,
                                        temperature=0, stream=True, n=2)
     out["stream"] = sorted((c.index, c.text, c.finish_reason) for chunk in stream
@@ -116,6 +123,8 @@ def _answers(client: openai.OpenAI) -> dict:
     return out
 
 
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                          "ok": {"type": "boolean"}}, "required": ["n", "ok"]}
 MESHES = {"model=8": ["--tensor-parallel-size", "8"],
           "data=2,model=4": ["--data-parallel-size", "2", "--tensor-parallel-size", "4"]}
 
@@ -138,6 +147,9 @@ def test_two_processes_answer_like_one(args, mesh):
     assert answers["to max_model_len"][0][1] == "length"
     assert len(answers["to max_model_len"][0][0]) == MAX_LEN - 50
     assert len(answers["n=2 seeded"]) == 2
+    for text, finish in answers["json schema"]:
+        assert finish == "stop"
+        jsonschema.validate(json.loads(text), SCHEMA)
 
 
 def _child(launcher: subprocess.Popen, process_id: int) -> psutil.Process:
