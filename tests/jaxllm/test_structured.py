@@ -182,3 +182,63 @@ def test_engine_without_a_tokenizer_refuses_structured_requests(engine):
             engine.prepare([1, 2], SamplingParams(structured=StructuredOutput.choice(["a"])))
     finally:
         engine.grammars = grammars
+
+
+def byte_level_bpe() -> Tokenizer:
+    """A small byte-level BPE tokenizer (Llama 4's kind), trained here on a few sentences."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|eot|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ['{"name": "hello world", "help": true}', "hello help helpful world wide web",
+            "résumé naïve café 東京"] * 50
+    tokenizer.train_from_iterator(text, trainer)
+    return tokenizer
+
+
+def test_byte_level_tokenizers_mask_by_bytes():
+    """Multi-byte characters split over byte tokens: the masks follow the bytes."""
+    tokenizer = byte_level_bpe()
+    eot = tokenizer.token_to_id("<|eot|>")
+    vocab = tokenizer.get_vocab_size()
+    compiler = GrammarCompiler.for_tokenizer(tokenizer, [eot], vocab)
+    options = ["hello world", "help", "café 東京"]
+    for option in options:
+        matcher = compiler.matcher(StructuredOutput.choice(options))
+        text = b""
+        for token in tokenizer.encode(option, add_special_tokens=False).ids:
+            ok = allowed(compiler.masks([matcher], mask_words(vocab)), 0, vocab)
+            assert token in ok
+            # Every allowed token keeps the bytes a prefix of some option (the definition).
+            for t in ok:
+                piece = _token_bytes(tokenizer, t)
+                assert any(o.encode().startswith(text + piece) for o in options), (text, piece)
+            assert matcher.consume_token(token)
+            text += _token_bytes(tokenizer, token)
+        assert text == option.encode() and matcher.is_stopped()
+
+
+def _token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
+    """A byte-level token's bytes (its characters map to bytes by GPT-2's table)."""
+    from tokenizers import pre_tokenizers
+
+    table = {c: i for i, c in enumerate(_gpt2_byte_chars())}
+    assert len(pre_tokenizers.ByteLevel.alphabet()) == 256
+    return bytes(table[c] for c in tokenizer.id_to_token(token))
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character table (byte-level BPE), from its definition."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
