@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxllm.sharding import LOGICAL_AXIS_RULES, axis_size
+from jaxllm.sharding import LOGICAL_AXIS_RULES, axis_size, constrain
 
 if TYPE_CHECKING:
     from jaxllm.structured import StructuredOutput
@@ -251,19 +251,41 @@ def filtered_logits(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, ja
     return jnp.where(keep, sorted_logits, -jnp.inf), order
 
 
+def gumbel_sample(logits: jax.Array, temperature: jax.Array, keys: jax.Array,
+                  mesh: Mesh | None = None) -> jax.Array:
+    """One draw per row from ``softmax(logits / temperature)`` (``temperature [B, 1]`` > 0):
+    the argmax of the scaled logits plus Gumbel noise. Threefry bits are partitionable, so
+    each vocabulary shard draws its own slice of the same noise and reduces it (``greedy``)."""
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:]))(keys)
+    noise = constrain(noise, (None, "vocab"), mesh)
+    return greedy(logits / temperature + noise, mesh)
+
+
 def sample(logits: jax.Array, s: SamplingArrays, keys: jax.Array,
            mesh: Mesh | None = None) -> jax.Array:
     """Next token per row of ``logits [B, V]``; rows with temperature 0 are greedy.
 
-    ``keys [B]`` are per-row PRNG keys. The sort that sampling needs runs only when some
-    row samples (``lax.cond``), so all-greedy batches never gather the vocabulary.
+    ``keys [B]`` are per-row PRNG keys. Only batches where some row samples do more than the
+    greedy argmax (``lax.cond``). When no sampling row filters (top-k, top-p, min-p), a row
+    draws by the Gumbel-max trick: the argmax of ``logits / T`` plus Gumbel noise is a draw
+    from ``softmax(logits / T)``, reduced per vocabulary shard like the greedy pick, so the
+    vocabulary never crosses devices. Filtering rows need the sorted vocabulary.
     """
     best = greedy(logits, mesh)
+    samples = s.temperature > 0
+    filters = (s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)
+    temperature = jnp.where(samples, s.temperature, 1.0)[:, None]
 
-    def sampled(_):
+    def filtered(_):
         masked, order = filtered_logits(logits, s)
         pick = jax.vmap(jax.random.categorical)(keys, masked)
         chosen = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
-        return jnp.where(s.temperature > 0, chosen, best)
+        return jnp.where(samples, chosen, best)
 
-    return jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda _: best, None)
+    def gumbel_max(_):
+        return jnp.where(samples, gumbel_sample(logits, temperature, keys, mesh), best)
+
+    def sampled(_):
+        return jax.lax.cond(jnp.any(samples & filters), filtered, gumbel_max, None)
+
+    return jax.lax.cond(jnp.any(samples), sampled, lambda _: best, None)

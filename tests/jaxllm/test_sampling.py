@@ -10,7 +10,15 @@ from scipy import stats
 
 import jaxllm
 from jaxllm import testing as hf_models
-from jaxllm.sampling import SamplingArrays, SamplingParams, greedy, sample, seed_keys, seed_words
+from jaxllm.sampling import (
+    SamplingArrays,
+    SamplingParams,
+    greedy,
+    gumbel_sample,
+    sample,
+    seed_keys,
+    seed_words,
+)
 from jaxllm.sharding import make_mesh
 
 LOGITS = np.array([2.0, 1.5, 1.2, 0.6, 0.0, -0.4, -1.0, -3.0], np.float32)
@@ -109,6 +117,31 @@ def test_sharded_greedy_never_gathers_the_vocabulary():
     gathers = [line for line in hlo.splitlines() if "all-gather" in line and "=" in line]
     # Only [4, 8]-shaped (value, index) pairs cross devices, never a [4, 512] vocab slice.
     assert gathers and all("512" not in g and "4096" not in g for g in gathers), gathers
+
+
+def test_sharded_temperature_sampling_draws_the_same_tokens_without_gathering():
+    """Plain temperature sampling (no filters) on a vocab-sharded mesh: the same tokens as on
+    one device for the same keys, and no vocabulary-wide all-gather in the program."""
+    mesh = make_mesh(model=8)
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(6, 512)).astype(np.float32)
+    logits[:, 509:] = -np.inf  # padded vocabulary: never drawn
+    params = [SamplingParams(temperature=t) for t in (0.5, 1.0, 2.0, 0.0, 1.3, 0.8)]
+    arrays = SamplingArrays.from_params(params)
+    keys = jax.random.split(jax.random.PRNGKey(5), 6)
+    one = np.asarray(jax.jit(sample)(logits, arrays, keys))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model"))
+    run = jax.jit(lambda x, a, k: sample(x, a, k, mesh))
+    np.testing.assert_array_equal(np.asarray(run(jax.device_put(logits, sharding), arrays,
+                                                 keys)), one)
+    assert one[3] == np.argmax(logits[3]) and (one < 509).all()
+    x = jax.ShapeDtypeStruct(logits.shape, jnp.float32, sharding=sharding)
+    temperature = jnp.ones((6, 1), jnp.float32)
+    hlo = jax.jit(lambda x, k: gumbel_sample(x, temperature, k, mesh)).lower(
+        x, keys).compile().as_text()
+    gathers = [line for line in hlo.splitlines() if "all-gather" in line and "=" in line]
+    # Only [6, 8] (value, index) pairs cross devices, never a [6, 64] vocabulary slice.
+    assert gathers and all("64" not in g and "512" not in g for g in gathers), gathers
 
 
 @pytest.mark.parametrize("bad,message", [
