@@ -114,7 +114,7 @@ def _answers(client: openai.OpenAI) -> dict:
     constrained = client.chat.completions.create(
         model="tiny-llama4", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
         temperature=0.9, seed=3, n=2, response_format={"type": "json_schema", "json_schema": {
-            "name": "s", "schema": SCHEMA}})
+            "name": "s", "schema": SCHEMA, "strict": True}})
     out["json schema"] = [(c.message.content, c.finish_reason) for c in constrained.choices]
     stream = client.completions.create(model="tiny-llama4", prompt=[9, 8, 7], max_tokens=12,
                                        temperature=0, stream=True, n=2)

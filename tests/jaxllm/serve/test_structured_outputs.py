@@ -132,3 +132,16 @@ def test_bad_constraints_are_400s(server, body, message):
     assert r.status_code == 400, r.text
     assert message in r.json()["message"]
     assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_skip_special_tokens(server):
+    """A special token forced by logit_bias: its text is left out unless
+    skip_special_tokens=false."""
+    _, client = server
+
+    def text(skip: bool) -> str:
+        return client.completions.create(
+            model=MODEL, prompt="<|user|>hi<|assistant|>", max_tokens=2, temperature=0,
+            logit_bias={"4": 100}, extra_body={"skip_special_tokens": skip}).choices[0].text
+
+    assert text(True) == "" and text(False) == "<|system|><|system|>"
