@@ -163,10 +163,7 @@ class Engine:
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 return []
-            chunks = [SeqChunk(s.request.pages, s.request.num_computed,
-                               s.request.tokens[s.request.num_computed:
-                                                s.request.num_computed + s.num_tokens])
-                      for s in scheduled]
+            chunks = step_chunks(scheduled)
             args = (chunks, [s.request.sampling for s in scheduled],
                     [s.request.seed for s in scheduled], [len(s.request.output) for s in scheduled])
             stops = [s.request.stop_ids for s in scheduled]
@@ -304,6 +301,14 @@ class Engine:
             for out in self.step():
                 produced[out.request_id] += out.new_token_ids
         return [produced[i] for i in ids]
+
+
+def step_chunks(scheduled: Sequence[Scheduled]) -> list[SeqChunk]:
+    """Each scheduled request's pages and the tokens it runs this step."""
+    return [SeqChunk(s.request.pages, s.request.num_computed,
+                     s.request.tokens_between(s.request.num_computed,
+                                              s.request.num_computed + s.num_tokens))
+            for s in scheduled]
 
 
 def _advance(matcher, token: int) -> bool:

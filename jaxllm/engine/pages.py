@@ -31,10 +31,68 @@ def page_hashes(tokens: Sequence[int], page_size: int, known: Sequence[bytes] = 
     """Chained hashes of every full page of ``tokens``; ``known`` are those of its first
     pages, already computed, which are extended rather than recomputed."""
     hashes = list(known)
-    for start in range(len(hashes) * page_size, len(tokens) - page_size + 1, page_size):
-        hashes.append(chain_hash(hashes[-1] if hashes else b"",
-                                 tokens[start : start + page_size]))
+    extend_page_hashes(hashes, tokens[len(hashes) * page_size:], page_size)
     return hashes
+
+
+def extend_page_hashes(hashes: list[bytes], tail: Sequence[int], page_size: int) -> None:
+    """Appends to ``hashes`` (of a sequence's first pages) those of the full pages of
+    ``tail``, the tokens that follow them."""
+    for start in range(0, len(tail) - page_size + 1, page_size):
+        hashes.append(chain_hash(hashes[-1] if hashes else b"", tail[start : start + page_size]))
+
+
+class PageRow:
+    """One layer group's row of a request's block table: page ids in position order, kept in
+    a growing int32 array, so a step's block tables are copied, not converted from 1M-entry
+    Python lists. Reads like a list of ints (``len``, iteration, slices, ``==``)."""
+
+    __slots__ = ("_buf", "_len")
+
+    def __init__(self, pages: Sequence[int] = ()):
+        self._buf = np.array(pages, np.int32).reshape(-1)
+        self._len = len(self._buf)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The pages as an int32 view (no copy)."""
+        return self._buf[: self._len]
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array if dtype is None else self.array.astype(dtype)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        return iter(self.array.tolist())
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.array[index].tolist()
+        return int(self.array[index])
+
+    def __setitem__(self, index: slice, values: Sequence[int]) -> None:
+        self.array[index] = values
+
+    def __iadd__(self, pages: Sequence[int]) -> PageRow:
+        n = len(pages)
+        if self._len + n > len(self._buf):
+            grown = np.empty(max(2 * len(self._buf), self._len + n, 16), np.int32)
+            grown[: self._len] = self.array
+            self._buf = grown
+        self._buf[self._len: self._len + n] = pages
+        self._len += n
+        return self
+
+    def count(self, page: int) -> int:
+        return int(np.count_nonzero(self.array == page))
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"PageRow({list(self)})"
 
 
 class PageAllocator:

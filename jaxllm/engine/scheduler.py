@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from jaxllm.buckets import BucketPolicy
-from jaxllm.engine.pages import PageAllocator, page_hashes
+from jaxllm.engine.pages import PageAllocator, PageRow, extend_page_hashes
 from jaxllm.kv_cache import NULL_PAGE
 from jaxllm.layout import first_needed_page, pages_for
 from jaxllm.sampling import SamplingParams
@@ -42,7 +42,8 @@ class Request:
     seed: int
     stop_ids: frozenset[int] = frozenset()
     output: list[int] = dataclasses.field(default_factory=list)
-    pages: list[list[int]] = dataclasses.field(default_factory=list)  # per layer group
+    # Per layer group, the request's block-table row (``PageRow``: an int32 array).
+    pages: list[PageRow] = dataclasses.field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the cache
     num_cached_prompt: int = 0  # of the prompt, found in the prefix cache at admission
     page_hashes: list[bytes] = dataclasses.field(default_factory=list)  # of full pages
@@ -68,6 +69,16 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """``tokens[start:end]`` without building the whole list (1M tokens at long
+        contexts, every step)."""
+        n = len(self.prompt)
+        if end <= n:
+            return self.prompt[start:end]
+        if start >= n:
+            return self.output[start - n:end - n]
+        return self.prompt[start:] + self.output[:end - n]
 
     @property
     def held_pages(self) -> list[int]:
@@ -186,7 +197,7 @@ class Scheduler:
             return
         # At least the last token is computed, so the step yields logits for it.
         usable = request.tokens[: len(request.tokens) - 1]
-        request.pages = self.pages.match_prefix(usable)
+        request.pages = [PageRow(row) for row in self.pages.match_prefix(usable)]
         request.num_computed = len(request.pages[0]) * self.pages.page_size
         if request.num_cached_prompt == 0 and not request.output:
             request.num_cached_prompt = request.num_computed
@@ -205,7 +216,7 @@ class Scheduler:
     def _grow(self, request: Request, n: int) -> bool:
         """Pages for ``n`` more tokens in every group, all or none."""
         if not request.pages:
-            request.pages = [[] for _ in range(self.pages.num_groups)]
+            request.pages = [PageRow() for _ in range(self.pages.num_groups)]
         total = pages_for(request.num_computed + n, self.pages.page_size)
         need = [max(0, total - len(row)) for row in request.pages]
         fresh = self.pages.allocate(sum(need))
@@ -225,20 +236,28 @@ class Scheduler:
 
     def computed(self, scheduled: Scheduled) -> None:
         """Marks a chunk as run, and offers its now-full pages to the prefix cache."""
-        request = scheduled.request
+        request, page = scheduled.request, self.pages.page_size
+        before = request.num_computed
         request.num_computed += scheduled.num_tokens
-        # Hashes depend on tokens only, so they survive preemption; only new pages hash.
-        request.page_hashes = page_hashes(request.tokens[: request.num_computed],
-                                          self.pages.page_size, request.page_hashes)
+        # Hashes depend on tokens only, so they survive preemption; only new pages hash, from
+        # their own tokens (work per step independent of the context's length).
+        known = len(request.page_hashes) * page
+        if request.num_computed - known >= page:
+            extend_page_hashes(request.page_hashes,
+                               request.tokens_between(known, request.num_computed), page)
         # After a preemption the request may know more hashes than it has recomputed pages:
-        # only pages that are full now may be offered (a half-written one must never be).
-        full = request.num_computed // self.pages.page_size
+        # only pages that are full now may be offered (a half-written one must never be);
+        # those full before this chunk were offered when they filled.
+        old_full, full = before // page, request.num_computed // page
         for group, row in enumerate(request.pages):
-            self.pages.register(group, row[:full], request.page_hashes[:full])
-            # A chunked group gives back the pages its chunk has left behind.
-            first = first_needed_page(request.num_computed, self.pages.page_size,
-                                      self.pages.group_chunk[group])
-            dropped = [p for p in row[:first] if p != NULL_PAGE]
+            self.pages.register(group, row[old_full:full],
+                                request.page_hashes[old_full:full])
+            # A chunked group gives back the pages its chunk has left behind (those before
+            # the previous chunk start are null already).
+            chunk = self.pages.group_chunk[group]
+            old_first = first_needed_page(before, page, chunk)
+            first = first_needed_page(request.num_computed, page, chunk)
+            dropped = [p for p in row[old_first:first] if p != NULL_PAGE]
             if dropped:
                 self.pages.release(dropped)
-                row[:first] = [NULL_PAGE] * first
+            row[old_first:first] = [NULL_PAGE] * (first - old_first)

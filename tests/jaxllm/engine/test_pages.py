@@ -1,5 +1,6 @@
 """Page allocation, reference counts, the null page and the per-group prefix cache."""
 
+import numpy as np
 import pytest
 
 from jaxllm.engine.pages import PageAllocator, page_hashes
@@ -74,3 +75,20 @@ def test_prefix_shrinks_until_every_chunked_window_is_cached(local_pages, resume
     window_start = resumes_at * 2 // 6 * 6 // 2
     assert got == [global_row[:resumes_at],
                    [NULL_PAGE] * window_start + local_row[window_start:resumes_at]]
+
+
+def test_page_row_reads_like_a_list_and_copies_as_an_array():
+    from jaxllm.engine.pages import PageRow
+
+    row, mirror = PageRow(), []
+    for chunk in ([1, 2, 3], list(range(4, 40)), [], [41]):
+        row += chunk
+        mirror += chunk
+    row[0:2] = [0, 0]
+    mirror[0:2] = [0, 0]
+    assert row == mirror and len(row) == len(mirror) and list(row) == mirror
+    assert row[3:6] == mirror[3:6] and row[-1] == 41 and row.count(0) == 2
+    table = np.zeros(64, np.int32)
+    table[: len(row)] = row  # a block-table row is a copy, not a conversion
+    assert table[: len(row)].tolist() == mirror
+    assert row.array.dtype == np.int32 and np.asarray(row, np.int64).tolist() == mirror
