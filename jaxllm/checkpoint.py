@@ -77,6 +77,17 @@ def save_group(root: Path, name: str, tree: Tree) -> None:
         ckpt.wait_until_finished()
 
 
+def save_params(directory: Path, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Writes a model's parameters (a pure dict, ``nnx.to_pure_dict``) into ``directory``
+    group by group; returns their shapes, for ``write_manifest``."""
+    shapes = {}
+    for name, tree in split_groups(params):
+        tree = jax.tree.map(np.asarray, tree)
+        save_group(directory, name, tree)
+        shapes[name] = tree_shapes(tree)
+    return shapes
+
+
 def write_manifest(root: Path, dtype: str, shapes: Mapping[str, Mapping[str, list[int]]]) -> None:
     manifest = {"format": FORMAT_VERSION, "dtype": dtype, "groups": shapes}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))

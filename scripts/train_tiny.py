@@ -156,11 +156,7 @@ def train(config: Llama4Config, tokenizer, pairs, args) -> nnx.State:
 def write_checkpoint(out: Path, params: nnx.State, tokenizer_dir: Path) -> None:
     """Writes the jaxllm checkpoint into a temporary directory renamed into place."""
     with checkpoint.atomic_directory(out) as tmp:
-        shapes = {}
-        for name, tree in checkpoint.split_groups(nnx.to_pure_dict(params)):
-            tree = jax.tree.map(np.asarray, tree)
-            checkpoint.save_group(tmp, name, tree)
-            shapes[name] = checkpoint.tree_shapes(tree)
+        shapes = checkpoint.save_params(tmp, nnx.to_pure_dict(params))
         (tmp / "config.json").write_text(json.dumps(CONFIG, indent=1))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=1))

@@ -4,7 +4,6 @@ prompt the server builds for the conversation (chat template, tool instructions 
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,13 +72,8 @@ def finetune(base: Path, out: Path, examples: Sequence[tuple[str, str]], *, step
     if not float(loss) < 0.05:
         raise RuntimeError(f"the fine-tune did not learn its answers (loss {float(loss):.3f})")
     with checkpoint.atomic_directory(out) as tmp:
-        shapes = {}
-        for name, tree in checkpoint.split_groups(nnx.to_pure_dict(params)):
-            tree = jax.tree.map(np.asarray, tree)
-            checkpoint.save_group(tmp, name, tree)
-            shapes[name] = checkpoint.tree_shapes(tree)
+        shapes = checkpoint.save_params(tmp, nnx.to_pure_dict(params))
         for name in ("config.json", "generation_config.json", "tokenizer.json",
                      "tokenizer_config.json"):
             shutil.copy2(base / name, tmp / name)
         checkpoint.write_manifest(tmp, "float32", shapes)
-    json.loads((out / "config.json").read_text())  # written whole
