@@ -20,7 +20,7 @@ from jaxllm.buckets import BucketPolicy
 from jaxllm.config import Llama4Config
 from jaxllm.kv_cache import init_kv_cache
 from jaxllm.layout import (
-    SeqChunk,
+    SeqPiece,
     build_step,
     check_token_ids,
     contiguous_num_pages,
@@ -28,7 +28,7 @@ from jaxllm.layout import (
     pages_for,
 )
 from jaxllm.model import Llama4
-from jaxllm.sharding import named_sharding, param_shardings, to_host
+from jaxllm.sharding import named_sharding, padded_vocab_size, param_shardings, to_host
 
 
 class Model:
@@ -60,6 +60,8 @@ class Model:
         self.attention_impl = check_attention_impl(attention_impl)
         self.path = path
         self.eos_token_ids = config.eos_token_ids if eos_token_ids is None else eos_token_ids
+        # The vocabulary as the logits have it: padded to a multiple of its mesh axis.
+        self.padded_vocab = padded_vocab_size(config.vocab_size, mesh)
         self.param_shardings = param_shardings(params, mesh)
         self._compiled: dict[Any, Any] = {}
 
@@ -88,7 +90,7 @@ class Model:
         cache = self.bucket_policy.cache.contiguous(contiguous_num_pages(1, batch, width))
         data = 1 if self.mesh is None else int(self.mesh.shape["data"])
         num_rows = -(-batch * length // data) * data  # the token axis splits over "data"
-        chunks = [SeqChunk([contiguous_pages(0, s, batch, width)], 0, ids[s])
+        chunks = [SeqPiece([contiguous_pages(0, s, batch, width)], 0, ids[s])
                   for s in range(batch)]
         step = build_step(chunks, cache, width=width, num_rows=num_rows, num_slots=batch)
         fn = self.compiled(("logits", num_rows, cache.num_pages),
@@ -106,7 +108,7 @@ class Model:
             return model.logits(hidden)
 
         rep = self.replicated()
-        padded_vocab = self.params["embed"].shape[0]
-        logits_sharding = named_sharding(("tokens", "vocab"), (num_rows, padded_vocab), mesh)
+        logits_sharding = named_sharding(("tokens", "vocab"), (num_rows, self.padded_vocab),
+                                         mesh)
         return jax.jit(full_logits, in_shardings=(self.param_shardings, rep, rep),
                        out_shardings=logits_sharding)

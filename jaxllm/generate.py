@@ -9,6 +9,7 @@ sequence b owns pages ``b * W .. b * W + W - 1`` (W = pages per sequence; the la
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import secrets
 from collections.abc import Sequence
@@ -19,9 +20,9 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.api import Model
+from jaxllm.engine.request import admit
 from jaxllm.kv_cache import CacheConfig, init_kv_cache
 from jaxllm.layout import (
-    check_token_ids,
     contiguous_num_pages,
     decode_layout,
     pages_for,
@@ -29,6 +30,7 @@ from jaxllm.layout import (
 )
 from jaxllm.sampling import (
     GREEDY,
+    MAX_STOP_IDS,
     SamplingArrays,
     SamplingParams,
     adjust_logits,
@@ -37,8 +39,6 @@ from jaxllm.sampling import (
     seed_words,
 )
 from jaxllm.sharding import to_host
-
-MAX_STOP_IDS = 16  # stop ids per sequence, padded with -1 (a fixed shape: no recompiles)
 
 
 def generate_tokens(
@@ -134,21 +134,17 @@ def generate(
                          "repetition_penalty: run the request through jaxllm.engine.Engine "
                          "(or the server), which does")
     policy = model.bucket_policy
-    checked = []
-    for prompt in prompts:
-        ids = check_token_ids(list(prompt), model.config.vocab_size)
-        if ids.ndim != 1:
-            raise ValueError(f"each prompt must be a flat list of token ids, got shape "
-                             f"{ids.shape}")
-        policy.check_request(len(ids), max_new_tokens)
-        checked.append(ids)
-    stops = sorted(set(model.eos_token_ids) | set(stop_token_ids or ())
-                   | set(sampling.stop_token_ids))
-    if len(stops) > MAX_STOP_IDS:
-        raise ValueError(f"{len(stops)} stop token ids given, at most {MAX_STOP_IDS}")
-    check_token_ids(stops, model.config.vocab_size)
-    check_token_ids([t for t, _ in sampling.logit_bias], model.config.vocab_size)
-    seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+    # One admission per prompt (``jaxllm.engine.request.admit``, as the engine's), sharing
+    # the stop set and the seed: prompt b of the batch draws from seed + b.
+    sampling = dataclasses.replace(
+        sampling, max_tokens=max_new_tokens,
+        stop_token_ids=tuple(sampling.stop_token_ids) + tuple(stop_token_ids or ()))
+    seed = secrets.randbits(63)
+    admitted = [admit(prompt, sampling, policy, vocab_size=model.config.vocab_size,
+                      eos_token_ids=model.eos_token_ids, seed=seed) for prompt in prompts]
+    checked = [np.asarray(a.prompt, np.int32) for a in admitted]
+    stops = sorted(admitted[0].stop_ids) if admitted else []
+    seed = admitted[0].sampling.seed if admitted else seed
 
     results: list[list[int]] = []
     for start in range(0, len(checked), policy.max_num_seqs):

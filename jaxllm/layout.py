@@ -99,8 +99,9 @@ def first_needed_page(num_cached: int, page_size: int, chunk_size: int | None) -
 
 
 @dataclasses.dataclass(frozen=True)
-class SeqChunk:
-    """The next tokens of one sequence: ``num_cached`` tokens are already in its pages."""
+class SeqPiece:
+    """The next tokens of one sequence that a step runs (a prefill piece, or a decode row):
+    ``num_cached`` tokens are already in its pages."""
 
     pages: Sequence[Sequence[int]]  # per layer group: pages in position order (table row)
     num_cached: int
@@ -115,7 +116,7 @@ class StepBatch:
     num_seqs: int
 
 
-def build_step(chunks: Sequence[SeqChunk], cache: CacheConfig, *, width: int, num_rows: int,
+def build_step(chunks: Sequence[SeqPiece], cache: CacheConfig, *, width: int, num_rows: int,
                num_slots: int, group_chunk: Sequence[int | None] = (None,)) -> StepBatch:
     """Flat-batch arrays for ``chunks``, padded to ``num_rows`` rows and ``num_slots``
     sequence slots with block tables ``width`` pages wide, one per layer group (whose chunk
@@ -158,7 +159,7 @@ def build_step(chunks: Sequence[SeqChunk], cache: CacheConfig, *, width: int, nu
     return StepBatch(tokens, meta, last, len(chunks))
 
 
-def _check_chunk(s: int, c: SeqChunk, cache: CacheConfig, width: int,
+def _check_chunk(s: int, c: SeqPiece, cache: CacheConfig, width: int,
                  group_chunk: Sequence[int | None]) -> None:
     end, page = c.num_cached + len(c.tokens), cache.page_size
     if len(c.tokens) < 1 or c.num_cached < 0:

@@ -2,13 +2,14 @@
 
 Penalties need each sequence's token history, which cannot travel with every step (a prompt
 may be 1M tokens). So the engine keeps, next to the KV cache and donated through the step
-like it, a penalty state of ``P`` slots (``max_num_seqs``) over the padded vocabulary:
+like it, a penalty state of ``P`` slots (``max_num_seqs``: a running sequence's slot is its
+batch row, ``jaxllm.engine.batch``) over the padded vocabulary:
 ``counts [P, V]`` (output tokens so far) and ``prompt_seen [P, V]``, both split over the
-vocabulary axis exactly like the logits. A running request that uses a penalty owns a slot;
-each step sends, per sequence, its slot (-1: none) and, per flat row, whether the row's token
-is a prompt or an output token. Inside the step, before picking:
+vocabulary axis exactly like the logits. Each step sends, per sequence, its slot (-1: no
+penalty) and, per flat row, whether the row's token is a prompt or an output token.
+Inside the step, before picking:
 
-1. a sequence whose chunk starts at position 0 (its first chunk, or a recompute after a
+1. a sequence whose piece starts at position 0 (its first, or a recompute after a
    preemption) zeroes its slot;
 2. every row's token is recorded: prompt rows in ``prompt_seen``, output rows in ``counts``
    (a decode step feeds the last picked token, so it counts before the next pick);
@@ -25,9 +26,7 @@ Glossary: P state slots, V padded vocabulary, S sequence slots of a step, T flat
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -35,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxllm.layout import SeqChunk
 from jaxllm.sharding import LOGICAL_AXIS_RULES, axis_size, constrain, named_sharding
 
 STATE_AXES = (None, "vocab")
@@ -55,14 +53,6 @@ class PenaltyRows(NamedTuple):
     seq_reset: np.ndarray  # [S] int32: 1 zeroes the slot before this step's rows are recorded
     row_slot: np.ndarray  # [T] int32: the slot of each row's sequence, -1 for none / padding
     row_output: np.ndarray  # [T] int32: 1 an output token (counted), 0 a prompt token (seen)
-
-
-@dataclasses.dataclass(frozen=True)
-class SeqPenalty:
-    """A sequence's penalty slot, and its prompt length (later positions are output)."""
-
-    slot: int
-    num_prompt: int
 
 
 def state_bytes_per_device(num_slots: int, padded_vocab: int, mesh: Mesh | None) -> int:
@@ -86,28 +76,6 @@ def no_rows(num_rows: int, num_seqs: int) -> PenaltyRows:
     """Instructions of a step in which no sequence uses a penalty."""
     return PenaltyRows(np.full(num_seqs, -1, np.int32), np.zeros(num_seqs, np.int32),
                        np.full(num_rows, -1, np.int32), np.zeros(num_rows, np.int32))
-
-
-def build_rows(chunks: Sequence[SeqChunk], penalties: Sequence[SeqPenalty | None],
-               num_rows: int, num_seqs: int, num_state_slots: int) -> PenaltyRows:
-    """``PenaltyRows`` of a step of ``chunks`` padded to ``num_rows`` rows and ``num_seqs``
-    sequence slots; each slot is checked to be in ``[0, num_state_slots)``. A slot holds the
-    tokens before its chunk's first position, so a chunk from position 0 resets it."""
-    rows = no_rows(num_rows, num_seqs)
-    row = 0
-    for s, (chunk, penalty) in enumerate(zip(chunks, penalties, strict=True)):
-        n = len(chunk.tokens)
-        if penalty is not None:
-            if not 0 <= penalty.slot < num_state_slots:
-                raise ValueError(f"sequence {s}: penalty slot {penalty.slot} is outside "
-                                 f"[0, {num_state_slots})")
-            positions = np.arange(chunk.num_cached, chunk.num_cached + n)
-            rows.seq_slot[s] = penalty.slot
-            rows.seq_reset[s] = chunk.num_cached == 0
-            rows.row_slot[row : row + n] = penalty.slot
-            rows.row_output[row : row + n] = positions >= penalty.num_prompt
-        row += n
-    return rows
 
 
 def penalize(logits: jax.Array, state: PenaltyState, rows: PenaltyRows, tokens: jax.Array,

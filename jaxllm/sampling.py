@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from jaxllm.structured import StructuredOutput
 
 MAX_LOGIT_BIAS = 300  # entries per request (a fixed-shape array on device)
-MAX_MIN_TOKENS_STOP_IDS = 16  # stop ids held back by min_tokens
+MAX_STOP_IDS = 16  # stop ids per sequence (EOS included): one fixed-shape row each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +130,7 @@ class SamplingArrays(NamedTuple):
     bias_ids: jax.Array  # [B, MAX_LOGIT_BIAS]
     bias_values: jax.Array  # [B, MAX_LOGIT_BIAS]
     min_tokens: jax.Array  # [B]
-    held_stop_ids: jax.Array  # [B, MAX_MIN_TOKENS_STOP_IDS]: suppressed before min_tokens
+    held_stop_ids: jax.Array  # [B, MAX_STOP_IDS]: suppressed before min_tokens
     presence_penalty: jax.Array  # [B]
     frequency_penalty: jax.Array  # [B]
     repetition_penalty: jax.Array  # [B]
@@ -142,15 +142,12 @@ class SamplingArrays(NamedTuple):
         greedy = [p.is_greedy for p in params]
         bias_ids = np.full((len(params), MAX_LOGIT_BIAS), -1, np.int32)
         bias_values = np.zeros((len(params), MAX_LOGIT_BIAS), np.float32)
-        held = np.full((len(params), MAX_MIN_TOKENS_STOP_IDS), -1, np.int32)
+        held = np.full((len(params), MAX_STOP_IDS), -1, np.int32)
         for b, p in enumerate(params):
             for j, (token, bias) in enumerate(p.logit_bias):
                 bias_ids[b, j], bias_values[b, j] = token, bias
             if p.min_tokens and stop_ids is not None:
-                ids = sorted(stop_ids[b])
-                if len(ids) > MAX_MIN_TOKENS_STOP_IDS:
-                    raise ValueError(f"min_tokens holds back at most {MAX_MIN_TOKENS_STOP_IDS} "
-                                     f"stop ids, this request has {len(ids)}")
+                ids = sorted(stop_ids[b])  # at most MAX_STOP_IDS (``engine.request.admit``)
                 held[b, : len(ids)] = ids
         return cls(
             temperature=np.asarray(
@@ -276,14 +273,16 @@ def sample(logits: jax.Array, s: SamplingArrays, keys: jax.Array,
     filters = (s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)
     temperature = jnp.where(samples, s.temperature, 1.0)[:, None]
 
+    def gumbel_max(_):
+        return jnp.where(samples, gumbel_sample(logits, temperature, keys, mesh), best)
+
     def filtered(_):
         masked, order = filtered_logits(logits, s)
         pick = jax.vmap(jax.random.categorical)(keys, masked)
         chosen = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
-        return jnp.where(samples, chosen, best)
-
-    def gumbel_max(_):
-        return jnp.where(samples, gumbel_sample(logits, temperature, keys, mesh), best)
+        # Rows without filters draw as they would in a batch without filtering rows: a
+        # seeded request's tokens do not depend on what shares its batch.
+        return jnp.where(samples & filters, chosen, gumbel_max(None))
 
     def sampled(_):
         return jax.lax.cond(jnp.any(samples & filters), filtered, gumbel_max, None)

@@ -3,7 +3,7 @@ tables, slots, checks) and the bookkeeping after it, for 8 sequences of 32k to 1
 
     python scripts/bench_host_step.py [--seqs 8] [--lengths 32768 131072 1000000]
 
-No model runs: the engine's own host code (``Scheduler``, ``Engine.step_chunks``,
+No model runs: the engine's own host code (``Scheduler``, ``Engine.step_pieces``,
 ``build_step`` with the runner's arguments, ``Scheduler.computed``) is timed on requests
 whose prompts are already in the cache, on Scout's layout (page 16, chunk 8192, one global
 group and three chunked ones, hybrid cache). The peer is the floor any design pays: copying
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.buckets import BucketPolicy
-from jaxllm.engine.engine import step_chunks
+from jaxllm.engine.engine import step_pieces
 from jaxllm.engine.pages import PageAllocator
 from jaxllm.engine.scheduler import Request, Scheduler, Status
 from jaxllm.kv_cache import CacheConfig
@@ -66,7 +66,7 @@ def decode_step(scheduler: Scheduler, policy: BucketPolicy, groups: tuple) -> tu
     """One decode step's host work; (seconds, block-table bytes)."""
     start = time.perf_counter()
     scheduled = scheduler.schedule()
-    chunks = step_chunks(scheduled)
+    chunks = step_pieces(scheduled)
     batch = build_step(chunks, policy.cache, width=policy.pages_per_seq,
                        num_rows=policy.token_bucket(len(chunks)),
                        num_slots=policy.batch_bucket(len(chunks)), group_chunk=groups)

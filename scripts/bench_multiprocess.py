@@ -33,7 +33,7 @@ def main() -> None:
 
     import jaxllm
     from jaxllm.engine import Engine
-    from jaxllm.layout import SeqChunk
+    from jaxllm.layout import SeqPiece
 
     mesh = jaxllm.make_mesh(model=jax.device_count())
     model = jaxllm.load_model(args.model, mesh=mesh, max_model_len=64, max_num_seqs=2,
@@ -41,9 +41,9 @@ def main() -> None:
     engine = Engine(model, num_pages=16)
     groups = engine.groups.num_groups
     shapes = {  # name: chunks (pages per layer group, cached tokens, new tokens)
-        "decode, 2 x 1 token": [SeqChunk([[1, 2]] * groups, 20, [7]),
-                                SeqChunk([[3, 4]] * groups, 20, [8])],
-        "prefill, 1 x 32 tokens": [SeqChunk([[5, 6]] * groups, 0, list(range(32)))],
+        "decode, 2 x 1 token": [SeqPiece([[1, 2]] * groups, 20, [7]),
+                                SeqPiece([[3, 4]] * groups, 20, [8])],
+        "prefill, 1 x 32 tokens": [SeqPiece([[5, 6]] * groups, 0, list(range(32)))],
     }
     leader = jax.process_index() == 0
     rows = []

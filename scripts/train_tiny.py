@@ -32,7 +32,7 @@ from jaxllm import checkpoint
 from jaxllm.config import Llama4Config
 from jaxllm.kv_cache import CacheConfig, init_kv_cache
 from jaxllm.layout import (
-    SeqChunk,
+    SeqPiece,
     build_step,
     contiguous_num_pages,
     contiguous_pages,
@@ -120,7 +120,7 @@ def train(config: Llama4Config, tokenizer, pairs, args) -> nnx.State:
     width = pages_for(SEQ_LEN, PAGE)
     cache = CacheConfig(page_size=PAGE, dtype=jnp.float32,
                         num_pages=contiguous_num_pages(1, args.batch, width))
-    chunks = [SeqChunk([contiguous_pages(0, b, args.batch, width)], 0, [0] * SEQ_LEN)
+    chunks = [SeqPiece([contiguous_pages(0, b, args.batch, width)], 0, [0] * SEQ_LEN)
               for b in range(args.batch)]
     meta = jax.tree.map(jnp.asarray, build_step(
         chunks, cache, width=width, num_rows=args.batch * SEQ_LEN, num_slots=args.batch).meta)

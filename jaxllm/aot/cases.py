@@ -210,7 +210,7 @@ def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_l
         graphdef, params = abstract_params(config, BF16, mesh)
         sample_step, args = abstract_step(graphdef, params, config, cache, mesh, rows, slots,
                                           width)
-        return sample_step, mesh, args, (1, 2)
+        return sample_step, mesh, args, (1, 2, 3)
 
     return Case(name, build, no_gather=(cache.page_shape(config), (rows, H, D)))
 
@@ -234,36 +234,29 @@ def abstract_params(config: Any, dtype: Any, mesh: Any) -> tuple[Any, Any]:
 
 def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any, rows: int,
                   slots: int, width: int) -> tuple[Any, tuple]:
-    """The engine's sampling step (``jaxllm.engine.runner.step_functions``, Pallas attention)
-    and abstract arguments for a step of ``rows`` rows and ``slots`` sequences."""
-    from jaxllm.engine.runner import step_functions
+    """The engine's step (``jaxllm.engine.step.step_function``, Pallas attention) and abstract
+    arguments for a step of ``rows`` rows and ``slots`` sequences."""
+    from jaxllm.engine.step import step_function, step_spec
     from jaxllm.kv_cache import kv_cache_sharding
-    from jaxllm.layout import AttentionMetadata
-    from jaxllm.penalties import PenaltyState, no_rows, state_sharding
-    from jaxllm.sampling import GREEDY, SamplingArrays, mask_words
+    from jaxllm.penalties import PenaltyState, state_sharding
+    from jaxllm.sampling import mask_words
+    from jaxllm.sharding import padded_vocab_size
 
     groups = cache.groups(config)
-    num_groups = groups.num_groups
     page = jax.ShapeDtypeStruct(cache.page_shape(config), cache.dtype,
                                 sharding=kv_cache_sharding(config, cache, mesh))
-    rep = lambda shape, dtype=jnp.int32: abstract(mesh, shape, dtype)  # noqa: E731
-    meta = AttentionMetadata(rep((rows,)), rep((num_groups, rows)),
-                             rep((num_groups, slots, width)), rep((slots,)),
-                             rep((slots + 1,)), rep(()))
-    sampling = jax.tree.map(lambda a: rep(a.shape, a.dtype),
-                            SamplingArrays.from_params([GREEDY] * slots))
-    penalty_rows = jax.tree.map(lambda a: rep(a.shape, a.dtype), no_rows(rows, slots))
+    vocab = padded_vocab_size(config.vocab_size, mesh)
+    spec = step_spec(rows, slots, groups.num_groups, width, mask_words(vocab))
+    inputs = jax.tree.map(lambda a: abstract(mesh, a.shape, a.dtype), spec)
     # The penalty state: a slot per sequence of the widest step, split over the vocabulary.
-    shape = (slots, params["embed"].shape[0])
+    shape = (slots, vocab)
     penalties = PenaltyState(*(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
                                for dtype, sharding in zip((jnp.int32, jnp.bool_),
                                                           state_sharding(*shape, mesh),
                                                           strict=True)))
-    _, sample_step = step_functions(graphdef, "pallas", mesh, groups)
-    return sample_step, (params, [(page, page)] * groups.num_slabs, penalties, rep((rows,)),
-                         meta, rep((slots,)), sampling, rep((slots, 2), jnp.uint32),
-                         rep((slots,)), penalty_rows,
-                         rep((slots, mask_words(params["embed"].shape[0]))))
+    step = step_function(graphdef, "pallas", mesh, groups)
+    return step, (params, [(page, page)] * groups.num_slabs, penalties,
+                  abstract(mesh, (slots,), jnp.int32), inputs)
 
 
 def engine_cases() -> list[Case]:

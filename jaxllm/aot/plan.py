@@ -66,7 +66,8 @@ def dry_run(args: argparse.Namespace) -> list[str]:
                                         policy.token_buckets[-1], policy.batch_buckets[-1],
                                         policy.pages_per_seq)
         with tempfile.TemporaryDirectory() as dump:
-            compiled = compile_for(step, mesh, *step_args, dump_dir=dump, donate_argnums=(1, 2))
+            compiled = compile_for(step, mesh, *step_args, dump_dir=dump,
+                                   donate_argnums=(1, 2, 3))
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     plan = plan_kv_cache(

@@ -1,4 +1,15 @@
-"""The engine: requests in, tokens out, one scheduled step at a time."""
+"""The engine: requests in, tokens out, one scheduled step at a time, the next one already
+on the device while the host takes the last one's picks (async scheduling).
+
+With async scheduling (the default) ``step`` dispatches step N+1 before it reads step N's
+picks: a decoding sequence's input token for N+1 is N's pick, taken on the device
+(``StepInputs.from_last``), so the host's bookkeeping of N (stops, outputs, streaming) runs
+while N+1 runs. A sequence that stops at N has its extra row in N+1 discarded; a sequence
+whose next mask needs its last token (structured outputs) skips N+1 and runs in N+2; a step
+whose dispatch fails is reported after the step before it has been read. Every output is
+the one the synchronous engine gives: a token's sampler key depends only on its request's
+seed and index.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from jaxllm.api import Model
+from jaxllm.engine.batch import InputBatch, SlotPlan, plans_for
 from jaxllm.engine.executor import Executor, agree_on_minimum
 from jaxllm.engine.faults import RecoveryFailed, StepFailed
 from jaxllm.engine.memory import (
@@ -22,11 +34,12 @@ from jaxllm.engine.memory import (
     weights_bytes_per_device,
 )
 from jaxllm.engine.pages import PageAllocator
-from jaxllm.engine.runner import ModelRunner, Scored, step_temp_bytes
-from jaxllm.engine.scheduler import Request, Scheduled, Scheduler
-from jaxllm.layout import SeqChunk, check_token_ids, pages_for
-from jaxllm.penalties import SeqPenalty
-from jaxllm.sampling import MAX_MIN_TOKENS_STOP_IDS, SamplingParams
+from jaxllm.engine.request import Request, admit
+from jaxllm.engine.runner import ModelRunner, PendingStep, step_temp_bytes
+from jaxllm.engine.scheduler import Scheduled, Scheduler
+from jaxllm.engine.step import Sampled, Scored
+from jaxllm.layout import SeqPiece, pages_for
+from jaxllm.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from jaxllm.structured import GrammarCompiler
@@ -54,6 +67,21 @@ class RequestOutput:
     queued_seconds: float | None = None  # from admission check to the first scheduled step
     # With prompt_logprobs, on a request's first output: prompt tokens 1.. scored.
     prompt_logprobs: list[TokenLogprob] | None = None
+    stop_token: int | None = None  # the stop id (EOS included) that ended it, the last token
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchedStep:
+    scheduled: list[Scheduled]
+    pending: PendingStep
+
+
+@dataclasses.dataclass(frozen=True)
+class FailedLaunch:
+    """A step whose scheduling, building or dispatch raised."""
+
+    scheduled: list[Scheduled]
+    error: BaseException
 
 
 class Engine:
@@ -70,8 +98,9 @@ class Engine:
                  kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float | None = None,
                  max_num_batched_tokens: int | None = None, seed: int | None = None,
-                 step_timeout: float | None = None):
+                 step_timeout: float | None = None, async_scheduling: bool = True):
         self.model = model
+        self.async_scheduling = async_scheduling
         # The engine's configuration, derived once and handed whole to every part: the
         # model's, with its step width and a cache sized by the memory plan.
         base = model.bucket_policy
@@ -93,7 +122,13 @@ class Engine:
         self.scheduler = Scheduler(self.policy, self.pages)
         self.runner = ModelRunner(model, self.policy)
         self.executor = Executor(self.runner, step_timeout=step_timeout)
+        self.batch = InputBatch(self.policy, groups.group_chunk, self.runner.mask_words)
         self.requests: dict[str, Request] = {}
+        self._in_flight: LaunchedStep | FailedLaunch | None = None
+        # Request id -> its sequence slot in the step in flight that picks its next token
+        # (read by the next step's ``from_last``), and the same for the step being built.
+        self._last_slot: dict[str, int] = {}
+        self._slot_of: dict[str, int] = {}
         # Compiles structured-output grammars against the tokenizer (set by whoever has one,
         # e.g. the server); requests with ``sampling.structured`` are refused without it.
         self.grammars: GrammarCompiler | None = None
@@ -105,33 +140,18 @@ class Engine:
                 request_id: str | None = None, *, ignore_eos: bool = False) -> Request:
         """Checks a request and builds it, changing nothing: bad ids or lengths raise
         ValueError here, before any device work (safe to call from another thread)."""
-        sampling = sampling or SamplingParams()
-        ids = check_token_ids(list(prompt), self.model.config.vocab_size).tolist()
-        if sampling.max_tokens is None:
-            self.policy.check_request(len(ids), max(1, self.policy.max_model_len - len(ids)))
-        max_tokens = (self.policy.max_model_len - len(ids) if sampling.max_tokens is None
-                      else sampling.max_tokens)
-        if max_tokens == 0:  # only scores the prompt
-            self.policy.check_length(len(ids))
-        else:
-            self.policy.check_request(len(ids), max_tokens)
-        stops = set(sampling.stop_token_ids) | (set() if ignore_eos
-                                                 else set(self.model.eos_token_ids))
-        check_token_ids(sorted(stops), self.model.config.vocab_size)
-        check_token_ids([t for t, _ in sampling.logit_bias], self.model.config.vocab_size)
-        if sampling.min_tokens and len(stops) > MAX_MIN_TOKENS_STOP_IDS:
-            raise ValueError(f"min_tokens holds back at most {MAX_MIN_TOKENS_STOP_IDS} stop "
-                             f"ids; this request has {len(stops)}")
+        admitted = admit(prompt, sampling or SamplingParams(), self.policy,
+                         vocab_size=self.model.config.vocab_size,
+                         eos_token_ids=self.model.eos_token_ids,
+                         seed=self._seeds.getrandbits(63), ignore_eos=ignore_eos)
         matcher = None
-        if sampling.structured is not None:
+        if admitted.sampling.structured is not None:
             if self.grammars is None:
                 raise ValueError("structured outputs need the model's tokenizer, and this "
                                  "engine has none")
-            matcher = self.grammars.matcher(sampling.structured)
-        request_id = request_id or f"req-{next(self._ids)}"
-        seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(63)
-        return Request(request_id, ids, sampling, max_tokens, seed, frozenset(stops),
-                       matcher=matcher)
+            matcher = self.grammars.matcher(admitted.sampling.structured)
+        return Request(request_id or f"req-{next(self._ids)}", admitted.prompt,
+                       admitted.sampling, admitted.stop_ids, matcher=matcher)
 
     def submit(self, request: Request) -> str:
         if request.request_id in self.requests:
@@ -151,83 +171,104 @@ class Engine:
             self.scheduler.finish(request, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns what each touched request gained.
+        """Returns what each request gained in the oldest step in flight, dispatching that
+        step first when none is. With async scheduling the next step is scheduled and
+        dispatched before this one's picks are read, so the device runs it while the host
+        does this one's bookkeeping (the module docstring).
 
         A step that fails (anything raising in it, or non-finite logits) stops its own
         requests, recovers the engine (``recover``) and raises ``StepFailed``."""
+        if self._in_flight is None:
+            self._in_flight = self._launch()
+            if self._in_flight is None:
+                return []
+        current, self._in_flight = self._in_flight, None
+        if isinstance(current, FailedLaunch):
+            raise self._failed(current.scheduled, current.error)
+        if self.async_scheduling:
+            self._in_flight = self._launch()
+        try:
+            sampled, scored = current.pending.result()
+        except Exception as error:
+            self._in_flight = None  # ran on the failed step's cache: its work is lost
+            raise self._failed(current.scheduled, error) from error
+        return self._bookkeeping(current.scheduled, sampled, scored)
+
+    def _launch(self) -> LaunchedStep | FailedLaunch | None:
+        """Schedules the next step and dispatches it; never raises (a failure is returned, to
+        be raised once the step before it has been read)."""
         scheduled: list[Scheduled] = []
         try:
             scheduled = self.scheduler.schedule()
             if not scheduled:
-                return []
-            chunks = step_chunks(scheduled)
-            args = (chunks, [s.request.sampling for s in scheduled],
-                    [s.request.seed for s in scheduled], [len(s.request.output) for s in scheduled])
-            stops = [s.request.stop_ids for s in scheduled]
-            penalties = [None if s.request.penalty_slot is None
-                         else SeqPenalty(s.request.penalty_slot, len(s.request.prompt))
-                         for s in scheduled]
-            masks = self._token_masks(scheduled)
-            targets = _prompt_targets(scheduled)
-            scored = None
-            if any(t >= 0 for t in targets):
-                picked, scored = self.executor.sample_and_score_step(*args, targets, stops,
-                                                                     penalties, masks)
-            else:
-                picked = self.executor.sample_step(*args, stops, penalties, masks)
-        except Exception as error:
-            ids = [s.request.request_id for s in scheduled]
-            log.error("engine step failed (%s: %s); stopping its requests %s",
-                      type(error).__name__, error, ids, exc_info=error)
-            preempted = self.recover([s.request for s in scheduled])
-            log.warning("recovered: KV cache re-created, prefix cache emptied, every page free; "
-                        "%d requests queued, %d of them preempted to be recomputed",
-                        len(self.requests), preempted)
-            raise StepFailed(ids, error) from error
+                return None
+            inputs = self.batch.inputs(self._plans(scheduled), self._token_masks(scheduled))
+            return LaunchedStep(scheduled, self.executor.run(inputs))
+        except Exception as error:  # noqa: BLE001 - raised by ``step``, after recovery
+            return FailedLaunch(scheduled, error)
+
+    def _plans(self, scheduled: Sequence[Scheduled]) -> list[SlotPlan]:
+        """Each scheduled piece's slot of the step; a row whose token the step in flight
+        picks takes it from that step's picks on the device (``from_last``)."""
+        plans = []
+        for index, s in enumerate(scheduled):
+            request = s.request
+            if s.admitted:
+                self.batch.write(request.batch_row, request.sampling, sorted(request.stop_ids))
+            end = s.start + s.num_tokens
+            known = min(end, len(request.prompt) + len(request.output))
+            tokens = request.tokens_between(s.start, known) + [0] * (end - known)
+            from_last = -1
+            if known < end:  # the one token in flight
+                from_last = self._last_slot[request.request_id]
+            if s.samples:
+                self._slot_of[request.request_id] = index
+            plans.append(SlotPlan(
+                SeqPiece(request.pages, s.start, tokens), request.batch_row,
+                step=len(request.output) + request.num_in_flight - int(s.samples),
+                penalized=request.sampling.has_penalties, num_prompt=len(request.prompt),
+                from_last=from_last, targets=_prompt_targets(s)))
+        self._last_slot, self._slot_of = self._slot_of, {}
+        return plans
+
+    def _bookkeeping(self, scheduled: Sequence[Scheduled], picked: Sampled,
+                     scored: Scored | None) -> list[RequestOutput]:
+        """Takes a finished step's picks: each request's token (``Request.accept``), its
+        prompt scores and pages; a request that ended since the step was dispatched (it
+        stopped in the step before, or was aborted) gets nothing."""
         outputs = []
         row = 0
         for i, s in enumerate(scheduled):
-            request, token = s.request, int(picked.tokens[i])
-            if scored is not None:
-                _record_prompt_scores(s, scored, row)
+            request, first_row = s.request, row
             row += s.num_tokens
-            self.scheduler.computed(s)
+            if request.finish_reason is not None:
+                continue
+            if scored is not None:
+                _record_prompt_scores(s, scored, first_row)
+            self.scheduler.settle(s)
             if not s.samples:
-                continue  # a prefill chunk that has not reached the prompt's end
+                continue  # a prefill piece that has not reached the prompt's end
+            request.num_in_flight -= 1
             if request.max_tokens == 0:  # the prompt is scored; nothing to generate
-                self.scheduler.finish(request, "length")
-                del self.requests[request.request_id]
+                self._finish(request, "length")
                 outputs.append(RequestOutput(
                     request.request_id, [], [], True, "length", len(request.prompt),
                     request.num_cached_prompt, 0, request.queued_seconds,
                     request.scored_prompt))
                 continue
-            if request.matcher is not None and not _advance(request.matcher, token):
-                # The mask allowed only tokens the grammar accepts; a token outside it means
-                # nothing was allowed (e.g. min_tokens holding back the only way to end).
-                log.warning("request %s: token %d does not continue its grammar (%s); "
-                            "stopping it", request.request_id, token,
-                            request.matcher.get_error())
-                self.scheduler.finish(request, "stop")
-                del self.requests[request.request_id]
+            token = int(picked.tokens[i])
+            kept = len(request.output)
+            reason = request.accept(token)
+            if reason is not None:
+                self._finish(request, reason)
+            if len(request.output) == kept:  # its grammar refused the token
                 outputs.append(RequestOutput(
-                    request.request_id, [], [], True, "stop", len(request.prompt),
+                    request.request_id, [], [], True, reason, len(request.prompt),
                     request.num_cached_prompt, len(request.output), request.queued_seconds))
                 continue
-            request.output.append(int(token))
-            reason = None
-            if token in request.stop_ids:
-                reason = "stop"
-            elif request.matcher is not None and request.matcher.is_stopped():
-                reason = "stop"  # the grammar is complete: nothing but EOS could follow
-            elif len(request.output) >= request.max_tokens:
-                reason = "length"
-            if reason:
-                self.scheduler.finish(request, reason)
-                del self.requests[request.request_id]
             logprob = TokenLogprob(token, float(picked.logprobs[i]), list(zip(
                 picked.top_ids[i].tolist(), picked.top_logprobs[i].tolist(), strict=True)))
             outputs.append(RequestOutput(
@@ -235,8 +276,26 @@ class Engine:
                 len(request.prompt), request.num_cached_prompt, len(request.output),
                 request.queued_seconds,
                 request.scored_prompt if request.sampling.prompt_logprobs is not None
-                and len(request.output) == 1 else None))
+                and len(request.output) == 1 else None, request.stop_token))
         return outputs
+
+    def _finish(self, request: Request, reason: str) -> None:
+        self.scheduler.finish(request, reason)
+        self.requests.pop(request.request_id, None)
+
+    def _failed(self, scheduled: Sequence[Scheduled], error: BaseException) -> StepFailed:
+        """Stops the failed step's requests and recovers; the error to raise."""
+        failed = [s.request for s in scheduled if s.request.finish_reason is None]
+        ids = [r.request_id for r in failed]
+        log.error("engine step failed (%s: %s); stopping its requests %s",
+                  type(error).__name__, error, ids, exc_info=error)
+        preempted = self.recover(failed)
+        log.warning("recovered: KV cache re-created, prefix cache emptied, every page free; "
+                    "%d requests queued, %d of them preempted to be recomputed",
+                    len(self.requests), preempted)
+        failure = StepFailed(ids, error)
+        failure.__cause__ = error
+        return failure
 
     def _token_masks(self, scheduled: Sequence[Scheduled]) -> dict[int, np.ndarray] | None:
         """The allowed tokens of each constrained sequence that picks a token this step
@@ -259,6 +318,7 @@ class Engine:
         are finished ("error"); every other request is requeued, to be recomputed from its
         tokens; every page is free, the prefix cache empty, the KV cache re-created. Returns
         how many running requests were preempted; raises RecoveryFailed if it cannot."""
+        self._in_flight, self._last_slot, self._slot_of = None, {}, {}
         for request in failed:
             request.pages = []  # reclaimed with every other page below
             self.scheduler.finish(request, "error")
@@ -285,11 +345,12 @@ class Engine:
             last = rows - (seqs - 1)  # one token each, the rest to the last sequence
             # Free pages, given to every group at once (warm-up output is never read).
             groups = self.groups.num_groups
-            chunks = [SeqChunk([[1]] * groups, 0, [0]) for _ in range(seqs - 1)]
-            chunks.append(SeqChunk([list(range(1, 1 + pages_for(last, page)))] * groups, 0,
+            pieces = [SeqPiece([[1]] * groups, 0, [0]) for _ in range(seqs - 1)]
+            pieces.append(SeqPiece([list(range(1, 1 + pages_for(last, page)))] * groups, 0,
                                    [0] * last))
-            self.executor.sample_step(chunks, [SamplingParams(temperature=0.0)] * seqs,
-                                      seeds=[0] * seqs, steps=[0] * seqs)
+            # Padding rows of the persistent batch: greedy, never written.
+            inputs = self.batch.inputs(plans_for(pieces, [self.batch.pad_row] * seqs))
+            self.executor.run(inputs).result()
         return len(shapes)
 
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -303,34 +364,15 @@ class Engine:
         return [produced[i] for i in ids]
 
 
-def step_chunks(scheduled: Sequence[Scheduled]) -> list[SeqChunk]:
-    """Each scheduled request's pages and the tokens it runs this step."""
-    return [SeqChunk(s.request.pages, s.request.num_computed,
-                     s.request.tokens_between(s.request.num_computed,
-                                              s.request.num_computed + s.num_tokens))
-            for s in scheduled]
-
-
-def _advance(matcher, token: int) -> bool:
-    """Feeds ``token`` to a request's grammar; False when the grammar refuses it (or the
-    matcher fails: it must never take the engine thread down)."""
-    try:
-        return bool(matcher.consume_token(token))
-    except Exception as error:  # noqa: BLE001 - reported, and the request is stopped
-        log.error("grammar matcher failed on token %d: %s", token, error)
-        return False
-
-
-def _prompt_targets(scheduled: Sequence[Scheduled]) -> list[int]:
-    """Per flat row of the step: the prompt token that follows it when its request scores its
-    prompt (``prompt_logprobs``), else -1."""
-    targets = []
-    for s in scheduled:
-        request, start = s.request, s.request.num_computed
-        wants = request.sampling.prompt_logprobs is not None
-        targets += [request.prompt[p + 1] if wants and p + 1 < len(request.prompt) else -1
-                    for p in range(start, start + s.num_tokens)]
-    return targets
+def _prompt_targets(s: Scheduled) -> list[int]:
+    """Per row of a scheduled piece: the prompt token that follows it when its request scores
+    its prompt (``prompt_logprobs``), else -1; empty when it scores nothing."""
+    request = s.request
+    if request.sampling.prompt_logprobs is None:
+        return []
+    n = len(request.prompt)
+    return [request.prompt[p + 1] if p + 1 < n else -1
+            for p in range(s.start, s.start + s.num_tokens)]
 
 
 def _record_prompt_scores(s: Scheduled, scored: Scored, first_row: int) -> None:
@@ -340,7 +382,7 @@ def _record_prompt_scores(s: Scheduled, scored: Scored, first_row: int) -> None:
     if request.sampling.prompt_logprobs is None:
         return
     for k in range(s.num_tokens):
-        index = request.num_computed + k + 1  # the prompt token row k predicts
+        index = s.start + k + 1  # the prompt token row k predicts
         if index >= len(request.prompt) or index <= len(request.scored_prompt):
             continue
         r = first_row + k

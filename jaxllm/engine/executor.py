@@ -4,8 +4,8 @@
 Across processes, process 0 (the leader) runs the server, the scheduler and the sampler
 bookkeeping; every other process (a follower) only runs steps (``follow``). For each step the
 leader broadcasts a fixed-size header (a command and the step's token and batch buckets), then
-the step's host arrays (``StepInputs``, and for a scoring step each row's target), whose
-shapes those buckets fix, in one message: every process runs
+the step's host arrays (``StepInputs``), whose shapes those buckets fix, in one message:
+every process runs
 the same compiled program on the same inputs, and none compiles a shape another did not.
 
 A collective that does not return within the step timeout (a process died or hangs), or a
@@ -21,17 +21,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxllm.engine.runner import ModelRunner, Sampled, Scored, StepInputs, target_rows
-from jaxllm.layout import SeqChunk
-from jaxllm.penalties import SeqPenalty
-from jaxllm.sampling import SamplingParams
+from jaxllm.engine.runner import ModelRunner, PendingStep
+from jaxllm.engine.step import Sampled, Scored, StepInputs
 
 log = logging.getLogger("jaxllm.engine")
 
@@ -42,7 +40,6 @@ class Command(enum.IntEnum):
     STEP = 1  # receive a step's inputs and run it
     RESET = 2  # re-create the KV cache (after a failed step)
     STOP = 3  # leave ``follow``
-    SCORE = 4  # receive a step's inputs and each row's target; run the scoring step
 
 
 class Executor:
@@ -63,39 +60,16 @@ class Executor:
                           if self.distributed and step_timeout else None)
         self._stopped = False
 
-    def sample_step(self, chunks: Sequence[SeqChunk], sampling: Sequence[SamplingParams],
-                    seeds: Sequence[int], steps: Sequence[int],
-                    stop_ids: Sequence[Collection[int]] | None = None,
-                    penalties: Sequence[SeqPenalty | None] | None = None,
-                    token_masks: Mapping[int, np.ndarray] | None = None) -> Sampled:
-        """``ModelRunner.sample_step``, run by every process."""
+    def run(self, inputs: StepInputs) -> PendingStep:
+        """``ModelRunner.run``, in every process: dispatches the step and returns without
+        waiting; with several processes, reading its result is bounded by the step timeout.
+        A bad step raises here, before anything is sent."""
         if not self.distributed:
-            return self.runner.sample_step(chunks, sampling, seeds, steps, stop_ids, penalties,
-                                           token_masks)
-        # A bad step raises here, before anything is sent.
-        inputs = self.runner.prepare(chunks, sampling, seeds, steps, stop_ids, penalties,
-                                     token_masks)
+            return self.runner.run(inputs)
         with self._guard("a step"):
             self._send(Command.STEP, inputs)
-            return self.runner.run(inputs, len(chunks))
-
-    def sample_and_score_step(self, chunks: Sequence[SeqChunk],
-                              sampling: Sequence[SamplingParams], seeds: Sequence[int],
-                              steps: Sequence[int], targets: Sequence[int],
-                              stop_ids: Sequence[Collection[int]] | None = None,
-                              penalties: Sequence[SeqPenalty | None] | None = None,
-                              token_masks: Mapping[int, np.ndarray] | None = None
-                              ) -> tuple[Sampled, Scored]:
-        """``ModelRunner.sample_and_score_step``, run by every process."""
-        if not self.distributed:
-            return self.runner.sample_and_score_step(chunks, sampling, seeds, steps, targets,
-                                                     stop_ids, penalties, token_masks)
-        inputs = self.runner.prepare(chunks, sampling, seeds, steps, stop_ids, penalties,
-                                     token_masks)
-        rows = target_rows(inputs, targets)
-        with self._guard("a scoring step"):
-            self._send(Command.SCORE, inputs, rows)
-            return self.runner.run_scored(inputs, rows, len(chunks), len(targets))
+            pending = self.runner.run(inputs)
+        return GuardedStep(pending, self._guard)
 
     def reset_cache(self) -> None:
         """``ModelRunner.reset_cache`` (KV cache and penalty state), in every process."""
@@ -125,17 +99,11 @@ class Executor:
             elif command == Command.STEP:
                 template = self.runner.empty_inputs(rows, slots)
                 message = multihost_utils.broadcast_one_to_all(pack(template))
-                self.runner.run(unpack(message, template), 0)
-            elif command == Command.SCORE:
-                template = (self.runner.empty_inputs(rows, slots), np.zeros(rows, np.int32))
-                message = multihost_utils.broadcast_one_to_all(pack(template))
-                inputs, targets = unpack(message, template)
-                self.runner.run_scored(inputs, targets, 0, 0)
+                self.runner.run(unpack(message, template)).result()
             else:
                 raise RuntimeError(f"unknown command {command} from the leader")
 
-    def _send(self, command: Command, inputs: StepInputs | None = None,
-              targets: np.ndarray | None = None) -> None:
+    def _send(self, command: Command, inputs: StepInputs | None = None) -> None:
         if not self.distributed:
             return
         if not self.leader:
@@ -148,8 +116,7 @@ class Executor:
         try:
             multihost_utils.broadcast_one_to_all(np.array([command, rows, slots], np.int32))
             if inputs is not None:
-                payload = inputs if targets is None else (inputs, targets)
-                multihost_utils.broadcast_one_to_all(pack(payload))
+                multihost_utils.broadcast_one_to_all(pack(inputs))
         except Exception as error:
             self._fail(f"broadcasting {command.name} to the followers failed "
                        f"({type(error).__name__}: {error})")
@@ -167,6 +134,18 @@ class Executor:
             except Exception:
                 log.exception("failing the requests failed")
         os._exit(1)
+
+
+class GuardedStep:
+    """A step dispatched to every process, its result read under the step timeout."""
+
+    def __init__(self, pending: PendingStep, guard: Callable[[str],
+                 contextlib.AbstractContextManager]):
+        self.pending, self._guard = pending, guard
+
+    def result(self) -> tuple[Sampled, Scored | None]:
+        with self._guard("a step"):
+            return self.pending.result()
 
 
 class Watchdog:

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxllm.engine.runner import ModelRunner, Sampled
+from jaxllm.engine.runner import ModelRunner, PendingStep
 
 
 class StepFailed(RuntimeError):
@@ -44,8 +44,9 @@ class InjectedFault(RuntimeError):
 class FaultInjector:
     """Makes chosen steps of ``runner`` fail the way ``fault`` says (for tests).
 
-    Steps are ``sample_step`` calls counted from installation, from 1. With ``fail_recovery``,
-    re-creating the cache raises too. ``remove()`` (or leaving a ``with`` block) undoes it.
+    Steps are ``run`` calls (every step: sampling, scoring, a follower's) counted from
+    installation, from 1. With ``fail_recovery``, re-creating the cache raises too.
+    ``remove()`` (or leaving a ``with`` block) undoes it.
     """
 
     def __init__(self, runner: ModelRunner, fault: Fault, steps: Collection[int], *,
@@ -53,12 +54,12 @@ class FaultInjector:
         self.runner, self.fault, self.steps = runner, fault, set(steps)
         self.fail_recovery = fail_recovery
         self.num_steps = 0
-        self._sample_step, self._reset_cache = runner.sample_step, runner.reset_cache
-        runner.sample_step = self.sample_step
+        self._run, self._reset_cache = runner.run, runner.reset_cache
+        runner.run = self.run
         runner.reset_cache = self.reset_cache
 
     def remove(self) -> None:
-        del self.runner.sample_step, self.runner.reset_cache  # back to the class's methods
+        del self.runner.run, self.runner.reset_cache  # back to the class's methods
 
     def __enter__(self) -> FaultInjector:
         return self
@@ -66,10 +67,10 @@ class FaultInjector:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def sample_step(self, *args: Any, **kwargs: Any) -> Sampled:
+    def run(self, *args: Any, **kwargs: Any) -> PendingStep:
         self.num_steps += 1
         if self.num_steps not in self.steps:
-            return self._sample_step(*args, **kwargs)
+            return self._run(*args, **kwargs)
         error = InjectedFault(f"injected {self.fault.value} failure at step {self.num_steps}")
         if self.fault is Fault.BEFORE_DISPATCH:
             raise error
@@ -79,10 +80,10 @@ class FaultInjector:
             model.params = jax.tree.map(
                 lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
             try:
-                return self._sample_step(*args, **kwargs)
+                return self._run(*args, **kwargs)
             finally:
                 model.params = params
-        self._sample_step(*args, **kwargs)
+        self._run(*args, **kwargs)
         for array in jax.tree.leaves(self.runner.cache):
             array.delete()  # what a failed computation leaves: outputs that cannot be read
         raise error

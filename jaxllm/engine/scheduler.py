@@ -14,90 +14,38 @@ place), so a long sequence holds only a chunk's worth of pages in those groups.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
 
 from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.pages import PageAllocator, PageRow, extend_page_hashes
+from jaxllm.engine.request import Request, Status
 from jaxllm.kv_cache import NULL_PAGE
 from jaxllm.layout import first_needed_page, pages_for
-from jaxllm.sampling import SamplingParams
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclasses.dataclass(eq=False)
-class Request:
-    request_id: str
-    prompt: list[int]
-    sampling: SamplingParams
-    max_tokens: int
-    seed: int
-    stop_ids: frozenset[int] = frozenset()
-    output: list[int] = dataclasses.field(default_factory=list)
-    # Per layer group, the request's block-table row (``PageRow``: an int32 array).
-    pages: list[PageRow] = dataclasses.field(default_factory=list)
-    num_computed: int = 0  # tokens whose keys/values are in the cache
-    num_cached_prompt: int = 0  # of the prompt, found in the prefix cache at admission
-    page_hashes: list[bytes] = dataclasses.field(default_factory=list)  # of full pages
-    status: Status = Status.WAITING
-    finish_reason: str | None = None
-    arrived_at: float = dataclasses.field(default_factory=time.monotonic)
-    # With prompt_logprobs: the score of prompt tokens 1, 2, ... (token 0 has none).
-    scored_prompt: list = dataclasses.field(default_factory=list)
-    first_scheduled_at: float | None = None
-    # With structured outputs: the grammar's state (an ``llguidance.LLMatcher``), advanced
-    # by each picked token.
-    matcher: Any = None
-    # With a penalty: the request's slot of the runner's penalty state while it runs.
-    penalty_slot: int | None = None
-
-    @property
-    def queued_seconds(self) -> float | None:
-        """Time from arrival to the first step that ran it (None before that)."""
-        if self.first_scheduled_at is None:
-            return None
-        return self.first_scheduled_at - self.arrived_at
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-    def tokens_between(self, start: int, end: int) -> list[int]:
-        """``tokens[start:end]`` without building the whole list (1M tokens at long
-        contexts, every step)."""
-        n = len(self.prompt)
-        if end <= n:
-            return self.prompt[start:end]
-        if start >= n:
-            return self.output[start - n:end - n]
-        return self.prompt[start:] + self.output[:end - n]
-
-    @property
-    def held_pages(self) -> list[int]:
-        return [p for row in self.pages for p in row if p != NULL_PAGE]
-
-    @property
-    def num_pending(self) -> int:
-        return len(self.prompt) + len(self.output) - self.num_computed
 
 
 @dataclasses.dataclass(frozen=True)
 class Scheduled:
+    """A request's piece of a step: tokens ``start : start + num_tokens``."""
+
     request: Request
-    num_tokens: int  # run tokens[num_computed : num_computed + num_tokens]
-    samples: bool  # the chunk reaches the end of the request's tokens: pick the next one
+    num_tokens: int
+    samples: bool  # the piece reaches the end of the request's tokens: pick the next one
+    start: int
+    epoch: int  # the request's epoch when scheduled (``Request.epoch``)
+    admitted: bool  # it took its batch row in this step
 
 
-def _scheduled(request: Request, n: int) -> Scheduled:
-    return Scheduled(request, n, samples=n == request.num_pending)
+def _scheduled(request: Request, n: int, admitted: bool = False) -> Scheduled:
+    """Schedules ``n`` tokens of ``request`` and counts them as computed (their keys and
+    values are written by the step, which the device runs before any later one)."""
+    out = Scheduled(request, n, samples=n == request.num_pending, start=request.num_computed,
+                    epoch=request.epoch, admitted=admitted)
+    request.num_computed += n
+    if out.samples:
+        request.num_in_flight += 1
+    return out
 
 
 class Scheduler:
@@ -106,8 +54,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        # Penalty-state slots (``jaxllm.penalties``): at most max_num_seqs requests run.
-        self.free_penalty_slots = list(range(policy.max_num_seqs - 1, -1, -1))
+        # Batch rows (``jaxllm.engine.batch``): at most max_num_seqs requests run.
+        self.free_rows = list(range(policy.max_num_seqs - 1, -1, -1))
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -123,6 +71,8 @@ class Scheduler:
                 break
             if request not in self.running:  # preempted below by an earlier request
                 continue
+            if not _schedulable(request):
+                continue
             n = min(request.num_pending, budget)
             if not self._reserve(request, n, out):
                 continue
@@ -130,6 +80,8 @@ class Scheduler:
             budget -= n
         while self.waiting and budget and len(out) < self.policy.max_num_seqs:
             request = self.waiting[0]
+            if request.num_in_flight:  # preempted while a step picks its next token
+                break
             if not request.pages:
                 self._take_cached_prefix(request)
             n = min(request.num_pending, budget)
@@ -137,13 +89,12 @@ class Scheduler:
                 self._drop_pages(request)  # retry whole when pages are free again
                 break
             self.waiting.popleft()
-            if request.sampling.has_penalties:
-                request.penalty_slot = self.free_penalty_slots.pop()
+            request.batch_row = self.free_rows.pop()
             request.status = Status.RUNNING
             if request.first_scheduled_at is None:
                 request.first_scheduled_at = time.monotonic()
             self.running.append(request)
-            out.append(_scheduled(request, n))
+            out.append(_scheduled(request, n, admitted=True))
             budget -= n
         return out
 
@@ -169,12 +120,13 @@ class Scheduler:
         self._drop_pages(request)
 
     def _drop_pages(self, request: Request) -> None:
-        """Gives back the request's pages and penalty slot: it starts again from nothing."""
+        """Gives back the request's pages and batch row: it starts again from nothing."""
         self.pages.release(request.held_pages)
         request.pages, request.num_computed = [], 0
-        if request.penalty_slot is not None:
-            self.free_penalty_slots.append(request.penalty_slot)
-            request.penalty_slot = None
+        request.epoch += 1
+        if request.batch_row is not None:
+            self.free_rows.append(request.batch_row)
+            request.batch_row = None
 
     def requeue(self, requests: Iterable[Request]) -> int:
         """Queues ``requests`` afresh, in order, each waiting with no pages and nothing
@@ -185,9 +137,10 @@ class Scheduler:
         self.num_preemptions += preempted
         for request in requests:
             request.pages, request.num_computed, request.status = [], 0, Status.WAITING
-            request.penalty_slot = None
+            request.batch_row, request.num_in_flight = None, 0
+            request.epoch += 1
         self.running, self.waiting = [], deque(requests)
-        self.free_penalty_slots = list(range(self.policy.max_num_seqs - 1, -1, -1))
+        self.free_rows = list(range(self.policy.max_num_seqs - 1, -1, -1))
         return preempted
 
     def _take_cached_prefix(self, request: Request) -> None:
@@ -234,21 +187,23 @@ class Scheduler:
         request.status = Status.WAITING
         self.waiting.appendleft(request)
 
-    def computed(self, scheduled: Scheduled) -> None:
-        """Marks a chunk as run, and offers its now-full pages to the prefix cache."""
+    def settle(self, scheduled: Scheduled) -> None:
+        """After its step ran: offers the piece's now-full pages to the prefix cache and gives
+        back the pages a chunked group's attention chunk has left behind. Nothing for a
+        request whose pages were dropped since it was scheduled (finished, preempted)."""
         request, page = scheduled.request, self.pages.page_size
-        before = request.num_computed
-        request.num_computed += scheduled.num_tokens
+        if request.epoch != scheduled.epoch or request.status is not Status.RUNNING:
+            return
+        before, end = scheduled.start, scheduled.start + scheduled.num_tokens
         # Hashes depend on tokens only, so they survive preemption; only new pages hash, from
         # their own tokens (work per step independent of the context's length).
         known = len(request.page_hashes) * page
-        if request.num_computed - known >= page:
-            extend_page_hashes(request.page_hashes,
-                               request.tokens_between(known, request.num_computed), page)
+        if end - known >= page:
+            extend_page_hashes(request.page_hashes, request.tokens_between(known, end), page)
         # After a preemption the request may know more hashes than it has recomputed pages:
         # only pages that are full now may be offered (a half-written one must never be);
-        # those full before this chunk were offered when they filled.
-        old_full, full = before // page, request.num_computed // page
+        # those full before this piece were offered when they filled.
+        old_full, full = before // page, end // page
         for group, row in enumerate(request.pages):
             self.pages.register(group, row[old_full:full],
                                 request.page_hashes[old_full:full])
@@ -256,8 +211,19 @@ class Scheduler:
             # the previous chunk start are null already).
             chunk = self.pages.group_chunk[group]
             old_first = first_needed_page(before, page, chunk)
-            first = first_needed_page(request.num_computed, page, chunk)
+            first = first_needed_page(end, page, chunk)
             dropped = [p for p in row[old_first:first] if p != NULL_PAGE]
             if dropped:
                 self.pages.release(dropped)
             row[old_first:first] = [NULL_PAGE] * (first - old_first)
+
+
+def _schedulable(request: Request) -> bool:
+    """Whether a running request has a token to run now: not while its only pending token
+    is one a step still picks for it that cannot be followed (it reached max_tokens), nor
+    while that token is unknown and its grammar needs it for the next mask."""
+    if request.num_pending == 0:
+        return False
+    if request.num_in_flight:
+        return request.may_continue and request.matcher is None
+    return True

@@ -58,10 +58,10 @@ class Choice:
         if out.prompt_logprobs is not None:
             self.prompt_scores = out.prompt_logprobs
         ids = out.new_token_ids
-        stopped_on_id = out.finish_reason == "stop" and ids and ids[-1] in self.request.stop_ids
         self.token_ids += ids
         self.logprobs += out.logprobs
-        hide_stop = stopped_on_id and not self.include_stop
+        # The engine says when the last token is the stop id that ended the request.
+        hide_stop = out.stop_token is not None and not self.include_stop
         visible = ids[:-1] if hide_stop else ids
         if self._detok is not None:
             self.text += self._detok.add(visible)

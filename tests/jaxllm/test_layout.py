@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from jaxllm.kv_cache import CacheConfig
 from jaxllm.layout import (
-    SeqChunk,
+    SeqPiece,
     build_step,
     check_token_ids,
     contiguous_pages,
@@ -51,20 +51,20 @@ def test_check_token_ids():
 
 def test_build_step_is_range_checked():
     cache = CacheConfig(page_size=8, num_pages=6)
-    ok = build_step([SeqChunk([[3, 1]], 5, [1, 2, 3, 4])], cache, width=5, num_rows=16,
+    ok = build_step([SeqPiece([[3, 1]], 5, [1, 2, 3, 4])], cache, width=5, num_rows=16,
                     num_slots=1)
     assert ok.meta.block_tables.shape == (1, 1, 5) and ok.tokens.shape == (16,)
     assert ok.meta.slot_mapping[0, :4].tolist() == [3 * 8 + 5, 3 * 8 + 6, 3 * 8 + 7, 1 * 8 + 0]
     assert ok.meta.positions[:4].tolist() == [5, 6, 7, 8]
     assert ok.meta.slot_mapping[0, 4:].max() == -1
     cases = [
-        ([SeqChunk([[1]], 6, [1, 2, 3])], "1 pages for 9 tokens"),
-        ([SeqChunk([[1, 1, 2, 3, 4, 5]], 38, [1, 2, 3])], "at most 5 pages per sequence"),
-        ([SeqChunk([[1, 7]], 0, [1])], "page ids must be in [0, 6]"),
-        ([SeqChunk([[1]], 0, [])], "needs >= 1 new token"),
-        ([SeqChunk([[1, 2, 3]], 0, [1] * 17)], "17 rows of 1 sequences do not fit a step of 16"),
-        ([SeqChunk([[1], [2]], 0, [1])], "pages for 2 layer groups, the cache has 1"),
-        ([SeqChunk([[0, 2]], 8, [1])], "layer group 0 has dropped a page"),
+        ([SeqPiece([[1]], 6, [1, 2, 3])], "1 pages for 9 tokens"),
+        ([SeqPiece([[1, 1, 2, 3, 4, 5]], 38, [1, 2, 3])], "at most 5 pages per sequence"),
+        ([SeqPiece([[1, 7]], 0, [1])], "page ids must be in [0, 6]"),
+        ([SeqPiece([[1]], 0, [])], "needs >= 1 new token"),
+        ([SeqPiece([[1, 2, 3]], 0, [1] * 17)], "17 rows of 1 sequences do not fit a step of 16"),
+        ([SeqPiece([[1], [2]], 0, [1])], "pages for 2 layer groups, the cache has 1"),
+        ([SeqPiece([[0, 2]], 8, [1])], "layer group 0 has dropped a page"),
     ]
     for chunks, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -75,12 +75,12 @@ def test_chunked_groups_may_drop_pages_before_the_chunk():
     """A chunked group (chunk 10, pages of 4) at position 13 still needs pages from the
     chunk's start (position 10, page 2); page 0 and 1 may be the null page."""
     cache = CacheConfig(page_size=4, num_pages=9)
-    step = build_step([SeqChunk([[1, 2, 3, 4], [0, 0, 5, 6]], 13, [7, 8])], cache, width=4,
+    step = build_step([SeqPiece([[1, 2, 3, 4], [0, 0, 5, 6]], 13, [7, 8])], cache, width=4,
                       num_rows=2, num_slots=1, group_chunk=(None, 10))
     assert step.meta.slot_mapping.tolist() == [[4 * 4 + 1, 4 * 4 + 2], [6 * 4 + 1, 6 * 4 + 2]]
     assert step.meta.block_tables[1, 0].tolist() == [0, 0, 5, 6]
     with pytest.raises(ValueError, match="layer group 1 has dropped a page"):
-        build_step([SeqChunk([[1, 2, 3, 4], [0, 0, 0, 6]], 13, [7, 8])], cache, width=4,
+        build_step([SeqPiece([[1, 2, 3, 4], [0, 0, 0, 6]], 13, [7, 8])], cache, width=4,
                    num_rows=2, num_slots=1, group_chunk=(None, 10))
 
 
@@ -99,7 +99,7 @@ def test_host_and_in_jit_prefill_layouts_agree(page_size):
     lengths, max_len, width = [5, 1, 12], 12, pages_for(12, page_size)
     row, meta = jax.jit(prefill_layout, static_argnums=(1, 2, 3))(
         jnp.asarray(lengths, jnp.int32), max_len, width, page_size)
-    chunks = [SeqChunk([contiguous_pages(0, b, len(lengths), width)], 0, [0] * n)
+    chunks = [SeqPiece([contiguous_pages(0, b, len(lengths), width)], 0, [0] * n)
               for b, n in enumerate(lengths)]
     host = _host(chunks, page_size, width, len(lengths) * max_len, len(lengths),
                  len(lengths) * width)
@@ -115,7 +115,7 @@ def test_host_and_in_jit_decode_layouts_agree(page_size):
     positions, width = np.array([4, 0, 31]), pages_for(32, page_size)
     meta = jax.jit(decode_layout, static_argnums=(2, 3))(
         jnp.asarray(positions, jnp.int32), jnp.ones(3, bool), width, page_size)
-    chunks = [SeqChunk([contiguous_pages(0, b, 3, width)], int(p), [0])
+    chunks = [SeqPiece([contiguous_pages(0, b, 3, width)], int(p), [0])
               for b, p in enumerate(positions)]
     _same(meta, _host(chunks, page_size, width, 3, 3, 3 * width))
 
@@ -136,7 +136,7 @@ def test_host_positions_are_what_the_kernels_read(seqs, page_size, padding):
     """Every builder's ``positions`` (used by RoPE and temperature tuning) equal the positions
     the attention kernels derive from ``seq_lens`` and ``query_start_loc``."""
     width = pages_for(60, page_size)
-    chunks = [SeqChunk([contiguous_pages(0, s, len(seqs), width)], cached, [0] * new)
+    chunks = [SeqPiece([contiguous_pages(0, s, len(seqs), width)], cached, [0] * new)
               for s, (cached, new) in enumerate(seqs)]
     rows = sum(new for _, new in seqs) + padding
     meta = _host(chunks, page_size, width, rows, len(seqs) + padding % 3, len(seqs) * width)

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxllm.layout import SeqChunk
+from jaxllm.engine.batch import SlotPlan, penalty_rows
+from jaxllm.layout import SeqPiece
 from jaxllm.penalties import (
-    SeqPenalty,
-    build_rows,
     init_state,
     no_rows,
     penalize,
@@ -22,6 +21,17 @@ from jaxllm.sampling import SamplingParams
 from jaxllm.sharding import make_mesh
 
 VOCAB, PADDED, SLOTS = 21, 24, 4  # the padded entries are -inf, as the model's logits
+
+
+def build_rows(pieces, penalties, num_rows, num_seqs):
+    """``penalty_rows`` of pieces laid out back to back; ``penalties`` per piece:
+    (penalty slot, prompt length), or None."""
+    plans = [SlotPlan(piece, -1 if p is None else p[0], 0, p is not None,
+                      0 if p is None else p[1]) for piece, p in zip(pieces, penalties, strict=True)]
+    starts = np.zeros(num_seqs + 1, np.int64)
+    starts[1: len(pieces) + 1] = np.cumsum([len(c.tokens) for c in pieces])
+    starts[len(pieces) + 1:] = starts[len(pieces)]
+    return penalty_rows(plans, starts, num_rows, num_seqs, SLOTS)
 
 
 def reference(logits, prompt, output, presence, frequency, repetition):
@@ -58,12 +68,11 @@ def run_steps(steps, mesh, seed=0):
     step_fn = jax.jit(lambda *a: penalize(*a, mesh=mesh), donate_argnums=(1,))
     for step in steps:
         num_seqs = 4  # a batch bucket: padding slots included
-        chunks = [SeqChunk([[1]], start, seq.tokens[start : start + n])
+        chunks = [SeqPiece([[1]], start, seq.tokens[start : start + n])
                   for seq, start, n in step]
         num_rows = 16
-        rows = build_rows(chunks, [None if seq.slot is None else SeqPenalty(seq.slot,
-                                                                           seq.num_prompt)
-                                   for seq, _, _ in step], num_rows, num_seqs, SLOTS)
+        rows = build_rows(chunks, [None if seq.slot is None else (seq.slot, seq.num_prompt)
+                                   for seq, _, _ in step], num_rows, num_seqs)
         tokens = np.zeros(num_rows, np.int32)
         flat = [t for c in chunks for t in c.tokens]
         tokens[: len(flat)] = flat
@@ -135,15 +144,15 @@ def test_a_batch_without_penalties_leaves_the_state_alone():
 
 
 def test_rows_name_prompt_and_output_positions_and_check_slots():
-    chunks = [SeqChunk([[1]], 3, [5, 6, 7, 8]), SeqChunk([[1]], 0, [9, 9])]
-    rows = build_rows(chunks, [SeqPenalty(1, 5), None], 8, 4, SLOTS)
+    chunks = [SeqPiece([[1]], 3, [5, 6, 7, 8]), SeqPiece([[1]], 0, [9, 9])]
+    rows = build_rows(chunks, [(1, 5), None], 8, 4)
     assert rows.seq_slot.tolist() == [1, -1, -1, -1]
     assert rows.seq_reset.tolist() == [0, 0, 0, 0]
     assert rows.row_slot.tolist() == [1, 1, 1, 1, -1, -1, -1, -1]
     assert rows.row_output.tolist() == [0, 0, 1, 1, 0, 0, 0, 0]  # positions 5, 6 are output
-    assert build_rows(chunks[1:], [SeqPenalty(0, 2)], 8, 4, SLOTS).seq_reset[0] == 1
+    assert build_rows(chunks[1:], [(0, 2)], 8, 4).seq_reset[0] == 1
     with pytest.raises(ValueError, match="penalty slot 4 is outside"):
-        build_rows(chunks[1:], [SeqPenalty(4, 2)], 8, 4, SLOTS)
+        build_rows(chunks[1:], [(4, 2)], 8, 4)
 
 
 @pytest.mark.parametrize("kwargs, needle", [

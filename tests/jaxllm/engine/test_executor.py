@@ -5,6 +5,7 @@ Several processes in lockstep are tested end to end in tests/jaxllm/serve/test_m
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -15,9 +16,9 @@ import pytest
 import jaxllm
 from jaxllm import SamplingParams
 from jaxllm.engine import Engine
+from jaxllm.engine.batch import inputs_for
 from jaxllm.engine.executor import Watchdog, agree_on_minimum, pack, unpack
-from jaxllm.engine.runner import target_rows
-from jaxllm.layout import SeqChunk
+from jaxllm.layout import SeqPiece
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +30,18 @@ def engine(tiny_model):
 
 def test_empty_inputs_have_the_shapes_and_dtypes_of_a_prepared_step(engine):
     groups = engine.groups.num_groups
-    chunks = [SeqChunk([[1, 2]] * groups, 3, [5, 6]), SeqChunk([[3]] * groups, 0, [7])]
-    greedy = [SamplingParams(temperature=0.0)] * 2
-    prepared = engine.runner.prepare(chunks, greedy, seeds=[1, 2], steps=[0, 0])
+    pieces = [SeqPiece([[1, 2]] * groups, 3, [5, 6]), SeqPiece([[3]] * groups, 0, [7])]
+    greedy = [SamplingParams(temperature=0.0, seed=s) for s in (1, 2)]
+    prepared = inputs_for(engine.batch, pieces, greedy)
     empty = engine.runner.empty_inputs(16, 2)
     shapes = jax.tree.map(lambda a: (np.shape(a), np.asarray(a).dtype), prepared)
     assert jax.tree.map(lambda a: (np.shape(a), np.asarray(a).dtype), empty) == shapes
-    # The runner's two halves give what sample_step gives.
-    once = engine.runner.sample_step(chunks, greedy, seeds=[1, 2], steps=[0, 0])
-    again = engine.runner.run(prepared, 2)
+    # The abstract spec (memory plan, AOT cases) is the same tree of the same shapes.
+    spec = engine.runner.spec(16, 2)
+    assert jax.tree.map(lambda a: (a.shape, np.dtype(a.dtype)), spec) == shapes
+    # The same inputs run twice over the same cache give the same picks.
+    once, _ = engine.executor.run(prepared).result()
+    again, _ = engine.executor.run(prepared).result()
     np.testing.assert_array_equal(once.tokens, again.tokens)
 
 
@@ -70,10 +74,11 @@ def test_watchdog_refuses_a_timeout_that_is_not_positive():
 
 def test_pack_and_unpack_keep_every_bit(engine):
     groups = engine.groups.num_groups
-    chunks = [SeqChunk([[1, 2]] * groups, 3, [5, 6]), SeqChunk([[3]] * groups, 0, [7])]
+    chunks = [SeqPiece([[1, 2]] * groups, 3, [5, 6]), SeqPiece([[3]] * groups, 0, [7])]
     sampling = [SamplingParams(temperature=0.7, top_p=0.9, min_p=1e-7),
                 SamplingParams(temperature=0.0)]
-    inputs = engine.runner.prepare(chunks, sampling, seeds=[2**32 - 1, 5], steps=[4, 0])
+    sampling = [dataclasses.replace(p, seed=s) for p, s in zip(sampling, (2**32 - 1, 5), strict=True)]
+    inputs = inputs_for(engine.batch, chunks, sampling, steps=[4, 0])
     message = pack(inputs)
     assert message.dtype == np.int32 and message.ndim == 1
     back = unpack(message, engine.runner.empty_inputs(16, 2))
@@ -86,12 +91,10 @@ def test_pack_and_unpack_keep_every_bit(engine):
 
 def test_a_scoring_steps_message_round_trips(engine):
     groups = engine.groups.num_groups
-    chunks = [SeqChunk([[1, 2]] * groups, 0, [5, 6, 9])]
-    inputs = engine.runner.prepare(chunks, [SamplingParams(temperature=0.0)], seeds=[3],
-                                   steps=[0])
-    rows = target_rows(inputs, [6, 9])
-    assert rows.tolist() == [6, 9] + [-1] * 14
-    template = (engine.runner.empty_inputs(16, 1), np.zeros(16, np.int32))
-    back_inputs, back_rows = unpack(pack((inputs, rows)), template)
-    np.testing.assert_array_equal(back_rows, rows)
-    np.testing.assert_array_equal(back_inputs.meta.slot_mapping, inputs.meta.slot_mapping)
+    pieces = [SeqPiece([[1, 2]] * groups, 0, [5, 6, 9])]
+    inputs = inputs_for(engine.batch, pieces, [SamplingParams(temperature=0.0, seed=3)],
+                        targets=[[6, 9, -1]])
+    assert inputs.scores and inputs.targets.tolist() == [6, 9] + [-1] * 14
+    back = unpack(pack(inputs), engine.runner.empty_inputs(16, 1))
+    np.testing.assert_array_equal(back.targets, inputs.targets)
+    np.testing.assert_array_equal(back.meta.slot_mapping, inputs.meta.slot_mapping)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.pages import PageAllocator
-from jaxllm.engine.scheduler import Request, Scheduler, Status
+from jaxllm.engine.request import Request, Status
+from jaxllm.engine.scheduler import Scheduler
 from jaxllm.kv_cache import CacheConfig
 from jaxllm.sampling import SamplingParams
 
@@ -23,15 +24,16 @@ def _scheduler(*, page_size: int = 4, num_pages: int = 32, max_num_seqs: int = 4
 
 
 def _request(rid: str, prompt: list[int], max_tokens: int = 8) -> Request:
-    return Request(rid, list(prompt), SamplingParams(), max_tokens, seed=0)
+    return Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, seed=0))
 
 
 def _step(scheduler: Scheduler, token: int = 1) -> list[tuple[str, int, bool]]:
     """Schedules and 'runs' one step: each sampling row appends ``token``."""
     scheduled = scheduler.schedule()
     for s in scheduled:
-        scheduler.computed(s)
+        scheduler.settle(s)
         if s.samples:
+            s.request.num_in_flight -= 1
             s.request.output.append(token)
             if len(s.request.output) >= s.request.max_tokens:
                 scheduler.finish(s.request, "length")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from jaxllm.engine.engine import RequestOutput, TokenLogprob
-from jaxllm.engine.scheduler import Request
+from jaxllm.engine.request import Request
 from jaxllm.sampling import SamplingParams
 
 
@@ -26,7 +26,8 @@ def ids(text: str) -> list[int]:
 
 
 def request(rid: str = "r", stop_ids: Sequence[int] = ()) -> Request:
-    return Request(rid, [1, 2, 3], SamplingParams(), 100, seed=0, stop_ids=frozenset(stop_ids))
+    return Request(rid, [1, 2, 3], SamplingParams(max_tokens=100, seed=0),
+                   stop_ids=frozenset(stop_ids))
 
 
 def output(rid: str, new: Sequence[int], finish: str | None = None, *,

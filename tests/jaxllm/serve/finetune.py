@@ -17,7 +17,7 @@ from flax import nnx
 import jaxllm
 from jaxllm import checkpoint
 from jaxllm.kv_cache import CacheConfig, init_kv_cache
-from jaxllm.layout import SeqChunk, build_step, contiguous_num_pages, contiguous_pages, pages_for
+from jaxllm.layout import SeqPiece, build_step, contiguous_num_pages, contiguous_pages, pages_for
 from jaxllm.serve.tokenizer import TextCodec
 
 PAGE = 16
@@ -44,7 +44,7 @@ def finetune(base: Path, out: Path, examples: Sequence[tuple[str, str]], *, step
     width = pages_for(length, PAGE)
     cache = CacheConfig(page_size=PAGE, dtype=jnp.float32,
                         num_pages=contiguous_num_pages(1, batch, width))
-    chunks = [SeqChunk([contiguous_pages(0, b, batch, width)], 0, [0] * length)
+    chunks = [SeqPiece([contiguous_pages(0, b, batch, width)], 0, [0] * length)
               for b in range(batch)]
     meta = jax.tree.map(jnp.asarray, build_step(chunks, cache, width=width,
                                                 num_rows=batch * length, num_slots=batch).meta)

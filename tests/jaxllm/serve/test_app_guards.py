@@ -5,6 +5,7 @@ tokenization off the event loop, and a non-streaming request aborted when its cl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jaxllm.engine.scheduler import Request
+from jaxllm.engine.request import Request
 from jaxllm.serve.app import ServerState, build_app
 from jaxllm.serve.async_engine import AsyncEngine
 from jaxllm.serve.metrics import Metrics
@@ -36,7 +37,8 @@ class ServingEngine(FakeEngine):
     def prepare(self, prompt, sampling, request_id, *, ignore_eos=False) -> Request:
         if self.explode:
             raise RuntimeError("a bug")
-        return Request(request_id, list(prompt), sampling, sampling.max_tokens or 4, seed=0)
+        return Request(request_id, list(prompt), dataclasses.replace(
+            sampling, max_tokens=sampling.max_tokens or 4, seed=0))
 
 
 class TextCodec(ByteCodec):

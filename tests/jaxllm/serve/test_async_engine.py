@@ -12,7 +12,7 @@ import pytest
 
 from jaxllm.engine import RecoveryFailed, StepFailed
 from jaxllm.engine.engine import RequestOutput
-from jaxllm.engine.scheduler import Request
+from jaxllm.engine.request import Request
 from jaxllm.sampling import SamplingParams
 from jaxllm.serve.async_engine import AsyncEngine, EngineDead, EngineError
 
@@ -81,7 +81,7 @@ class FakeEngine:
 
 
 def _request(rid: str, first: int, max_tokens: int) -> Request:
-    return Request(rid, [first], SamplingParams(), max_tokens, seed=0)
+    return Request(rid, [first], SamplingParams(max_tokens=max_tokens, seed=0))
 
 
 @pytest.fixture
