@@ -77,7 +77,8 @@ def test_pack_and_unpack_keep_every_bit(engine):
     chunks = [SeqPiece([[1, 2]] * groups, 3, [5, 6]), SeqPiece([[3]] * groups, 0, [7])]
     sampling = [SamplingParams(temperature=0.7, top_p=0.9, min_p=1e-7),
                 SamplingParams(temperature=0.0)]
-    sampling = [dataclasses.replace(p, seed=s) for p, s in zip(sampling, (2**32 - 1, 5), strict=True)]
+    sampling = [dataclasses.replace(p, seed=s)
+                for p, s in zip(sampling, (2**32 - 1, 5), strict=True)]
     inputs = inputs_for(engine.batch, chunks, sampling, steps=[4, 0])
     message = pack(inputs)
     assert message.dtype == np.int32 and message.ndim == 1
