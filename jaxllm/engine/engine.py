@@ -171,7 +171,11 @@ class Engine:
             self.scheduler.finish(request, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None
+        """Whether a request is unfinished: waiting, running, or in the step in flight (a
+        step whose requests have all ended since is read by the next ``step`` call)."""
+        return self.scheduler.has_work() or (
+            self._in_flight is not None
+            and any(s.request.finish_reason is None for s in self._in_flight.scheduled))
 
     def step(self) -> list[RequestOutput]:
         """Returns what each request gained in the oldest step in flight, dispatching that

@@ -78,7 +78,8 @@ class Scheduler:
                 continue
             out.append(_scheduled(request, n))
             budget -= n
-        while self.waiting and budget and len(out) < self.policy.max_num_seqs:
+        # At most max_num_seqs requests run: one batch row each.
+        while self.waiting and budget and len(out) < self.policy.max_num_seqs and self.free_rows:
             request = self.waiting[0]
             if request.num_in_flight:  # preempted while a step picks its next token
                 break

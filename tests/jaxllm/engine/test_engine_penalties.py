@@ -89,7 +89,7 @@ def test_penalties_mixed_with_plain_requests_and_chunked_prefill_match_hf(scout)
                if s is not PLAIN]
     assert sum(changed) >= 3, changed
     assert engine.pages.num_free == engine.pages.num_pages
-    assert sorted(engine.scheduler.free_penalty_slots) == list(range(8))
+    assert sorted(engine.scheduler.free_rows) == list(range(8))
 
 
 def test_penalties_survive_preemption_and_recompute(scout):
