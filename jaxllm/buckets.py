@@ -15,20 +15,33 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import jax
 
 from jaxllm.kv_cache import CacheConfig
 from jaxllm.layout import pages_for
 
+if TYPE_CHECKING:
+    from jaxllm.config import Llama4Config
+
 GPU_MAX_NUM_BATCHED_TOKENS = 8192  # vLLM's default for an H100 server
 CPU_MAX_NUM_BATCHED_TOKENS = 512  # keeps CPU steps (and the bundled model's warm-up) short
+GPU_MAX_NUM_SEQS = 256  # vLLM's default: sequences running at once
+CPU_MAX_NUM_SEQS = 8  # a CPU runs few sequences well, and warms up fewer batch buckets
 
 
-def default_max_num_batched_tokens() -> int:
+def default_max_num_seqs(on_gpu: bool | None = None) -> int:
+    """Sequences that run at once unless told otherwise (``on_gpu``: the backend's)."""
+    gpu = jax.default_backend() == "gpu" if on_gpu is None else on_gpu
+    return GPU_MAX_NUM_SEQS if gpu else CPU_MAX_NUM_SEQS
+
+
+def default_max_num_batched_tokens(on_gpu: bool | None = None) -> int:
     """Rows of one engine step unless told otherwise: independent of ``max_model_len`` (chunked
-    prefill splits longer prompts), so step memory and the program count stay bounded."""
-    gpu = jax.default_backend() == "gpu"
+    prefill splits longer prompts), so step memory and the program count stay bounded.
+    ``on_gpu``: for a GPU or not (default: this backend)."""
+    gpu = jax.default_backend() == "gpu" if on_gpu is None else on_gpu
     return GPU_MAX_NUM_BATCHED_TOKENS if gpu else CPU_MAX_NUM_BATCHED_TOKENS
 
 
@@ -53,6 +66,24 @@ class BucketPolicy:
     max_num_seqs: int = 8
     min_length_bucket: int = 16
     max_num_batched_tokens: int | None = None  # rows of one engine step (default below)
+
+    @classmethod
+    def for_model(cls, config: Llama4Config, *, dtype: Any, max_model_len: int | None = None,
+                  page_size: int = 16, hybrid: bool = True, max_num_seqs: int | None = None,
+                  max_num_batched_tokens: int | None = None,
+                  on_gpu: bool | None = None) -> BucketPolicy:
+        """The policy of ``config``'s model (``load_model`` and the dry run): ``max_model_len``
+        defaults to the config's, the step limits to those of a GPU or not (``on_gpu``,
+        default: this backend's)."""
+        max_model_len = max_model_len or config.max_position_embeddings
+        if max_model_len <= 0:
+            raise ValueError(f"max_model_len={max_model_len} must be positive")
+        return cls(max_model_len=max_model_len,
+                   cache=CacheConfig(page_size=page_size, dtype=dtype, hybrid=hybrid),
+                   chunk_size=config.attention_chunk_size,
+                   max_num_seqs=max_num_seqs or default_max_num_seqs(on_gpu),
+                   max_num_batched_tokens=(max_num_batched_tokens
+                                           or default_max_num_batched_tokens(on_gpu)))
 
     def __post_init__(self):
         if self.max_num_batched_tokens is None:

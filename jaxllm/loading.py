@@ -15,7 +15,6 @@ from jaxllm import checkpoint
 from jaxllm.api import Model
 from jaxllm.buckets import BucketPolicy
 from jaxllm.config import Llama4Config
-from jaxllm.kv_cache import CacheConfig
 from jaxllm.model import Llama4
 from jaxllm.sharding import named_sharding
 
@@ -38,7 +37,7 @@ def load_model(
     mesh: Mesh | None = None,
     attention_impl: str | None = None,
     page_size: int = 16,
-    max_num_seqs: int = 8,
+    max_num_seqs: int | None = None,
     max_num_batched_tokens: int | None = None,
     hybrid_kv_cache: bool = True,
 ) -> Model:
@@ -55,13 +54,9 @@ def load_model(
     manifest = checkpoint.read_manifest(path)
     config = Llama4Config.from_hf(path)
     dtype = DTYPES[manifest["dtype"]] if dtype is None else resolve_dtype(dtype)
-    max_model_len = max_model_len or config.max_position_embeddings
-    if max_model_len <= 0:
-        raise ValueError(f"max_model_len={max_model_len} must be positive")
-    policy = BucketPolicy(
-        max_model_len=max_model_len,
-        cache=CacheConfig(page_size=page_size, dtype=dtype, hybrid=hybrid_kv_cache),
-        chunk_size=config.attention_chunk_size, max_num_seqs=max_num_seqs,
+    policy = BucketPolicy.for_model(
+        config, dtype=dtype, max_model_len=max_model_len, page_size=page_size,
+        hybrid=hybrid_kv_cache, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens)
     graphdef, state = abstract_model(config, dtype, mesh)
     shardings: dict[tuple[str, ...], jax.sharding.Sharding] = {}

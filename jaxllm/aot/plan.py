@@ -14,7 +14,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from jaxllm.buckets import GPU_MAX_NUM_BATCHED_TOKENS, BucketPolicy
+from jaxllm.buckets import BucketPolicy
 from jaxllm.config import Llama4Config
 from jaxllm.engine.memory import (
     pages_for_sequence,
@@ -23,7 +23,6 @@ from jaxllm.engine.memory import (
     startup_report,
     weights_bytes_per_device,
 )
-from jaxllm.kv_cache import CacheConfig
 
 
 def target_memory_bytes(target: str) -> int:
@@ -42,19 +41,18 @@ def dry_run(args: argparse.Namespace) -> list[str]:
 
     from jaxllm.aot.cases import abstract_params, abstract_step
     from jaxllm.aot.target import TARGETS, compile_for, gpu_mesh
+    from jaxllm.loading import resolve_dtype
     from jaxllm.sharding import MESH_AXES
 
     if args.target not in TARGETS:
         raise ValueError(f"--target {args.target}: expected one of {sorted(TARGETS)}")
     config = Llama4Config.from_hf(Path(args.model))
-    dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(args.dtype, jnp.bfloat16)
+    dtype = resolve_dtype(args.dtype or "bfloat16")
     devices = args.tensor_parallel_size
-    policy = BucketPolicy(
-        max_model_len=args.max_model_len or config.max_position_embeddings,
-        cache=CacheConfig(page_size=args.block_size, dtype=dtype,
-                          hybrid=not args.disable_hybrid_kv_cache_manager),
-        chunk_size=config.attention_chunk_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens or GPU_MAX_NUM_BATCHED_TOKENS)
+    policy = BucketPolicy.for_model(
+        config, dtype=dtype, max_model_len=args.max_model_len, page_size=args.block_size,
+        hybrid=not args.disable_hybrid_kv_cache_manager, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, on_gpu=True)
     mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices), target=args.target)
     graphdef, params = abstract_params(config, dtype, mesh)
     weights = weights_bytes_per_device(params)

@@ -31,7 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--served-model-name", default=None, help="name in the API (default: "
                    "the checkpoint directory's name)")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences running at once (default: 256 on a GPU and for --dry-run, "
+                   "8 on CPU)")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="schedule each step only after the last one's tokens reach the host "
+                   "(by default the next step is dispatched first, hiding the host's work)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="rows of one engine step (default: 8192 on a GPU, 512 on CPU; longer "
                    "prompts are prefilled in chunks)")
@@ -110,7 +115,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
     return Engine(model, num_pages=args.num_kv_pages,
                   kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
-                  step_timeout=args.step_timeout)
+                  step_timeout=args.step_timeout, async_scheduling=args.async_scheduling)
 
 
 def build_state(args: argparse.Namespace) -> ServerState:

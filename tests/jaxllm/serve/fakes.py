@@ -31,8 +31,10 @@ def request(rid: str = "r", stop_ids: Sequence[int] = ()) -> Request:
 
 
 def output(rid: str, new: Sequence[int], finish: str | None = None, *,
-           logprob: float = -1.0) -> RequestOutput:
+           logprob: float = -1.0, stop_token: int | None = None) -> RequestOutput:
     """One engine output; each token's log-probability is ``logprob`` with itself as top-1
-    and token 0 second at ``logprob - 1``."""
+    and token 0 second at ``logprob - 1``; ``stop_token``: the last token is the stop id that
+    ended it (as the engine says)."""
     lps = [TokenLogprob(t, logprob, [(t, logprob), (0, logprob - 1)]) for t in new]
-    return RequestOutput(rid, list(new), lps, finish is not None, finish, 3, 0, len(new))
+    return RequestOutput(rid, list(new), lps, finish is not None, finish, 3, 0, len(new),
+                         stop_token=stop_token)

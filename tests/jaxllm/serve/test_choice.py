@@ -81,7 +81,7 @@ def test_stop_token_text_is_not_output_but_the_token_is_counted():
     stop = ord("!")
     choice = _choice(stop_ids=[stop])
     choice.feed(output("r", ids("hi")))
-    choice.feed(output("r", [stop], "stop"))
+    choice.feed(output("r", [stop], "stop", stop_token=stop))
     assert choice.text == "hi" and choice.finish_reason == "stop"
     assert choice.token_ids == ids("hi!") and len(choice.logprobs) == 3
 
@@ -166,7 +166,7 @@ def test_include_stop_str_in_output_keeps_the_stop_string_and_the_stop_token_tex
     assert (choice.text, choice.finish_reason) == ("abcd", "stop")
     stop = ord("!")
     choice = Choice(0, request("r", [stop]), [], ByteCodec(), include_stop=True)
-    choice.feed(output("r", ids("hi!"), "stop"))
+    choice.feed(output("r", ids("hi!"), "stop", stop_token=stop))
     assert (choice.text, choice.finish_reason) == ("hi!", "stop")
 
 
