@@ -78,12 +78,14 @@ class BucketPolicy:
         max_model_len = max_model_len or config.max_position_embeddings
         if max_model_len <= 0:
             raise ValueError(f"max_model_len={max_model_len} must be positive")
+        max_num_seqs = max_num_seqs or default_max_num_seqs(on_gpu)
+        if max_num_batched_tokens is None:  # no wider than max_num_seqs whole sequences
+            max_num_batched_tokens = max(max_num_seqs, min(
+                default_max_num_batched_tokens(on_gpu), max_num_seqs * max_model_len))
         return cls(max_model_len=max_model_len,
                    cache=CacheConfig(page_size=page_size, dtype=dtype, hybrid=hybrid),
-                   chunk_size=config.attention_chunk_size,
-                   max_num_seqs=max_num_seqs or default_max_num_seqs(on_gpu),
-                   max_num_batched_tokens=(max_num_batched_tokens
-                                           or default_max_num_batched_tokens(on_gpu)))
+                   chunk_size=config.attention_chunk_size, max_num_seqs=max_num_seqs,
+                   max_num_batched_tokens=max_num_batched_tokens)
 
     def __post_init__(self):
         if self.max_num_batched_tokens is None:

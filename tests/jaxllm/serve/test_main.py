@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import pytest
 
-from jaxllm.serve.__main__ import main, parse_args
+from jaxllm.serve.__main__ import DEFAULT_MODEL, main, parse_args
 from jaxllm.serve.app import DEFAULT_MAX_REQUEST_BYTES
 
 
 def test_defaults():
     args = parse_args([])
-    assert (args.block_size, args.max_num_seqs, args.tensor_parallel_size) == (16, 8, 1)
+    assert (args.block_size, args.max_num_seqs, args.tensor_parallel_size) == (16, None, 1)
+    assert args.async_scheduling and not parse_args(["--no-async-scheduling"]).async_scheduling
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     assert args.max_model_len is None and args.num_kv_pages is None
     assert args.attention_impl is None and args.dtype is None and not args.skip_warmup
     assert args.max_request_bytes == DEFAULT_MAX_REQUEST_BYTES
     assert parse_args(["--max-request-bytes", "1000"]).max_request_bytes == 1000
     assert (args.data_parallel_size, args.step_timeout) == (1, 60.0)
+
+
+def test_max_num_seqs_defaults_to_vllms_on_a_gpu_and_to_8_on_cpu():
+    from jaxllm.buckets import BucketPolicy, default_max_num_seqs
+    from jaxllm.config import Llama4Config
+
+    assert (default_max_num_seqs(on_gpu=True), default_max_num_seqs(on_gpu=False)) == (256, 8)
+    config = Llama4Config.from_hf(DEFAULT_MODEL)
+    gpu = BucketPolicy.for_model(config, dtype="bfloat16", on_gpu=True)
+    assert (gpu.max_num_seqs, gpu.max_num_batched_tokens) == (256, 8192)
+    assert BucketPolicy.for_model(config, dtype="bfloat16").max_num_seqs == 8  # this CPU
 
 
 def test_flags_are_parsed():
