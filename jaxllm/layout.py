@@ -116,69 +116,97 @@ class StepBatch:
     num_seqs: int
 
 
-def build_step(chunks: Sequence[SeqPiece], cache: CacheConfig, *, width: int, num_rows: int,
-               num_slots: int, group_chunk: Sequence[int | None] = (None,)) -> StepBatch:
-    """Flat-batch arrays for ``chunks``, padded to ``num_rows`` rows and ``num_slots``
+def build_step(pieces: Sequence[SeqPiece], cache: CacheConfig, *, width: int, num_rows: int,
+               num_slots: int, group_chunk: Sequence[int | None] = (None,),
+               tables: np.ndarray | None = None) -> StepBatch:
+    """Flat-batch arrays for ``pieces``, padded to ``num_rows`` rows and ``num_slots``
     sequence slots with block tables ``width`` pages wide, one per layer group (whose chunk
-    sizes are ``group_chunk``); every index is checked here, before any device work. Token
-    ids were checked at admission.
+    sizes are ``group_chunk``); every index is checked here, before any device work, with
+    whole-step array operations. ``tables [G, num_slots, width]``: the pieces' block tables
+    already laid out (the engine's persistent batch), else each piece's pages are copied in.
+    Token ids were checked at admission.
     """
-    if not chunks:
+    if not pieces:
         raise ValueError("a step needs at least one sequence")
-    for s, c in enumerate(chunks):
-        _check_chunk(s, c, cache, width, group_chunk)
-    rows = sum(len(c.tokens) for c in chunks)
-    if rows > num_rows or len(chunks) > num_slots:
-        raise ValueError(f"{rows} rows of {len(chunks)} sequences do not fit a step of "
+    groups, page, live = len(group_chunk), cache.page_size, len(pieces)
+    lengths = np.fromiter((len(c.tokens) for c in pieces), np.int64, live)
+    cached = np.fromiter((c.num_cached for c in pieces), np.int64, live)
+    rows = int(lengths.sum())
+    if rows > num_rows or live > num_slots:
+        raise ValueError(f"{rows} rows of {live} sequences do not fit a step of "
                          f"{num_rows} rows and {num_slots} sequence slots")
-    groups = len(group_chunk)
+    if (bad := np.flatnonzero((lengths < 1) | (cached < 0))).size:
+        raise ValueError(f"sequence {bad[0]}: needs >= 1 new token and num_cached >= 0")
+    laid_out = tables is not None
+    if tables is None:
+        tables = np.full((groups, num_slots, width), NULL_PAGE, np.int32)
+    elif tables.shape != (groups, num_slots, width):
+        raise ValueError(f"block tables of shape {tables.shape}, the step needs "
+                         f"{(groups, num_slots, width)}")
+    held = np.zeros((groups, live), np.int64)  # pages in each table row
     tokens = np.zeros(num_rows, np.int32)
-    positions = np.zeros(num_rows, np.int32)
-    slots = np.full((groups, num_rows), -1, np.int32)
-    tables = np.full((groups, num_slots, width), NULL_PAGE, np.int32)
-    seq_lens = np.zeros(num_slots, np.int32)
-    starts = np.zeros(num_slots + 1, np.int32)
-    last = np.zeros(num_slots, np.int32)
     row = 0
-    for s, c in enumerate(chunks):
-        n, end = len(c.tokens), c.num_cached + len(c.tokens)
-        pos = np.arange(c.num_cached, end)
-        tokens[row : row + n] = c.tokens
-        positions[row : row + n] = pos
+    for s, c in enumerate(pieces):
+        if len(c.pages) != groups:
+            raise ValueError(f"sequence {s}: pages for {len(c.pages)} layer groups, the cache "
+                             f"has {groups}")
         for g, pages in enumerate(c.pages):
-            tables[g, s, : len(pages)] = pages
-            slots[g, row : row + n] = slot_of(tables[g, s], pos, cache.page_size)
-        seq_lens[s] = end
-        row += n
-        starts[s + 1] = row
-        last[s] = row - 1
-    starts[len(chunks) + 1 :] = row
+            n = len(pages)
+            if n > width:
+                raise ValueError(f"sequence {s}: {n} pages, at most {width} pages per "
+                                 "sequence")
+            if not laid_out:
+                tables[g, s, :n] = pages
+            held[g, s] = n
+        tokens[row : row + lengths[s]] = c.tokens
+        row += lengths[s]
+    ends = cached + lengths
+    _check_tables(tables[:, :live], held, cached, ends, cache, width, group_chunk)
+    starts = np.zeros(num_slots + 1, np.int32)
+    starts[1 : live + 1] = np.cumsum(lengths)
+    starts[live + 1 :] = rows
+    seq_of_row = np.repeat(np.arange(live), lengths)
+    positions = np.zeros(num_rows, np.int32)
+    positions[:rows] = np.arange(rows) - starts[seq_of_row] + cached[seq_of_row]
+    slots = np.full((groups, num_rows), -1, np.int32)
+    pos = positions[:rows]
+    slots[:, :rows] = tables[:, seq_of_row, pos // page] * page + pos % page  # ``slot_of``
+    seq_lens = np.zeros(num_slots, np.int32)
+    seq_lens[:live] = ends
+    last = np.zeros(num_slots, np.int32)
+    last[:live] = starts[1 : live + 1] - 1
     meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=tables,
                              seq_lens=seq_lens, query_start_loc=starts,
-                             num_seqs=np.int32(len(chunks)))
-    return StepBatch(tokens, meta, last, len(chunks))
+                             num_seqs=np.int32(live))
+    return StepBatch(tokens, meta, last, live)
 
 
-def _check_chunk(s: int, c: SeqPiece, cache: CacheConfig, width: int,
-                 group_chunk: Sequence[int | None]) -> None:
-    end, page = c.num_cached + len(c.tokens), cache.page_size
-    if len(c.tokens) < 1 or c.num_cached < 0:
-        raise ValueError(f"sequence {s}: needs >= 1 new token and num_cached >= 0")
-    if len(c.pages) != len(group_chunk):
-        raise ValueError(f"sequence {s}: pages for {len(c.pages)} layer groups, the cache has "
-                         f"{len(group_chunk)}")
-    for g, (group_pages, chunk) in enumerate(zip(c.pages, group_chunk, strict=True)):
-        pages = np.asarray(group_pages, np.int64)
-        if len(pages) < pages_for(end, page) or len(pages) > width:
-            raise ValueError(f"sequence {s}: {len(pages)} pages for {end} tokens (page size "
-                             f"{page}, at most {width} pages per sequence)")
-        if pages.size and (pages.min() < 0 or pages.max() > cache.num_pages):
+def _check_tables(tables: np.ndarray, held: np.ndarray, cached: np.ndarray, ends: np.ndarray,
+                  cache: CacheConfig, width: int, group_chunk: Sequence[int | None]) -> None:
+    """Every live table row holds the pages its positions need, with ids in range, and no
+    dropped (null) page where its group's attention still reads (``tables [G, S, W]``,
+    ``held [G, S]`` pages per row; positions ``cached..ends - 1``)."""
+    page = cache.page_size
+    need = -(-ends // page)  # ``pages_for``
+    columns = np.arange(width)
+    for g, chunk in enumerate(group_chunk):
+        short = np.flatnonzero(held[g] < need)
+        if short.size:
+            s = short[0]
+            raise ValueError(f"sequence {s}: {held[g, s]} pages for {ends[s]} tokens (page "
+                             f"size {page}, at most {width} pages per sequence)")
+        if tables[g].size and (tables[g].min() < 0 or tables[g].max() > cache.num_pages):
+            s = int(np.flatnonzero((tables[g].min(axis=1) < 0)
+                                   | (tables[g].max(axis=1) > cache.num_pages))[0])
             raise ValueError(f"sequence {s}: page ids must be in [0, {cache.num_pages}], got "
-                             f"{pages.min()}..{pages.max()}")
-        needed = pages[first_needed_page(c.num_cached, page, chunk) : pages_for(end, page)]
-        if np.any(needed == NULL_PAGE):
+                             f"{tables[g, s].min()}..{tables[g, s].max()}")
+        first = np.zeros_like(cached) if chunk is None else cached // chunk * chunk // page
+        needed = (columns >= first[:, None]) & (columns < need[:, None])
+        dropped = np.flatnonzero(np.any(needed & (tables[g] == NULL_PAGE), axis=1))
+        if dropped.size:
+            s = dropped[0]
             raise ValueError(f"sequence {s}: layer group {g} has dropped a page that positions "
-                             f"{c.num_cached}..{end - 1} still need")
+                             f"{cached[s]}..{ends[s] - 1} still need")
 
 
 def contiguous_pages(group: int, seq: int, batch: int, width: int) -> range:

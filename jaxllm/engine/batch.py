@@ -18,7 +18,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from jaxllm.buckets import BucketPolicy
+from jaxllm.engine.pages import PageRow
 from jaxllm.engine.step import StepInputs
+from jaxllm.kv_cache import NULL_PAGE
 from jaxllm.layout import SeqPiece, build_step
 from jaxllm.penalties import PenaltyRows, no_rows
 from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, seed_words
@@ -48,29 +50,42 @@ class InputBatch:
         self.pad_row = self.num_rows
         self.sampling = SamplingArrays.from_params([GREEDY] * (self.num_rows + 1))
         self.seeds = np.zeros((self.num_rows + 1, 2), np.uint32)
+        # [G, rows + 1, W]: each running sequence's block-table rows, kept by its PageRows.
+        self.tables = np.full((len(group_chunk), self.num_rows + 1, policy.pages_per_seq),
+                              NULL_PAGE, np.int32)
 
-    def write(self, row: int, sampling: SamplingParams, stop_ids: Sequence[int]) -> None:
-        """Fills batch row ``row`` for a sequence admitted there (``sampling.seed`` resolved)."""
+    def write(self, row: int, sampling: SamplingParams, stop_ids: Sequence[int],
+              pages: Sequence[PageRow] = ()) -> None:
+        """Fills batch row ``row`` for a sequence admitted there (``sampling.seed``
+        resolved); its block-table ``pages`` (one ``PageRow`` per layer group) keep their
+        rows of the table from now on."""
         if not 0 <= row < self.num_rows:
             raise ValueError(f"batch row {row} is outside [0, {self.num_rows})")
         one = SamplingArrays.from_params([sampling], [stop_ids])
         for buffer, value in zip(self.sampling, one, strict=True):
             buffer[row] = value[0]
         self.seeds[row] = seed_words([sampling.seed])[0]
+        for group, page_row in enumerate(pages):
+            page_row.bind(self.tables[group, row])
 
     def inputs(self, plans: Sequence[SlotPlan],
-               token_masks: Mapping[int, np.ndarray] | None = None) -> StepInputs:
+               token_masks: Mapping[int, np.ndarray] | None = None, *,
+               bound: bool = False) -> StepInputs:
         """The step's ``StepInputs`` for ``plans`` (one per sequence slot, in step order),
         padded to its buckets and range-checked (``build_step``); ``token_masks`` maps a slot
-        to its allowed tokens (``[mask_words]`` int32 bits; structured outputs)."""
+        to its allowed tokens (``[mask_words]`` int32 bits; structured outputs). ``bound``:
+        every piece's pages are its batch row's rows of the block table (``write``), so the
+        step's tables are gathered from it in one copy."""
         policy = self.policy
         pieces = [p.piece for p in plans]
         num_rows = policy.token_bucket(sum(len(p.tokens) for p in pieces))
         slots = policy.batch_bucket(len(plans))
-        batch = build_step(pieces, policy.cache, width=policy.pages_per_seq,
-                           num_rows=num_rows, num_slots=slots, group_chunk=self.group_chunk)
         rows = np.full(slots, self.pad_row, np.int64)
         rows[: len(plans)] = [p.batch_row for p in plans]
+        tables = self.tables[:, rows] if bound else None
+        batch = build_step(pieces, policy.cache, width=policy.pages_per_seq,
+                           num_rows=num_rows, num_slots=slots, group_chunk=self.group_chunk,
+                           tables=tables)
         steps = np.zeros(slots, np.int32)
         steps[: len(plans)] = [p.step for p in plans]
         from_last = np.full(num_rows, -1, np.int32)

@@ -209,7 +209,8 @@ class Engine:
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 return None
-            inputs = self.batch.inputs(self._plans(scheduled), self._token_masks(scheduled))
+            inputs = self.batch.inputs(self._plans(scheduled), self._token_masks(scheduled),
+                                       bound=True)
             return LaunchedStep(scheduled, self.executor.run(inputs))
         except Exception as error:  # noqa: BLE001 - raised by ``step``, after recovery
             return FailedLaunch(scheduled, error)
@@ -221,7 +222,8 @@ class Engine:
         for index, s in enumerate(scheduled):
             request = s.request
             if s.admitted:
-                self.batch.write(request.batch_row, request.sampling, sorted(request.stop_ids))
+                self.batch.write(request.batch_row, request.sampling, sorted(request.stop_ids),
+                                 request.pages)
             end = s.start + s.num_tokens
             known = min(end, len(request.prompt) + len(request.output))
             tokens = request.tokens_between(s.start, known) + [0] * (end - known)

@@ -45,13 +45,31 @@ def extend_page_hashes(hashes: list[bytes], tail: Sequence[int], page_size: int)
 class PageRow:
     """One layer group's row of a request's block table: page ids in position order, kept in
     a growing int32 array, so a step's block tables are copied, not converted from 1M-entry
-    Python lists. Reads like a list of ints (``len``, iteration, slices, ``==``)."""
+    Python lists. Reads like a list of ints (``len``, iteration, slices, ``==``).
 
-    __slots__ = ("_buf", "_len")
+    Once the request runs, its rows live in the persistent batch's block table (``bind``):
+    every change lands there, and a step gathers its tables with one copy."""
+
+    __slots__ = ("_buf", "_len", "_bound")
 
     def __init__(self, pages: Sequence[int] = ()):
         self._buf = np.array(pages, np.int32).reshape(-1)
         self._len = len(self._buf)
+        self._bound = False
+
+    def bind(self, storage: np.ndarray) -> None:
+        """Keeps the row in ``storage`` (a row of a block table, ``NULL_PAGE`` past its
+        pages) from now on."""
+        if self._len > len(storage):
+            raise ValueError(f"{self._len} pages do not fit a block-table row of "
+                             f"{len(storage)}")
+        storage[: self._len] = self._buf[: self._len]
+        storage[self._len:] = NULL_PAGE
+        self._buf, self._bound = storage, True
+
+    @property
+    def bound(self) -> bool:
+        return self._bound
 
     @property
     def array(self) -> np.ndarray:
@@ -78,6 +96,9 @@ class PageRow:
     def __iadd__(self, pages: Sequence[int]) -> PageRow:
         n = len(pages)
         if self._len + n > len(self._buf):
+            if self._bound:
+                raise ValueError(f"{self._len + n} pages do not fit a block-table row of "
+                                 f"{len(self._buf)}")
             grown = np.empty(max(2 * len(self._buf), self._len + n, 16), np.int32)
             grown[: self._len] = self.array
             self._buf = grown

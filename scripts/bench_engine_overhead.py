@@ -1,0 +1,221 @@
+"""How much of each decode step the host costs the device: the engine against its own program.
+
+    python scripts/bench_engine_overhead.py                 # every table (CPU: ~10 minutes)
+    python scripts/bench_engine_overhead.py --no-server --steps 20
+
+For 8, 64 and 256 decoding sequences with mixed sampling parameters (greedy, top-p, top-k,
+plain temperature, a presence penalty), with async scheduling off ("sync") and on ("async"):
+
+1. **Stand-in device**: the engine drives a device step that takes a fixed T ms without
+   holding the interpreter (a queue that sleeps, as a GPU would run; T = 8 ms is a Scout decode
+   step on 8 x H100, T = 2 ms a small model). Printed: the host's milliseconds per step on the
+   critical path (wall time per step - T), the device's busy fraction (T x steps / wall) and
+   engine tokens/s against the device alone (sequences / T).
+2. **Bundled model**: the real compiled step. The peer is the same program run back to back on
+   the engine's own last step inputs (the program alone); printed: engine tokens/s, the
+   program's, their ratio, and host ms per step on the critical path (engine - program). On a
+   CPU the "device" shares the cores with the host, so this ratio understates what a GPU gets.
+3. **Server** (``--server``, default on): the bundled model behind ``python -m jaxllm.serve``,
+   that many streaming clients at once (SSE): output tokens/s and mean inter-token latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jaxllm import SamplingParams  # noqa: E402
+from jaxllm.engine import Engine  # noqa: E402
+from jaxllm.engine.step import TOP_LOGPROBS, Sampled  # noqa: E402
+from jaxllm.loading import load_model  # noqa: E402
+
+BUNDLED = REPO / "checkpoints" / "tiny-llama4"
+MIXED = [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.8, top_p=0.9),
+    SamplingParams(temperature=1.0, top_k=20),
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.9, top_p=0.95, min_p=0.02),
+    SamplingParams(temperature=0.6, presence_penalty=0.3),
+    SamplingParams(temperature=0.0),
+]
+
+
+class StandInDevice:
+    """Replaces the runner's ``run``: each step occupies a one-queue device for ``ms``
+    milliseconds after the one before it; ``result`` sleeps (releasing the interpreter) until
+    the step's end and picks token 5 for every sequence."""
+
+    def __init__(self, ms: float):
+        self.seconds = ms / 1e3
+        self.free_at = 0.0
+        self.busy = 0.0
+
+    def run(self, inputs):
+        start = max(time.perf_counter(), self.free_at)
+        self.free_at = start + self.seconds
+        self.busy += self.seconds
+        return _Pending(self.free_at, inputs.num_seqs)
+
+
+@dataclasses.dataclass
+class _Pending:
+    end: float
+    num_seqs: int
+
+    def result(self):
+        time.sleep(max(0.0, self.end - time.perf_counter()))
+        n = self.num_seqs
+        return Sampled(np.full(n, 5, np.int32), np.zeros(n, np.float32),
+                       np.zeros((n, TOP_LOGPROBS), np.int32),
+                       np.zeros((n, TOP_LOGPROBS), np.float32)), None
+
+
+def engine_for(model, seqs: int, async_scheduling: bool) -> Engine:
+    # Room for every sequence at max_model_len: no preemption while timing.
+    return Engine(model, num_pages=seqs * 64 + 64, async_scheduling=async_scheduling)
+
+
+def decode(engine: Engine, seqs: int, steps: int, warm_steps: int = 3) -> tuple[float, int]:
+    """Admits ``seqs`` short prompts, runs until every one decodes, then times ``steps``
+    steps; returns (seconds, tokens produced in them)."""
+    rng = np.random.default_rng(0)
+    for i in range(seqs):
+        sampling = dataclasses.replace(MIXED[i % len(MIXED)], seed=i, max_tokens=200)
+        engine.submit(engine.prepare(rng.integers(3, 100, 4).tolist(), sampling,
+                                     ignore_eos=True))
+    while min((len(r.output) for r in engine.requests.values()), default=0) < warm_steps:
+        engine.step()
+    tokens = 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+    return time.perf_counter() - start, tokens
+
+
+def stand_in_table(model, sizes, steps: int) -> list[str]:
+    rows = ["| T ms | seqs | mode | host ms/step on the critical path | device busy | "
+            "engine tok/s | device alone tok/s | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for ms in (8.0, 2.0):
+        for seqs in sizes:
+            for mode in (False, True):
+                engine = engine_for(model, seqs, mode)
+                device = StandInDevice(ms)
+                engine.runner.run = device.run
+                seconds, tokens = decode(engine, seqs, steps)
+                busy = steps * device.seconds / seconds
+                alone = seqs / device.seconds
+                rows.append(f"| {ms:g} | {seqs} | {'async' if mode else 'sync'} | "
+                            f"{(seconds / steps - device.seconds) * 1e3:.2f} | {busy:.3f} | "
+                            f"{tokens / seconds:,.0f} | {alone:,.0f} | "
+                            f"{tokens / seconds / alone:.3f} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
+def model_table(model, sizes, steps: int) -> list[str]:
+    rows = ["| seqs | mode | engine tok/s | program alone tok/s | ratio | "
+            "host ms/step on the critical path |", "|---|---|---|---|---|---|"]
+    for seqs in sizes:
+        for mode in (False, True):
+            engine = engine_for(model, seqs, mode)
+            captured = {}
+            build = engine.batch.inputs
+
+            def capture(plans, masks=None, build=build, captured=captured):
+                captured["inputs"] = build(plans, masks)
+                return captured["inputs"]
+
+            engine.batch.inputs = capture
+            seconds, tokens = decode(engine, seqs, steps)
+            # The peer: the same compiled program on the engine's last inputs, back to back.
+            inputs, runner = captured["inputs"], engine.runner
+            runner.run(inputs).result()
+            start = time.perf_counter()
+            pending = [runner.run(inputs) for _ in range(steps)]
+            pending[-1].result()
+            alone = time.perf_counter() - start
+            rate, peer = tokens / seconds, seqs * steps / alone
+            rows.append(f"| {seqs} | {'async' if mode else 'sync'} | {rate:,.0f} | "
+                        f"{peer:,.0f} | {rate / peer:.3f} | "
+                        f"{(seconds - alone) / steps * 1e3:.2f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def server_table(sizes, output_len: int) -> list[str]:
+    sys.path.insert(0, str(REPO / "scripts"))
+    import httpx
+    from bench_serving import one_request
+
+    from jaxllm.testing import free_port, wait_healthy
+
+    rows = ["| clients | mode | output tok/s | mean ITL ms |", "|---|---|---|---|"]
+    for mode in ("sync", "async"):
+        port = free_port()
+        cmd = [sys.executable, "-m", "jaxllm.serve", "--port", str(port), "--max-num-seqs",
+               str(max(sizes)), "--skip-warmup", "--compilation-cache-dir", ""]
+        if mode == "sync":
+            cmd.append("--no-async-scheduling")
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                wait_healthy(proc, port)
+                url = f"http://127.0.0.1:{port}/v1/completions"
+                for clients in sizes:
+                    async def load(clients=clients):
+                        async with httpx.AsyncClient(timeout=600) as client:
+                            await one_request(client, url, "tiny-llama4", [5, 6], 4, {})
+                            start = time.perf_counter()
+                            done = await asyncio.gather(*(
+                                one_request(client, url, "tiny-llama4", [5 + i % 50, 6], output_len,
+                                            {}) for i in range(clients)))
+                            return done, time.perf_counter() - start
+
+                    asyncio.run(load())  # compiles this concurrency's shapes
+                    done, seconds = asyncio.run(load())
+                    ok = [d for d in done if "error" not in d]
+                    itl = np.mean([x for d in ok for x in d["itl"]]) * 1e3
+                    tokens = sum(d["tokens"] for d in ok)
+                    rows.append(f"| {clients} | {mode} | {tokens / seconds:,.0f} | {itl:.1f} |")
+                    print(rows[-1], flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="8,64,256", help="decoding sequences per run")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per run")
+    p.add_argument("--server", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--server-sizes", default="8,64")
+    p.add_argument("--output-len", type=int, default=64)
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    model = load_model(BUNDLED, max_num_seqs=max(sizes))
+    print("## Stand-in device step (fixed T ms, the interpreter free)")
+    stand_in_table(model, sizes, args.steps * 2)
+    print("\n## Bundled model, the real compiled step")
+    model_table(model, sizes, args.steps)
+    if args.server:
+        print("\n## Through the server (streaming clients)")
+        server_table([int(s) for s in args.server_sizes.split(",")], args.output_len)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
