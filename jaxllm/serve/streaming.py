@@ -37,7 +37,8 @@ async def stream_events(
     calls = {c.index: call_stream() for c in choices} if chat and call_stream else {}
 
     def chunk(c: Choice, text: str, new_logprobs: list, finish: str | None,
-              delta: dict[str, Any] | None = None) -> dict[str, Any]:
+              delta: dict[str, Any] | None = None,
+              usage_now: dict[str, int] | None = None) -> dict[str, Any]:
         if chat:
             if delta is None:
                 stream = calls.get(c.index)
@@ -47,7 +48,8 @@ async def stream_events(
         else:
             body = {"index": c.index, "text": text, "finish_reason": finish,
                     "logprobs": logprobs_of(new_logprobs)}
-        usage = {"usage": usage_of()} if continuous_usage else {}
+        # The usage when the chunk's tokens arrived, not when it is written out.
+        usage = {"usage": usage_now or usage_of()} if continuous_usage else {}
         return {**head, "object": chunk_kind, "choices": [body], **usage}
 
     out_queue: asyncio.Queue = asyncio.Queue()
@@ -57,10 +59,11 @@ async def stream_events(
         try:
             async for _ in run_choice(c):
                 new, seen = c.logprobs[seen:], len(c.logprobs)
-                await out_queue.put((c, c.take_delta(), new))
+                await out_queue.put((c, c.take_delta(), new,
+                                     usage_of() if continuous_usage else None))
         except Exception as e:  # reported in-stream: the status line has been sent
-            await out_queue.put((c, e, None))
-        await out_queue.put((c, None, None))
+            await out_queue.put((c, e, None, None))
+        await out_queue.put((c, None, None, None))
 
     if chat:
         for c in choices:
@@ -71,7 +74,7 @@ async def stream_events(
     try:
         remaining = len(choices)
         while remaining:
-            c, delta, new_logprobs = await out_queue.get()
+            c, delta, new_logprobs, usage_now = await out_queue.get()
             if isinstance(delta, Exception):
                 yield sse({"error": error_body(str(delta), getattr(delta, "status", 500),
                                                getattr(delta, "kind", "InternalServerError"))})
@@ -86,7 +89,7 @@ async def stream_events(
                 else:
                     yield sse(chunk(c, c.take_delta(), [], reason))
             elif delta or new_logprobs:  # one chunk per token, so clients can time them
-                yield sse(chunk(c, delta, new_logprobs, None))
+                yield sse(chunk(c, delta, new_logprobs, None, usage_now=usage_now))
         if include_usage:
             yield sse({**head, "object": chunk_kind, "choices": [], "usage": usage_of()})
         yield "data: [DONE]\n\n"
