@@ -66,3 +66,24 @@ def test_batch_pads_with_minus_one():
     drafts, counts = ngram.propose_batch(seqs, min_n=1, max_n=2, k=3, max_model_len=64)
     assert counts.tolist() == [2, 0, 3]
     assert drafts.tolist() == [[1, 2, -1], [-1, -1, -1], [5, 5, 5]]
+
+
+def test_acceptance_replay_on_a_hand_worked_request():
+    """scripts/ngram_acceptance.py's replay: prompt [5, 1, 2, 3, 7], greedy output
+    [1, 2, 3, 8, 2], 1-grams, k = 3. Step 1 drafts [2, 3, 7] after "1" and accepts [2, 3]
+    (the model says 8), emitting 3 tokens; step 2 finds no "8" before and emits the last one."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "scripts" / "ngram_acceptance.py"
+    spec = importlib.util.spec_from_file_location("ngram_acceptance", path)
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # its dataclass looks its module up
+    spec.loader.exec_module(script)
+    t = script.replay([5, 1, 2, 3, 7], [1, 2, 3, 8, 2], min_n=1, max_n=1, k=3,
+                      max_model_len=64)
+    assert (t.steps, t.tokens, t.drafting_steps, t.drafted, t.accepted) == (2, 4, 1, 3, 2)
+    assert t.at_position[:, :3].tolist() == [[1, 1, 1], [1, 1, 0]]
+    short = script.replay([5, 1, 2, 3, 7], [1, 2], min_n=1, max_n=1, k=3, max_model_len=64)
+    assert (short.steps, short.tokens, short.accepted) == (1, 1, 1)  # the output ends inside
