@@ -64,62 +64,86 @@ def verify(
     keys (``jaxllm.sampling.seed_keys``); ``first_index [B]`` int32 the token index (tokens
     generated so far) that position 0 chooses; ``draft_probs [B, k, V]`` the draft's ``q_j``
     over the target vocabulary, or None for point-mass drafts.
+
+    Beyond its inputs, the sampled branch holds ``[B, V]`` arrays only: acceptance needs just
+    ``p_j(x_j)`` per position, and only the first rejected (or the bonus) position is drawn.
     """
     rows, positions, vocab = target_logits.shape
     k = positions - 1
+    if k < 1:
+        raise ValueError(f"verify needs k >= 1 draft positions, got target logits for "
+                         f"{positions} position(s)")
     j = jnp.arange(positions)
     is_draft = j[None, :k] < num_drafts[:, None]  # [B, k]
     drafts = jnp.where(is_draft, draft_tokens, -1)
 
     best = greedy(target_logits.reshape(rows * positions, vocab), mesh).reshape(rows, positions)
-    matches = is_draft & (drafts == best[:, :k])
+    greedy_run = _run_length(is_draft & (drafts == best[:, :k]))
 
     def sampled(_):
-        accept, pick = _rejection_sample(target_logits, drafts, is_draft, seed_keys,
-                                         first_index, draft_probs, mesh)
-        return (jnp.where(is_greedy[:, None], matches, accept),
-                jnp.where(is_greedy[:, None], best, pick))
+        accept = _accept(target_logits, drafts, is_draft, seed_keys, first_index, draft_probs)
+        run = jnp.where(is_greedy, greedy_run, _run_length(accept))
+        pick = _recover(target_logits, drafts, run, run < num_drafts, seed_keys, first_index,
+                        draft_probs, mesh)
+        return run, jnp.where(is_greedy, _at(best, run), pick)
 
-    accepted, pick = jax.lax.cond(jnp.any(~is_greedy), sampled, lambda _: (matches, best), None)
-    num_accepted = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=-1), axis=-1)
+    num_accepted, pick = jax.lax.cond(jnp.any(~is_greedy), sampled,
+                                      lambda _: (greedy_run, _at(best, greedy_run)), None)
     padded = jnp.concatenate([drafts, jnp.full((rows, 1), -1, drafts.dtype)], axis=-1)
     tokens = jnp.where(j[None] < num_accepted[:, None], padded,
-                       jnp.where(j[None] == num_accepted[:, None], pick, -1))
+                       jnp.where(j[None] == num_accepted[:, None], pick[:, None], -1))
     return Verified(tokens.astype(jnp.int32), num_accepted.astype(jnp.int32))
 
 
-def _rejection_sample(logits, drafts, is_draft, seed_keys, first_index, draft_probs, mesh):
-    """(accept [B, k], pick [B, k + 1]): each draft's acceptance, and at every position the
-    draw a rejection there (or the bonus after the last draft) would emit."""
-    rows, positions, vocab = logits.shape
-    k = positions - 1
-    index = (first_index[:, None] + jnp.arange(positions)[None]).astype(jnp.uint32)
-    keys = jax.vmap(lambda key, t: jax.vmap(lambda i: jax.random.fold_in(key, i))(t))(
-        seed_keys, index)
-    accept_keys = jax.vmap(lambda key, t: jax.vmap(lambda i: jax.random.fold_in(key, i))(t))(
-        seed_keys, index | jnp.uint32(_ACCEPT_TAG))
+def _run_length(accepted: jax.Array) -> jax.Array:
+    """Leading True entries of each row of ``accepted [B, k]``."""
+    return jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=-1), axis=-1)
 
-    logp = jax.nn.log_softmax(logits, axis=-1)  # [B, k + 1, V]
-    p = jnp.exp(logp[:, :k])
-    is_x = jnp.arange(vocab)[None, None] == drafts[..., None]  # [B, k, V]; no row for -1
+
+def _at(x: jax.Array, position: jax.Array) -> jax.Array:
+    """``x[b, position[b]]`` for ``x [B, P, ...]``: one position per row."""
+    index = position.reshape(-1, *([1] * (x.ndim - 1)))
+    return jnp.take_along_axis(x, index, axis=1)[:, 0]
+
+
+def _token_keys(seed_keys: jax.Array, index: jax.Array) -> jax.Array:
+    return jax.vmap(lambda key, t: jax.vmap(lambda i: jax.random.fold_in(key, i))(t))(
+        seed_keys, index.astype(jnp.uint32))
+
+
+def _accept(logits, drafts, is_draft, seed_keys, first_index, draft_probs) -> jax.Array:
+    """Each draft's acceptance ``[B, k]``: ``u < p_j(x_j) / q_j(x_j)``."""
+    k, vocab = drafts.shape[1], logits.shape[-1]
+    is_x = jnp.arange(vocab)[None, None] == drafts[..., None]  # [B, k, V]; none for -1
     # Masked sums rather than gathers: each vocabulary shard reduces its own slice.
-    p_x = jnp.sum(jnp.where(is_x, p, 0.0), axis=-1)
+    logit_x = jnp.sum(jnp.where(is_x, logits[:, :k], 0.0), axis=-1)
+    p_x = jnp.exp(logit_x - jax.nn.logsumexp(logits[:, :k], axis=-1))
     if draft_probs is None:
         q_x = jnp.ones_like(p_x)
-        residual = jnp.where(is_x, 0.0, p)
     else:
-        q = draft_probs.astype(jnp.float32)
-        q_x = jnp.sum(jnp.where(is_x, q, 0.0), axis=-1)
-        residual = jnp.maximum(p - q, 0.0)
-    u = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key, ())))(accept_keys[:, :k])
-    accept = is_draft & (u * q_x < p_x)  # u < p/q without dividing by a zero q
+        q_x = jnp.sum(jnp.where(is_x, draft_probs.astype(jnp.float32), 0.0), axis=-1)
+    index = first_index[:, None] + jnp.arange(k)[None]
+    keys = _token_keys(seed_keys, index.astype(jnp.uint32) | jnp.uint32(_ACCEPT_TAG))
+    u = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key, ())))(keys)
+    return is_draft & (u * q_x < p_x)  # u < p/q without dividing by a zero q
 
+
+def _recover(logits, drafts, position, rejected, seed_keys, first_index, draft_probs, mesh
+             ) -> jax.Array:
+    """Each row's draw at ``position [B]``: from ``norm(max(0, p - q))`` where the draft there
+    was ``rejected``, else (every draft accepted) from ``p``; ``[B]`` token ids."""
+    k, vocab = drafts.shape[1], logits.shape[-1]
+    logp = jax.nn.log_softmax(_at(logits, position), axis=-1)  # [B, V]
+    draft_at = _at(drafts, jnp.minimum(position, k - 1))
+    if draft_probs is None:
+        residual = jnp.where(jnp.arange(vocab)[None] == draft_at[:, None], 0.0, jnp.exp(logp))
+    else:
+        q = _at(draft_probs, jnp.minimum(position, k - 1)).astype(jnp.float32)
+        residual = jnp.maximum(jnp.exp(logp) - q, 0.0)
     # A rejection is impossible where p <= q everywhere (then p == q); keep p there so a
     # rounding-level rejection still draws from a distribution.
-    usable = is_draft[..., None] & jnp.any(residual > 0, axis=-1, keepdims=True)
-    log_residual = jnp.where(usable, jnp.log(residual), logp[:, :k])
-    dist = jnp.concatenate([log_residual, logp[:, k:]], axis=1)  # [B, k + 1, V]
-    noise = jax.vmap(jax.vmap(lambda key: jax.random.gumbel(key, (vocab,))))(keys)
-    noise = constrain(noise, (None, None, "vocab"), mesh)
-    pick = greedy((dist + noise).reshape(rows * positions, vocab), mesh)
-    return accept, pick.reshape(rows, positions)
+    usable = rejected[:, None] & jnp.any(residual > 0, axis=-1, keepdims=True)
+    dist = jnp.where(usable, jnp.log(residual), logp)
+    keys = _token_keys(seed_keys, (first_index + position)[:, None])[:, 0]
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,)))(keys)
+    return greedy(dist + constrain(noise, (None, "vocab"), mesh), mesh)

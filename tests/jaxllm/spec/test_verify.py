@@ -197,3 +197,19 @@ def test_vocab_sharded_mesh_gives_the_same_result():
     many = run(sharded[0], *args, sharded[1])
     np.testing.assert_array_equal(np.asarray(many.tokens), np.asarray(one.tokens))
     np.testing.assert_array_equal(np.asarray(many.num_accepted), np.asarray(one.num_accepted))
+
+
+@pytest.mark.parametrize("with_q", [False, True], ids=["point_mass", "draft_q"])
+def test_vocab_sharded_verification_never_gathers_the_vocabulary(with_q):
+    mesh = make_mesh(model=8)
+    rows, vocab = 4, 4096
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "model"))
+    logits = jax.ShapeDtypeStruct((rows, K + 1, vocab), jnp.float32, sharding=spec)
+    q = jax.ShapeDtypeStruct((rows, K, vocab), jnp.float32, sharding=spec) if with_q else None
+    run = jax.jit(lambda x, d, n, g, s, f, q: verify(x, d, n, g, s, f, q, mesh))
+    hlo = run.lower(logits, jnp.zeros((rows, K), jnp.int32), jnp.zeros(rows, jnp.int32),
+                    jnp.zeros(rows, bool), _keys(np.arange(rows)), jnp.zeros(rows, jnp.int32),
+                    q).compile().as_text()
+    gathers = [line for line in hlo.splitlines() if "all-gather" in line and "=" in line]
+    # Only per-shard (value, index) pairs cross devices, never a [.., 512] vocabulary slice.
+    assert gathers and all("512" not in g and "4096" not in g for g in gathers), gathers
