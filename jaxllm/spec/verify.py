@@ -33,10 +33,29 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxllm.sampling import greedy
+from jaxllm.sampling import SamplingArrays, filtered_logits, greedy
 from jaxllm.sharding import constrain
 
 _ACCEPT_TAG = 1 << 31  # token indices stay below it: the acceptance keys never collide
+
+
+def filtered_distribution(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+    """The target logits ``verify`` takes, from ``logits [N, V]`` (one row per scored position,
+    logit_bias, min_tokens, penalties and the token mask already applied): ``logits / T``
+    with every token top-k, top-p or min-p filters out at -inf, in vocabulary order, so their
+    softmax is the distribution the ordinary sampler draws from. Greedy rows come back
+    unscaled (verification only takes their argmax); only batches with a filtering row sort."""
+    samples = s.temperature > 0
+    filters = samples & ((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0))
+    scaled = logits / jnp.where(samples, s.temperature, 1.0)[:, None]
+
+    def filtered(_):
+        masked, order = filtered_logits(logits, s)
+        rows = jnp.arange(logits.shape[0])[:, None]
+        out = jnp.full_like(masked, -jnp.inf).at[rows, order].set(masked)
+        return jnp.where(filters[:, None], out, scaled)
+
+    return jax.lax.cond(jnp.any(filters), filtered, lambda _: scaled, None)
 
 
 class Verified(NamedTuple):

@@ -213,3 +213,21 @@ def test_vocab_sharded_verification_never_gathers_the_vocabulary(with_q):
     gathers = [line for line in hlo.splitlines() if "all-gather" in line and "=" in line]
     # Only per-shard (value, index) pairs cross devices, never a [.., 512] vocabulary slice.
     assert gathers and all("512" not in g and "4096" not in g for g in gathers), gathers
+
+
+def test_filtered_distribution_is_the_samplers_definition():
+    """Per sampling setting, softmax(filtered_distribution) equals the distribution written
+    from SamplingParams' definition (the sampler tests' reference), in vocabulary order."""
+    from jaxllm.spec.verify import filtered_distribution
+    from tests.jaxllm.test_sampling import CASES, LOGITS, expected
+
+    params = list(CASES.values()) + [SamplingParams(temperature=0.0)]
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS), (len(params), len(LOGITS)))
+    out = np.asarray(filtered_distribution(logits, SamplingArrays.from_params(params)))
+    for row, p in zip(out[:-1], params[:-1], strict=True):
+        np.testing.assert_allclose(_softmax(row.astype(np.float64)), expected(p), atol=1e-6)
+        assert np.all(np.isneginf(row[expected(p) == 0]))
+    np.testing.assert_array_equal(out[-1], LOGITS)  # greedy: untouched, only argmaxed
+    unfiltered = SamplingArrays.from_params([SamplingParams(temperature=0.5)] * 2)
+    np.testing.assert_allclose(np.asarray(filtered_distribution(logits[:2], unfiltered)),
+                               np.broadcast_to(LOGITS / 0.5, (2, len(LOGITS))), rtol=1e-6)
