@@ -222,12 +222,15 @@ def test_filtered_distribution_is_the_samplers_definition():
     from tests.jaxllm.test_sampling import CASES, LOGITS, expected
 
     params = list(CASES.values()) + [SamplingParams(temperature=0.0)]
-    logits = jnp.broadcast_to(jnp.asarray(LOGITS), (len(params), len(LOGITS)))
+    perm = np.random.default_rng(6).permutation(len(LOGITS))  # not already in sorted order
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS[perm]), (len(params), len(LOGITS)))
     out = np.asarray(filtered_distribution(logits, SamplingArrays.from_params(params)))
     for row, p in zip(out[:-1], params[:-1], strict=True):
-        np.testing.assert_allclose(_softmax(row.astype(np.float64)), expected(p), atol=1e-6)
-        assert np.all(np.isneginf(row[expected(p) == 0]))
-    np.testing.assert_array_equal(out[-1], LOGITS)  # greedy: untouched, only argmaxed
+        want = expected(p)[perm]
+        np.testing.assert_allclose(_softmax(row.astype(np.float64)), want, atol=1e-6)
+        assert np.all(np.isneginf(row[want == 0]))
+    np.testing.assert_array_equal(out[-1], LOGITS[perm])  # greedy: untouched, only argmaxed
     unfiltered = SamplingArrays.from_params([SamplingParams(temperature=0.5)] * 2)
     np.testing.assert_allclose(np.asarray(filtered_distribution(logits[:2], unfiltered)),
-                               np.broadcast_to(LOGITS / 0.5, (2, len(LOGITS))), rtol=1e-6)
+                               np.broadcast_to(LOGITS[perm] / 0.5, (2, len(LOGITS))),
+                               rtol=1e-6)
