@@ -278,3 +278,37 @@ def engine_cases() -> list[Case]:
                              131072, num_pages=32768),
         ]
     return cases
+
+
+def verify_case(name: str, devices: int, slots: int, k: int, with_q: bool,
+                vocab: int = 202048) -> Case:
+    """Speculative verification (``jaxllm.spec.verify``) of ``k`` drafts per sequence at
+    Scout's vocabulary, logits (and q) split over the vocabulary as the model leaves them;
+    no all-gather may produce a vocabulary-wide array."""
+    from jaxllm.sampling import seed_keys
+    from jaxllm.sharding import MESH_AXES
+    from jaxllm.spec.verify import verify
+
+    def build():
+        mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices))
+        spec = PartitionSpec(None, None, "model")
+        rep = lambda shape, dtype=jnp.int32: abstract(mesh, shape, dtype)  # noqa: E731
+
+        def fn(logits, drafts, num_drafts, is_greedy, seeds, first, q):
+            return verify(logits, drafts, num_drafts, is_greedy, seed_keys(seeds), first, q,
+                          mesh)
+
+        q = abstract(mesh, (slots, k, vocab), jnp.float32, spec) if with_q else None
+        args = (abstract(mesh, (slots, k + 1, vocab), jnp.float32, spec), rep((slots, k)),
+                rep((slots,)), rep((slots,), jnp.bool_), rep((slots, 2), jnp.uint32),
+                rep((slots,)), q)
+        return fn, mesh, args, ()
+
+    return Case(name, build, no_gather=((slots, k + 1, vocab), (slots, k, vocab),
+                                        (slots, vocab), (slots * (k + 1), vocab)))
+
+
+def spec_cases() -> list[Case]:
+    """Verification of 3 drafts for 64 sequences, point-mass and with q, 1 and 8 devices."""
+    return [verify_case(f"verify {d} dev s64 k3 {'q' if q else 'point mass'}", d, 64, 3, q)
+            for d in (1, 8) for q in (False, True)]
