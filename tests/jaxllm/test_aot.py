@@ -193,9 +193,10 @@ def test_the_penalty_state_is_never_gathered_in_the_sharded_engine_step():
 
 @needs_gpu_compiler
 @pytest.mark.parametrize("case", spec_cases(), ids=lambda c: c.name)
-def test_verification_compiles_and_keeps_the_vocabulary_split(case):
-    """Verifying 3 drafts for 64 sequences at Scout's vocabulary: no spill, and on 8 devices
-    only per-shard (value, index) pairs are gathered, never a vocabulary-wide array."""
+def test_speculative_programs_compile_and_keep_the_vocabulary_split(case):
+    """Verifying 3 drafts for 64 sequences at Scout's vocabulary, and drafting them with a
+    Maverick-sized EAGLE-3 head: no spill, and on 8 devices only per-shard (value, index)
+    pairs are gathered, never a vocabulary-wide array or the head's KV cache."""
     result = run_case(case)
     assert not result.problems, result.problems
     gathered = [shape for op, shapes in result.info.collectives if op == "all-gather"
