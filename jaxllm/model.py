@@ -278,14 +278,39 @@ class Llama4(nnx.Module):
         into the cache before attention reads it, so a step's own tokens attend to each other
         through the same pages as to the prefix.
         """
+        hidden, cache, _ = self.forward(tokens, cache, meta, attention_impl=attention_impl,
+                                        groups=groups)
+        return hidden, cache
+
+    def forward(
+        self,
+        tokens: jax.Array,
+        cache: KVCache,
+        meta: AttentionMetadata,
+        *,
+        attention_impl: str = "xla",
+        groups: LayerGroups | None = None,
+        aux_layers: tuple[int, ...] = (),
+    ) -> tuple[jax.Array, KVCache, jax.Array]:
+        """``__call__`` that also returns the residual stream entering each layer in
+        ``aux_layers`` (id 0: the embeddings), concatenated in layer order as vLLM does
+        ``[T, len(aux_layers) * D]``: the features an EAGLE-3 draft head reads
+        (``jaxllm.models.eagle3``)."""
+        bad = [i for i in aux_layers if not 0 <= i < self.config.num_layers]
+        if bad:
+            raise ValueError(f"aux_layers {bad} outside [0, {self.config.num_layers})")
         groups = groups or layer_groups(self.config, hybrid=False)
         x = self._embed(tokens)
         cache = list(cache)
+        aux = []
         for i, layer in enumerate(self.layers):
+            if i in aux_layers:
+                aux.append(x)
             slab = groups.layer_slab[i]
             x, cache[slab] = layer(x, cache[slab], meta.for_group(groups.layer_group[i]),
                                    attention_impl)
-        return self.norm(x), cache
+        features = jnp.concatenate(aux, axis=-1) if aux else x[:, :0]
+        return self.norm(x), cache, features
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         table, mesh = self.embed[...], self.mesh

@@ -271,3 +271,85 @@ def engine_cases() -> list[Case]:
                              131072, num_pages=32768),
         ]
     return cases
+
+
+def verify_case(name: str, devices: int, slots: int, k: int, with_q: bool,
+                vocab: int = 202048) -> Case:
+    """Speculative verification (``jaxllm.spec.verify``) of ``k`` drafts per sequence at
+    Scout's vocabulary, logits (and q) split over the vocabulary as the model leaves them;
+    no all-gather may produce a vocabulary-wide array."""
+    from jaxllm.sampling import seed_keys
+    from jaxllm.sharding import MESH_AXES
+    from jaxllm.spec.verify import verify
+
+    def build():
+        mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices))
+        spec = PartitionSpec(None, None, "model")
+        rep = lambda shape, dtype=jnp.int32: abstract(mesh, shape, dtype)  # noqa: E731
+
+        def fn(logits, drafts, num_drafts, is_greedy, seeds, first, q):
+            return verify(logits, drafts, num_drafts, is_greedy, seed_keys(seeds), first, q,
+                          mesh)
+
+        q = abstract(mesh, (slots, k, vocab), jnp.float32, spec) if with_q else None
+        args = (abstract(mesh, (slots, k + 1, vocab), jnp.float32, spec), rep((slots, k)),
+                rep((slots,)), rep((slots,), jnp.bool_), rep((slots, 2), jnp.uint32),
+                rep((slots,)), q)
+        return fn, mesh, args, ()
+
+    return Case(name, build, no_gather=((slots, k + 1, vocab), (slots, k, vocab),
+                                        (slots, vocab), (slots * (k + 1), vocab)))
+
+
+def spec_cases() -> list[Case]:
+    """Verification of 3 drafts for 64 sequences (point mass and with q) and EAGLE-3 drafting
+    of 3 tokens for them, on 1 and 8 devices."""
+    verify = [verify_case(f"verify {d} dev s64 k3 {'q' if q else 'point mass'}", d, 64, 3, q)
+              for d in (1, 8) for q in (False, True)]
+    return verify + [eagle_draft_case(f"eagle3 draft {d} dev s64 k3", d, 64, 3, 131072,
+                                      num_pages=32768) for d in (1, 8)]
+
+
+def eagle_draft_case(name: str, devices: int, slots: int, k: int, max_model_len: int,
+                     num_pages: int) -> Case:
+    """EAGLE-3 drafting (``jaxllm.spec.eagle.draft``, Pallas attention) of ``k`` tokens for
+    ``slots`` sequences after a verify step of ``k + 1`` rows each, with a Maverick-sized head
+    (hidden 5120, 40 q / 8 kv heads, the full 202,048-token vocabulary, its own embedding)."""
+    from flax import nnx
+
+    from jaxllm.layout import AttentionMetadata
+    from jaxllm.models.eagle3 import Eagle3Config, Eagle3Head
+    from jaxllm.sharding import MESH_AXES, param_shardings
+    from jaxllm.spec.eagle import draft
+
+    config = Eagle3Config(hidden_size=5120, num_heads=H, num_kv_heads=K, head_dim=D,
+                          intermediate_size=16384, vocab_size=202048, draft_vocab_size=202048,
+                          target_hidden_size=5120, rms_norm_eps=1e-5, rope_theta=500000.0,
+                          rope_scaling=None)
+    rows, width = slots * (k + 1), max_model_len // PAGE
+
+    def build():
+        mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices))
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Eagle3Head(
+            config, dtype=BF16, rngs=nnx.Rngs(0), has_embedding=True, mesh=mesh)))
+        leaves, treedef = jax.tree.flatten(state)
+        shardings = jax.tree.leaves(param_shardings(state, mesh))
+        params = treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+                                    for a, s in zip(leaves, shardings, strict=True)])
+        rep = lambda shape, dtype=jnp.int32: abstract(mesh, shape, dtype)  # noqa: E731
+        kv_spec = PartitionSpec(None, None, "model" if devices > 1 else None, None)
+        page = abstract(mesh, (num_pages + 1, PAGE, K, D), BF16, kv_spec)
+        meta = AttentionMetadata(rep((rows,)), rep((rows,)), rep((slots, width)),
+                                 rep((slots,)), rep((slots + 1,)), rep(()))
+
+        def fn(params, cache, meta, tokens, features, valid, last):
+            head = nnx.merge(graphdef, params)
+            return draft(head, head.embed_tokens, cache, meta, tokens, features, valid, last,
+                         k=k, page_size=PAGE, attention_impl="pallas")
+
+        args = (params, (page, page), meta, rep((rows,)), rep((rows, 3 * 5120), BF16),
+                rep((rows,), jnp.bool_), rep((slots,)))
+        return fn, mesh, args, (1,)
+
+    return Case(name, build, no_gather=((num_pages + 1, PAGE, K, D), (rows, H, D),
+                                        (slots, 202048), (rows, 202048)))

@@ -20,6 +20,7 @@ from jaxllm.aot.cases import (
     ragged_case,
     run_case,
     sharded_attention_case,
+    spec_cases,
 )
 from jaxllm.aot.target import CompileInfo, KernelInfo, collectives
 
@@ -188,3 +189,17 @@ def test_the_penalty_state_is_never_gathered_in_the_sharded_engine_step():
     with tempfile.TemporaryDirectory() as dump:
         hlo = compile_for(fn, mesh, *args, dump_dir=dump, donate_argnums=donate).as_text()
     assert not re.findall(r"(?:s32|pred)\[64,202048\]\{[^}]*\} all-gather", hlo)
+
+
+@needs_gpu_compiler
+@pytest.mark.parametrize("case", spec_cases(), ids=lambda c: c.name)
+def test_speculative_programs_compile_and_keep_the_vocabulary_split(case):
+    """Verifying 3 drafts for 64 sequences at Scout's vocabulary, and drafting them with a
+    Maverick-sized EAGLE-3 head: no spill, and on 8 devices only per-shard (value, index)
+    pairs are gathered, never a vocabulary-wide array or the head's KV cache."""
+    result = run_case(case)
+    assert not result.problems, result.problems
+    gathered = [shape for op, shapes in result.info.collectives if op == "all-gather"
+                for shape in shapes]
+    # Operands [rows, 1] and results [rows, 8]: rows = 64 x 4 positions at most.
+    assert all(shape[-1] <= 8 and shape[0] <= 256 for shape in gathered), gathered

@@ -9,6 +9,7 @@ import jax.nn as jax_nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxllm
 from jaxllm import model as model_lib
@@ -151,3 +152,43 @@ def test_too_long_input_is_refused(tiny_model):
 def test_unknown_attention_impl_is_refused(tiny_model):
     with pytest.raises(ValueError, match="attention_impl='cuda'"):
         jaxllm.load_model(tiny_model("scout")[2], attention_impl="cuda")
+
+
+def test_eagle3_features_are_hf_hidden_states(tiny_model):
+    """``forward(aux_layers=...)``: the residual stream entering each named layer (vLLM's
+    EAGLE-3 numbering) equals HF's ``hidden_states[i]`` (the input of layer i, the embeddings
+    for i = 0), concatenated in layer order."""
+    import torch
+
+    from jaxllm.kv_cache import init_kv_cache
+    from jaxllm.layout import (
+        SeqChunk,
+        build_step,
+        contiguous_num_pages,
+        contiguous_pages,
+        pages_for,
+    )
+
+    hf, _, path = tiny_model("scout")
+    model = jaxllm.load_model(path)
+    ids = np.asarray(_ids(2, 40, seed=5))
+    with torch.no_grad():
+        states = hf(input_ids=torch.tensor(ids), output_hidden_states=True,
+                    use_cache=False).hidden_states
+    width = pages_for(40, model.bucket_policy.page_size)
+    cache = model.bucket_policy.cache.contiguous(contiguous_num_pages(1, 2, width))
+    step = build_step([SeqChunk([contiguous_pages(0, s, 2, width)], 0, ids[s]) for s in range(2)],
+                      cache, width=width, num_rows=80, num_slots=2)
+
+    def features(params, tokens, meta, aux):
+        m = nnx.merge(model.graphdef, params)
+        return m.forward(tokens, init_kv_cache(m.config, cache), meta, aux_layers=aux)[2]
+
+    for aux in [(3, 0, 2), (1,)]:
+        ours = np.asarray(jax.jit(features, static_argnums=3)(model.params, step.tokens,
+                                                              step.meta, aux))
+        want = np.concatenate([states[i].numpy().reshape(80, -1) for i in sorted(aux)], -1)
+        assert ours.shape == want.shape
+        assert _rel_err(ours, want) < REL_TOL
+    with pytest.raises(ValueError, match=r"aux_layers \[4\] outside \[0, 4\)"):
+        features(model.params, step.tokens, step.meta, (1, 4))
