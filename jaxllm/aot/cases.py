@@ -194,7 +194,7 @@ def scout_config(num_layers: int = 4) -> Any:
 
 def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_len: int,
                      num_pages: int, num_layers: int = 4) -> Case:
-    """The engine's sampling step (``jaxllm.engine.runner.step_functions``) of a Scout-shaped
+    """The engine's sampling step (``jaxllm.engine.step.step_function``) of a Scout-shaped
     model in bf16, parameters and cache as abstract arrays with their real shardings;
     ``num_pages`` pages of cache (plus the null page)."""
     from jaxllm.kv_cache import CacheConfig

@@ -162,7 +162,7 @@ def test_eagle3_features_are_hf_hidden_states(tiny_model):
 
     from jaxllm.kv_cache import init_kv_cache
     from jaxllm.layout import (
-        SeqChunk,
+        SeqPiece,
         build_step,
         contiguous_num_pages,
         contiguous_pages,
@@ -177,7 +177,7 @@ def test_eagle3_features_are_hf_hidden_states(tiny_model):
                     use_cache=False).hidden_states
     width = pages_for(40, model.bucket_policy.page_size)
     cache = model.bucket_policy.cache.contiguous(contiguous_num_pages(1, 2, width))
-    step = build_step([SeqChunk([contiguous_pages(0, s, 2, width)], 0, ids[s]) for s in range(2)],
+    step = build_step([SeqPiece([contiguous_pages(0, s, 2, width)], 0, ids[s]) for s in range(2)],
                       cache, width=width, num_rows=80, num_slots=2)
 
     def features(params, tokens, meta, aux):
