@@ -175,7 +175,7 @@ def server_table(sizes, output_len: int) -> list[str]:
                 wait_healthy(proc, port)
                 url = f"http://127.0.0.1:{port}/v1/completions"
                 for clients in sizes:
-                    async def load(clients=clients):
+                    async def load(clients=clients, url=url):
                         async with httpx.AsyncClient(timeout=600) as client:
                             await one_request(client, url, "tiny-llama4", [5, 6], 4, {})
                             start = time.perf_counter()
