@@ -304,3 +304,24 @@ def test_health_answers_within_a_second_while_large_bodies_are_refused(server):
     assert status == 413 and f"the request body is {200 * 2**20} bytes" in body["message"]
     grown = results["peak_rss"] - baseline
     assert grown < 64 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB"
+
+
+def test_a_seeds_high_32_bits_change_the_samples(server):
+    """The report behind issue 17: on the bundled model, prompt "1", seeds 3 and 3 + 2**32
+    gave the same text. So do seeds 3 and 5: the model is so sure of its sums that most
+    seeds agree. Where the distribution is wide (temperature 3), every seed s and s + 2**32
+    differ, and a seed repeats itself."""
+    base = server[0]
+
+    def text(seed, temperature):
+        body = {"model": "tiny-llama4", "prompt": "1", "max_tokens": 16, "temperature": temperature, "seed": seed,
+                "ignore_eos": True}
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    assert text(3, 1.0) == text(5, 1.0) == text(3 + 2**32, 1.0)  # the report: peaked
+    for seed in (3, 11, 2**40 + 7):
+        low, high = text(seed, 3.0), text(seed + 2**32, 3.0)
+        assert low != high, seed
+        assert text(seed, 3.0) == low
