@@ -314,8 +314,8 @@ def test_a_seeds_high_32_bits_change_the_samples(server):
     base = server[0]
 
     def text(seed, temperature):
-        body = {"model": "tiny-llama4", "prompt": "1", "max_tokens": 16, "temperature": temperature, "seed": seed,
-                "ignore_eos": True}
+        body = {"model": "tiny-llama4", "prompt": "1", "max_tokens": 16,
+                "temperature": temperature, "seed": seed, "ignore_eos": True}
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["text"]
