@@ -208,6 +208,19 @@ def routed_experts(
     return jax.lax.psum(out, sum_axes) if sum_axes else out
 
 
+def embed_lookup(table: jax.Array, tokens: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Rows of the embedding ``table [V, D]`` for ``tokens [T]``; on a mesh that splits the
+    vocabulary, each shard looks up its own slice (``vocab_parallel_lookup``)."""
+    if mesh is None or mesh.size == 1:
+        return table[tokens]
+    table_spec = logical_spec(("vocab", "embed"), table.shape, mesh)
+    token_spec = logical_spec(("tokens",), tokens.shape, mesh)
+    out_spec = logical_spec(("tokens", "embed"), (*tokens.shape, table.shape[1]), mesh)
+    lookup = functools.partial(vocab_parallel_lookup, vocab_axis=table_spec[0])
+    return jax.shard_map(lookup, mesh=mesh, in_specs=(table_spec, token_spec),
+                         out_specs=out_spec)(table, tokens)
+
+
 def vocab_parallel_lookup(table: jax.Array, tokens: jax.Array, vocab_axis: str | None) -> jax.Array:
     """Embedding rows for ``tokens`` from this device's slice of the vocabulary ``table``.
 
@@ -313,15 +326,7 @@ class Llama4(nnx.Module):
         return self.norm(x), cache, features
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
-        table, mesh = self.embed[...], self.mesh
-        if mesh is None or mesh.size == 1:
-            return table[tokens]
-        table_spec = logical_spec(("vocab", "embed"), table.shape, mesh)
-        token_spec = logical_spec(("tokens",), tokens.shape, mesh)
-        out_spec = logical_spec(("tokens", "embed"), (*tokens.shape, table.shape[1]), mesh)
-        lookup = functools.partial(vocab_parallel_lookup, vocab_axis=table_spec[0])
-        return jax.shard_map(lookup, mesh=mesh, in_specs=(table_spec, token_spec),
-                             out_specs=out_spec)(table, tokens)
+        return embed_lookup(self.embed[...], tokens, self.mesh)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits ``[..., V_padded]`` (vocab-sharded on a mesh); padding is -inf."""

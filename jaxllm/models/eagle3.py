@@ -43,8 +43,8 @@ from jaxllm.config import RopeScaling, _rope, rope_inverse_frequencies
 from jaxllm.convert import ConversionError, SafetensorsSource
 from jaxllm.kv_cache import write_kv_pages
 from jaxllm.layout import AttentionMetadata
-from jaxllm.model import MLP, RMSNorm, vocab_parallel_lookup
-from jaxllm.sharding import constrain, logical_spec, padded_vocab_size
+from jaxllm.model import MLP, RMSNorm, embed_lookup
+from jaxllm.sharding import constrain, padded_vocab_size
 
 NUM_AUX_LAYERS = 3
 
@@ -199,15 +199,7 @@ class Eagle3Head(nnx.Module):
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """The head's own embedding rows (only for heads that ship ``embed_tokens``)."""
-        table, mesh = self.embed[...], self.mesh
-        if mesh is None or mesh.size == 1:
-            return table[tokens]
-        table_spec = logical_spec(("vocab", "embed"), table.shape, mesh)
-        token_spec = logical_spec(("tokens",), tokens.shape, mesh)
-        out_spec = logical_spec(("tokens", "embed"), (*tokens.shape, table.shape[1]), mesh)
-        lookup = functools.partial(vocab_parallel_lookup, vocab_axis=table_spec[0])
-        return jax.shard_map(lookup, mesh=mesh, in_specs=(table_spec, token_spec),
-                             out_specs=out_spec)(table, tokens)
+        return embed_lookup(self.embed[...], tokens, self.mesh)
 
     def __call__(
         self,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 import jaxllm
@@ -15,19 +14,8 @@ from jaxllm import SamplingParams
 from jaxllm.engine import Engine, StepFailed
 from jaxllm.engine.faults import Fault, FaultInjector
 from jaxllm.structured import GrammarCompiler, StructuredOutput
+from tests.jaxllm.engine.test_engine import _prompts, hf_greedy
 from tests.jaxllm.engine.test_engine_penalties import hf_penalised_greedy
-
-
-def _prompts(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, 333, n).tolist() for n in lengths]
-
-
-def hf_greedy(hf, prompt, n):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                          eos_token_id=2, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module")
