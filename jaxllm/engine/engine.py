@@ -47,11 +47,33 @@ if TYPE_CHECKING:
 log = logging.getLogger("jaxllm.engine")
 
 
+class TopLogprobs(Sequence):
+    """The most likely tokens of a row as (token id, log-probability) pairs, best first: read
+    from the step's arrays only when asked for (most requests never are)."""
+
+    __slots__ = ("_ids", "_values")
+
+    def __init__(self, ids: np.ndarray, values: np.ndarray):
+        self._ids, self._values = ids, values
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return list(zip(self._ids[index].tolist(), self._values[index].tolist(),
+                            strict=True))
+        return int(self._ids[index]), float(self._values[index])
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
     logprob: float
-    top: list[tuple[int, float]]  # the most likely tokens, best first
+    top: Sequence[tuple[int, float]]  # the most likely tokens, best first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,8 +297,8 @@ class Engine:
                     request.request_id, [], [], True, reason, len(request.prompt),
                     request.num_cached_prompt, len(request.output), request.queued_seconds))
                 continue
-            logprob = TokenLogprob(token, float(picked.logprobs[i]), list(zip(
-                picked.top_ids[i].tolist(), picked.top_logprobs[i].tolist(), strict=True)))
+            logprob = TokenLogprob(token, float(picked.logprobs[i]),
+                                   TopLogprobs(picked.top_ids[i], picked.top_logprobs[i]))
             outputs.append(RequestOutput(
                 request.request_id, [token], [logprob], reason is not None, reason,
                 len(request.prompt), request.num_cached_prompt, len(request.output),

@@ -24,6 +24,14 @@ def scout(tiny_model):
     return hf, jaxllm.load_model(path, max_model_len=80, page_size=8, max_num_seqs=8)
 
 
+@pytest.fixture(scope="module")
+def scout_whole_cache(tiny_model):
+    """Without the hybrid cache: every layer keeps its whole history, so few pages preempt."""
+    hf, _, path = tiny_model("scout")
+    return hf, jaxllm.load_model(path, max_model_len=80, page_size=8, max_num_seqs=8,
+                                 hybrid_kv_cache=False)
+
+
 MIXED = [
     SamplingParams(temperature=0.0, max_tokens=20),  # greedy
     SamplingParams(temperature=0.9, top_k=20, seed=11, max_tokens=14),
@@ -91,15 +99,15 @@ def test_every_kind_of_request_gives_the_same_outputs_on_and_off(scout):
     assert all(r["finish"] == "stop" and r["tokens"][-1] == r["stop"] for r in stopped)
 
 
-def test_memory_pressure_preemption_gives_the_same_outputs(scout):
-    hf, model = scout
+def test_memory_pressure_preemption_gives_the_same_outputs(scout_whole_cache):
+    hf, model = scout_whole_cache
     prompts = _prompts([37, 50, 12, 33, 20, 44], seed=5)
     greedy = SamplingParams(temperature=0.0, max_tokens=20)
     sampled = SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=20)
     requests = [(p, greedy if i % 2 else sampled) for i, p in enumerate(prompts)]
     runs = []
     for mode in (False, True):
-        engine = Engine(model, num_pages=24, max_num_batched_tokens=32, async_scheduling=mode)
+        engine = Engine(model, num_pages=20, max_num_batched_tokens=32, async_scheduling=mode)
         runs.append(_run(engine, requests))
         assert engine.scheduler.num_preemptions > 0
     assert runs[0] == runs[1]
@@ -187,11 +195,11 @@ def test_structured_outputs_give_the_same_outputs(scout):
     assert set(json.loads(tokenizer.decode(runs[1]["req-0"]["tokens"]))) == {"sum"}
 
 
-def test_the_persistent_block_table_is_what_each_pieces_pages_say(scout):
+def test_the_persistent_block_table_is_what_each_pieces_pages_say(scout_whole_cache):
     """Every step's tables gathered from the persistent batch equal those copied from the
     pieces' own pages, through admissions, chunked prefill, preemption and finishes."""
-    hf, model = scout
-    engine = Engine(model, num_pages=24, max_num_batched_tokens=32)
+    hf, model = scout_whole_cache
+    engine = Engine(model, num_pages=20, max_num_batched_tokens=32)
     build, checked = engine.batch.inputs, []
 
     def both(plans, masks=None, *, bound=False):
