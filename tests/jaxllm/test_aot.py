@@ -168,9 +168,10 @@ def test_dry_run_plans_a_deployment_from_a_config_alone(tmp_path, hybrid):
     slabs = 1 if hybrid else 4
     kv = pages * 16 * slabs * per_token / 2**30
     assert device == pytest.approx(84942979072 / 2**30, abs=0.01)  # the H100 target's memory
-    # The penalty state: max_num_seqs (8 by default) slots of int32 counts and bool flags
-    # over this device's eighth of the vocabulary.
-    assert penalty == pytest.approx(8 * 202048 // 8 * 5 / 2**30, abs=0.001)
+    # The penalty state: max_num_seqs (256 by default on a GPU) slots of int32 counts and
+    # bool flags over this device's eighth of the vocabulary.
+    assert "max_num_seqs 256" in report
+    assert penalty == pytest.approx(256 * 202048 // 8 * 5 / 2**30, abs=0.001)
     assert 0.9 * device - weights - penalty - temp - kv == pytest.approx(0, abs=0.01)
 
 
