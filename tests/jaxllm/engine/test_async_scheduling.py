@@ -171,13 +171,14 @@ def test_structured_outputs_give_the_same_outputs(scout):
     model = jaxllm.load_model(DEFAULT_MODEL)
     tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json"))
     prompt = tokenizer.encode("<|user|>What is 12 + 34?<|assistant|>").ids
-    schema = {"type": "object", "properties": {"sum": {"type": "integer"}},
+    schema = {"type": "object",
+              "properties": {"sum": {"type": "integer", "minimum": 0, "maximum": 999}},
               "required": ["sum"], "additionalProperties": False}
     requests = [
         (prompt, SamplingParams(temperature=0.0, max_tokens=30,
-                                structured=StructuredOutput.json(schema))),
+                                structured=StructuredOutput.json_schema(schema, closed=True))),
         (prompt, SamplingParams(temperature=1.0, seed=4, max_tokens=30,
-                                structured=StructuredOutput.regex(r"[0-9]{2,4}"))),
+                                structured=StructuredOutput("regex", r"[0-9]{2,4}"))),
         (prompt, SamplingParams(temperature=1.0, seed=5, max_tokens=30)),
     ]
     runs = []
@@ -189,6 +190,7 @@ def test_structured_outputs_give_the_same_outputs(scout):
     assert runs[0] == runs[1]
     import json
 
+    assert runs[1]["req-0"]["finish"] == "stop"
     assert set(json.loads(tokenizer.decode(runs[1]["req-0"]["tokens"]))) == {"sum"}
 
 
