@@ -339,7 +339,10 @@ def _write_groups(root: Path, plan: list[tuple[str, list[Entry]]], source: Safet
                     keep = quant is not None and entry.kind is not None and \
                         quant.covers(entry.kind)
                     value = ct.read_linear(entry, source, keep)
-                    if not isinstance(value, dict):
+                    if isinstance(value, dict):
+                        value["scale"] = value["scale"].astype(
+                            quant_lib.scale_dtype(quant.scheme, dtype))
+                    else:
                         value = np.ascontiguousarray(value.astype(dtype))
                     _set(tree, entry.path, value)
                     bar.update()
@@ -352,7 +355,7 @@ def _write_groups(root: Path, plan: list[tuple[str, list[Entry]]], source: Safet
                     _set(tree, path, np.ascontiguousarray(fn(array).astype(dtype)))
                 del array
                 bar.update()
-            _quantize_targets(tree, group, config, quant)
+            _quantize_targets(tree, group, config, quant, dtype)
             checkpoint.save_group(root, group, tree)
             shapes[group] = checkpoint.tree_shapes(tree)
             del tree
@@ -361,7 +364,7 @@ def _write_groups(root: Path, plan: list[tuple[str, list[Entry]]], source: Safet
 
 
 def _quantize_targets(tree: dict, group: str, config: Llama4Config,
-                      quant: QuantConfig | None) -> None:
+                      quant: QuantConfig | None, dtype) -> None:
     """Quantizes, in place, each weight of ``group`` that ``quant`` covers and that is still a
     plain array (all of them for ``--quantization``)."""
     layer = checkpoint.layer_index(group)
@@ -378,7 +381,8 @@ def _quantize_targets(tree: dict, group: str, config: Llama4Config,
             node = node[key]
         if not isinstance(node[path[-1]], dict):
             q, scale = quant_lib.quantize(node[path[-1]], quant.scheme, quant.group_size)
-            node[path[-1]] = {"q": np.asarray(q), "scale": np.asarray(scale)}
+            scale = np.asarray(scale).astype(quant_lib.scale_dtype(quant.scheme, dtype))
+            node[path[-1]] = {"q": np.asarray(q), "scale": scale}
 
 
 def _release_freed_memory() -> None:

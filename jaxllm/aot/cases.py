@@ -215,16 +215,17 @@ def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_l
     return Case(name, build, no_gather=(cache.page_shape(config), (rows, H, D)))
 
 
-def abstract_params(config: Any, dtype: Any, mesh: Any) -> tuple[Any, Any]:
+def abstract_params(config: Any, dtype: Any, mesh: Any, quant: Any = None) -> tuple[Any, Any]:
     """(graphdef, parameters as ``ShapeDtypeStruct``s with their shardings on ``mesh``):
-    the model's structure without allocating a weight."""
+    the model's structure (quantized by ``quant``, a ``QuantConfig``) without allocating a
+    weight."""
     from flax import nnx
 
     from jaxllm.model import Llama4
     from jaxllm.sharding import param_shardings
 
     graphdef, state = nnx.split(nnx.eval_shape(
-        lambda: Llama4(config, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh)))
+        lambda: Llama4(config, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh, quant=quant)))
     # One array per parameter Variable, in the same order as its sharding.
     leaves, treedef = jax.tree.flatten(state)
     shardings = jax.tree.leaves(param_shardings(state, mesh))
