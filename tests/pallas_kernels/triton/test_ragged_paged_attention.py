@@ -420,9 +420,10 @@ def test_gpu_bf16_scout_shapes(chunk_size):
     check(batch, chunk_size, atol=2e-2, interpret=False)
 
 
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("chunk_size", [None, C])
-def test_fp8_cache_is_read_by_every_impl(q_dtype, chunk_size):
+def test_fp8_cache_is_read_by_every_impl(q_dtype, chunk_size, interpret):
     """An e4m3 cache (``--kv-cache-dtype fp8``): the Triton kernel and the blockwise XLA
     attention read it as the naive numpy attention reads the same values widened to f32."""
     from pallas_kernels.xla.ragged_paged_attention import ragged_paged_attention_blockwise
@@ -437,7 +438,7 @@ def test_fp8_cache_is_read_by_every_impl(q_dtype, chunk_size):
     want = naive_attention(widened, chunk_size)
     tol = 1e-5 if q_dtype == jnp.float32 else 2e-2
     padding = int(batch.query_start_loc[int(batch.num_seqs)])
-    for fn in (functools.partial(ragged_paged_attention, interpret=True),
+    for fn in (functools.partial(ragged_paged_attention, interpret=interpret),
                ragged_paged_attention_blockwise, ragged_paged_attention_reference):
         out = fn(*fp8.args, chunk_size=chunk_size)
         assert out.dtype == q_dtype
