@@ -250,14 +250,20 @@ def _scale(amax: jax.Array, limit: float) -> jax.Array:
 
 def dequantize(w: QArray, dtype) -> jax.Array:
     """``q * scale`` in ``dtype``: the definition, and int4's in-fusion operand."""
+    if w.scheme == "int4":  # in ``dtype``: a convert and a multiply XLA can fuse into a GEMM
+        q = w.q.astype(dtype)
+        return q * _rows(w.scale, w.group_size, q.shape[-2]).astype(dtype)
     q = w.q.astype(jnp.float32)
-    if w.scheme == "int4":
-        return (q * _rows(w.scale, w.group_size, q.shape[-2])).astype(dtype)
     return (q * w.scale[..., None, :]).astype(dtype)
 
 
 def _rows(scale: jax.Array, group_size: int, rows: int) -> jax.Array:
-    """Group scales ``[..., G, F]`` repeated to each of the ``rows`` in features."""
+    """Group scales ``[..., G, F]`` repeated to each of the ``rows`` in features: a broadcast
+    (which XLA fuses into the consumer) when the groups tile the rows exactly."""
+    *lead, groups, f = scale.shape
+    if groups * group_size == rows:
+        wide = jnp.broadcast_to(scale[..., None, :], (*lead, groups, group_size, f))
+        return wide.reshape(*lead, rows, f)
     return jnp.repeat(scale, group_size, axis=-2)[..., :rows, :]
 
 
@@ -298,10 +304,30 @@ def ragged_matmul(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array,
     if not isinstance(w, QArray):
         return jax.lax.ragged_dot(x, w, group_sizes)
 
+    if w.scheme == "int4":
+        return _int4_by_expert(x, w, row_expert)
+
     def dot(a, b):
         return jax.lax.ragged_dot(a, b, group_sizes, preferred_element_type=jnp.float32)
 
     return _quantized_dot(x, w, dot, lambda: w.scale[row_expert], row_axis).astype(x.dtype)
+
+
+def _int4_by_expert(x: jax.Array, w: QArray, row_expert: jax.Array) -> jax.Array:
+    """The grouped int4 GEMM as a loop over the experts, each a dense dot of the rows (others
+    zeroed) with that expert's weight dequantized as the dot's operand: XLA's ragged_dot
+    lowering would first write a bf16 copy of every expert. The work is XLA's own lowering's
+    at decode sizes (it too multiplies every row by every expert)."""
+
+    def one(e):
+        expert = QArray(w.q[e], w.scale[e], w.scheme, w.group_size)
+        rows = jnp.where((row_expert == e)[:, None], x, 0)
+        return jax.lax.dot_general(rows, dequantize(expert, x.dtype), (((1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+
+    # The first expert starts the sum, so that it has the operands' type under shard_map.
+    out = jax.lax.fori_loop(1, w.q.shape[0], lambda e, acc: acc + one(e), one(0))
+    return out.astype(x.dtype)
 
 
 def _quantized_dot(x: jax.Array, w: QArray, dot, col_scale, row_axis: str | None = None

@@ -146,8 +146,9 @@ def _ragged_kernel(
         # Unowned pages may hold NaN: zero K and V rows there (0 * NaN would be NaN).
         kv_mask = jnp.broadcast_to(
             _and_cols(key_ok if masked else jnp.ones_like(key_ok), cols_ok), (block_k, dim))
-        k = plgpu.load(k_ref.at[index], mask=kv_mask, other=0)
-        v = plgpu.load(v_ref.at[index], mask=kv_mask, other=0)
+        # A float fill: Triton casts an integer splat to bf16 / f32 but not to e4m3.
+        k = plgpu.load(k_ref.at[index], mask=kv_mask, other=0.0)
+        v = plgpu.load(v_ref.at[index], mask=kv_mask, other=0.0)
         return keys, k.astype(q.dtype), v.astype(q.dtype)
 
     def masked_body(kb, carry):
