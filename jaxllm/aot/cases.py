@@ -314,12 +314,12 @@ def engine_cases() -> list[Case]:
 
 
 def quantized_engine_cases() -> list[Case]:
-    """The same step with fp8 (W8A8) and int4 experts, on 1 device and on model=8, and fp8
-    with the fp8 KV cache."""
+    """The same step with fp8 (W8A8), int8 and int4 experts, on 1 device and on model=8, and
+    fp8 with the fp8 KV cache."""
     from jaxllm.models.quant import QuantConfig
 
     cases = []
-    for scheme in ("fp8", "int4"):
+    for scheme in ("fp8", "int8", "int4"):
         for devices in (1, 8):
             cases.append(engine_step_case(
                 f"engine step {devices} dev decode b64 {scheme}", devices, 64, 64, 131072,
