@@ -72,9 +72,9 @@ class BucketPolicy:
                   page_size: int = 16, hybrid: bool = True, max_num_seqs: int | None = None,
                   max_num_batched_tokens: int | None = None,
                   on_gpu: bool | None = None) -> BucketPolicy:
-        """The policy of ``config``'s model (``load_model`` and the dry run): ``max_model_len``
-        defaults to the config's, the step limits to those of a GPU or not (``on_gpu``,
-        default: this backend's)."""
+        """The policy of ``config``'s model (``load_model`` and the dry run), its KV cache of
+        ``dtype``: ``max_model_len`` defaults to the config's, the step limits to those of a
+        GPU or not (``on_gpu``, default: this backend's)."""
         max_model_len = max_model_len or config.max_position_embeddings
         if max_model_len <= 0:
             raise ValueError(f"max_model_len={max_model_len} must be positive")

@@ -88,8 +88,12 @@ def save_params(directory: Path, params: Mapping[str, Any]) -> dict[str, Any]:
     return shapes
 
 
-def write_manifest(root: Path, dtype: str, shapes: Mapping[str, Mapping[str, list[int]]]) -> None:
+def write_manifest(root: Path, dtype: str, shapes: Mapping[str, Mapping[str, list[int]]],
+                   quantization: Mapping[str, Any] | None = None) -> None:
+    """``quantization`` (``QuantConfig.to_json``) says which weights are stored quantized."""
     manifest = {"format": FORMAT_VERSION, "dtype": dtype, "groups": shapes}
+    if quantization is not None:
+        manifest["quantization"] = dict(quantization)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
@@ -111,12 +115,16 @@ def restore_params(
     abstract: Mapping[Any, Any],
     shardings: Callable[[tuple[str, ...], jax.ShapeDtypeStruct], jax.sharding.Sharding],
     stored_shapes: Mapping[tuple[str, ...], tuple[int, ...]],
+    transform: Callable[[tuple[str, ...], Tree], Tree] | None = None,
 ) -> dict[Any, Any]:
     """Restores every group into arrays of ``abstract``'s shapes/dtypes, each directly into
     the sharding that ``shardings(path, leaf)`` names (path is the key path in ``abstract``).
 
     ``stored_shapes[path]`` is the shape the checkpoint must hold; a target that is larger
     (a vocabulary padded for the mesh) is zero-filled past it. Any other mismatch is an error.
+    ``transform(prefix, tree)``, if given, replaces each group (whose parameters' paths start
+    with ``prefix``) as soon as it is restored (to
+    quantize it while loading: one group of the stored dtype in memory at a time).
     """
     manifest = read_manifest(root)
     restored: dict[Any, Any] = {}
@@ -139,8 +147,16 @@ def restore_params(
             # strict=False only lets a padded vocabulary be zero-filled: shapes were checked.
             tree = ckpt.restore((root / "params" / name).absolute(),
                                 args=ocp.args.StandardRestore(tree, strict=False))
+            if transform is not None:
+                tree = transform(prefix, tree)
             _insert_group(restored, name, tree)
     return restored
+
+
+def layer_index(name: str) -> int | None:
+    """The layer of group ``name`` (``layer_007`` -> 7), None for the other groups."""
+    m = _LAYER_GROUP.match(name)
+    return int(m.group(1)) if m else None
 
 
 def _group_prefix(name: str) -> tuple[str, ...]:

@@ -18,6 +18,9 @@ from safetensors import safe_open
 
 from jaxllm import checkpoint
 from jaxllm.config import Llama4Config
+from jaxllm.models import quant as quant_lib
+from jaxllm.models import quant_checkpoint as ct
+from jaxllm.models.quant import QuantConfig
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -31,7 +34,8 @@ _SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_mo
 
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
+              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I8": np.int8,
+              "F8_E4M3": ml_dtypes.float8_e4m3fn}
 
 
 class ConversionError(ValueError):
@@ -200,14 +204,20 @@ def convert(
     out_dir: str | Path,
     *,
     dtype: str = "bfloat16",
+    quantization: str | None = None,
+    quantization_scope: str = "experts",
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Converts ``hf_dir`` into a jaxllm checkpoint at ``out_dir`` (see ``jaxllm.checkpoint``).
 
-    Writes into a temporary sibling directory renamed into place at the end, so a failure
-    or interruption never leaves a complete-looking checkpoint.
+    A compressed-tensors checkpoint keeps its quantized feed-forward weights
+    (``jaxllm.models.quant_checkpoint``); ``quantization`` (``fp8``, ``int8``, ``int4``)
+    quantizes an unquantized one over ``quantization_scope`` (``jaxllm.models.quant``), each
+    tensor as it is read. Every name, shape and scheme is checked before anything is written,
+    and the output is written into a temporary sibling directory renamed into place at the
+    end, so a failure or interruption never leaves a complete-looking checkpoint.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if dtype not in DTYPES:
@@ -215,25 +225,92 @@ def convert(
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
     config = Llama4Config.from_hf(hf_dir)
+    compressed = ct.read_config(json.loads((hf_dir / "config.json").read_text()))
+    if compressed is not None and quantization is not None:
+        raise ConversionError(f"{hf_dir} is already quantized (compressed-tensors); drop "
+                              f"--quantization {quantization}")
+    quant = QuantConfig.from_flags(quantization, quantization_scope)
     source = SafetensorsSource(hf_dir)
     plan = conversion_plan(config)
+    if compressed is not None:
+        plan = _compressed_plan(plan, config, source, compressed)
+        linear = [e for _, entries in plan for e in entries if isinstance(e, ct.LinearEntry)]
+        ct.check_tensors(linear, source)
+        target = ct.target_of(linear)
+        if target is not None:
+            scheme, group_size, kinds = target
+            quant = QuantConfig(scheme, kinds, group_size or quant_lib.DEFAULT_GROUP_SIZE)
+            log(f"compressed-tensors checkpoint: {quant.describe()} for {', '.join(kinds)}")
     _check_names(plan, source, config)
     if source.skipped:
         log(f"skipping {len(source.skipped)} vision/projector tensors (text model only)")
 
     with checkpoint.atomic_directory(out_dir) as tmp:
         with jax.default_device(jax.devices("cpu")[0]):
-            shapes = _write_groups(tmp, plan, source, DTYPES[dtype], progress)
+            shapes = _write_groups(tmp, plan, source, DTYPES[dtype], progress, config, quant)
         for name in SIDE_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / name)
-        checkpoint.write_manifest(tmp, dtype, shapes)
+        _strip_quantization_config(tmp / "config.json")
+        checkpoint.write_manifest(tmp, dtype, shapes,
+                                  None if quant is None else quant.to_json())
     return out_dir
+
+
+def _strip_quantization_config(path: Path) -> None:
+    """The copied config.json without ``quantization_config`` (the manifest says what is
+    quantized now)."""
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.pop("quantization_config", None) is not None:
+            path.write_text(json.dumps(data, indent=2))
+
+
+def _compressed_plan(plan: list[tuple[str, list]], config: Llama4Config,
+                     source: SafetensorsSource, compressed: ct.CompressedConfig):
+    """``plan`` with every Linear the checkpoint stores quantized, and routed experts stored
+    one tensor set per expert, read as ``quant_checkpoint.LinearEntry``s."""
+    moe = set(config.moe_layers)
+    E, D, F = config.num_experts, config.hidden_size, config.intermediate_size
+
+    def scheme(module: str) -> ct.Scheme | None:
+        return compressed.scheme_of(ct.original_module(source, module))
+
+    out = []
+    for group, entries in plan:
+        new: list = []
+        for entry in entries:
+            name = entry.hf_name
+            if name.endswith("experts.gate_up_proj") and name not in source.location:
+                prefix = name[: -len("gate_up_proj")]
+                for proj, out_in in (("gate", (F, D)), ("up", (F, D))):
+                    modules = tuple(f"{prefix}{e}.{proj}_proj" for e in range(E))
+                    new.append(ct.LinearEntry(modules, tuple(map(scheme, modules)), out_in,
+                                              ("ffn", proj), "routed"))
+            elif name.endswith("experts.down_proj") and name not in source.location:
+                prefix = name[: -len("down_proj")]
+                modules = tuple(f"{prefix}{e}.down_proj" for e in range(E))
+                new.append(ct.LinearEntry(modules, tuple(map(scheme, modules)), (D, F),
+                                          ("ffn", "down"), "routed"))
+            elif name.endswith(ct.LINEAR_SUFFIXES) and scheme(name[: -len(".weight")]):
+                module = name[: -len(".weight")]
+                [(path, fn)] = entry.outputs.items()
+                new.append(ct.LinearEntry((module,), (scheme(module),), entry.shape, path,
+                                          ct.kind_of(name, moe),
+                                          lambda w, fn=fn: fn(np.ascontiguousarray(w.T))))
+            else:
+                new.append(entry)
+        out.append((group, new))
+    return out
+
+
+def _entry_names(entry) -> list[str]:
+    return list(entry.tensors()) if isinstance(entry, ct.LinearEntry) else [entry.hf_name]
 
 
 def _check_names(plan: list[tuple[str, list[Entry]]], source: SafetensorsSource,
                  config: Llama4Config) -> None:
-    wanted = {e.hf_name for _, entries in plan for e in entries}
+    wanted = {n for _, entries in plan for e in entries for n in _entry_names(e)}
     present = set(source.location)
     if config.tie_word_embeddings:
         present.discard("lm_head.weight")  # tied: HF may or may not also store it
@@ -248,7 +325,8 @@ def _check_names(plan: list[tuple[str, list[Entry]]], source: SafetensorsSource,
 
 
 def _write_groups(root: Path, plan: list[tuple[str, list[Entry]]], source: SafetensorsSource,
-                  dtype, progress: bool) -> dict[str, dict[str, list[int]]]:
+                  dtype, progress: bool, config: Llama4Config,
+                  quant: QuantConfig | None) -> dict[str, dict[str, list[int]]]:
     from tqdm import tqdm
 
     total = sum(len(entries) for _, entries in plan)
@@ -257,6 +335,18 @@ def _write_groups(root: Path, plan: list[tuple[str, list[Entry]]], source: Safet
         for group, entries in plan:
             tree: dict = {}
             for entry in entries:
+                if isinstance(entry, ct.LinearEntry):
+                    keep = quant is not None and entry.kind is not None and \
+                        quant.covers(entry.kind)
+                    value = ct.read_linear(entry, source, keep)
+                    if isinstance(value, dict):
+                        value["scale"] = value["scale"].astype(
+                            quant_lib.scale_dtype(quant.scheme, dtype))
+                    else:
+                        value = np.ascontiguousarray(value.astype(dtype))
+                    _set(tree, entry.path, value)
+                    bar.update()
+                    continue
                 array = source.read(entry.hf_name)
                 if tuple(array.shape) != entry.shape:
                     raise ConversionError(f"tensor {entry.hf_name} has shape {tuple(array.shape)},"
@@ -265,11 +355,34 @@ def _write_groups(root: Path, plan: list[tuple[str, list[Entry]]], source: Safet
                     _set(tree, path, np.ascontiguousarray(fn(array).astype(dtype)))
                 del array
                 bar.update()
+            _quantize_targets(tree, group, config, quant, dtype)
             checkpoint.save_group(root, group, tree)
             shapes[group] = checkpoint.tree_shapes(tree)
             del tree
             _release_freed_memory()
     return shapes
+
+
+def _quantize_targets(tree: dict, group: str, config: Llama4Config,
+                      quant: QuantConfig | None, dtype) -> None:
+    """Quantizes, in place, each weight of ``group`` that ``quant`` covers and that is still a
+    plain array (all of them for ``--quantization``)."""
+    layer = checkpoint.layer_index(group)
+    if quant is None or layer is None:
+        return
+    if config.is_moe(layer):
+        paths = [("ffn", p) for p in ("gate", "up", "down") if quant.covers("routed")]
+        paths += [("ffn", "shared", p) for p in ("gate", "up", "down") if quant.covers("shared")]
+    else:
+        paths = [("ffn", p) for p in ("gate", "up", "down") if quant.covers("dense")]
+    for path in paths:
+        node = tree
+        for key in path[:-1]:
+            node = node[key]
+        if not isinstance(node[path[-1]], dict):
+            q, scale = quant_lib.quantize(node[path[-1]], quant.scheme, quant.group_size)
+            scale = np.asarray(scale).astype(quant_lib.scale_dtype(quant.scheme, dtype))
+            node[path[-1]] = {"q": np.asarray(q), "scale": scale}
 
 
 def _release_freed_memory() -> None:

@@ -34,6 +34,9 @@ KV_CACHE_AXES = ("pages", "page_slots", "kv_heads", "head_dim")
 KVCache = list[tuple[jax.Array, jax.Array]]  # per slab: (k_pages, v_pages), each [P, p, K, d]
 
 
+FP8_KV = jnp.dtype(jnp.float8_e4m3fn)
+FP8_KV_MAX = float(jnp.finfo(FP8_KV).max)
+
 NULL_PAGE = 0  # never handed out: block-table entries a chunked group has dropped point here
 
 
@@ -150,6 +153,8 @@ def write_kv_pages(
 
     ``slot_mapping[t]`` is row t's flat slot (``jaxllm.layout.slot_of``); a negative slot
     marks a padding row whose write is dropped (never wrapped around to the last slot).
+    An fp8 cache (``--kv-cache-dtype fp8``) holds e4m3 values at unit scale, vLLM's default
+    without calibrated scales: values past +-448 saturate (a plain cast would make them NaN).
     """
     num_pages, page_size = k_pages.shape[:2]
     num_slots = num_pages * page_size
@@ -157,6 +162,8 @@ def write_kv_pages(
 
     def scatter(pages: jax.Array, new: jax.Array) -> jax.Array:
         flat = pages.reshape(num_slots, *pages.shape[2:])
+        if pages.dtype == FP8_KV:
+            new = jnp.clip(new.astype(jnp.float32), -FP8_KV_MAX, FP8_KV_MAX)
         flat = flat.at[slots].set(new.astype(pages.dtype), mode="drop")
         return flat.reshape(pages.shape)
 

@@ -8,7 +8,9 @@ Glossary: T flat tokens, D model, H q heads, K kv heads, d head dim, F ffn, E ex
 V vocab, P pages, p page size, S sequence slots, W block-table width, C chunk.
 
 Every parameter declares its logical axes (``vocab``, ``embed``, ``heads``, ``kv_heads``,
-``head_dim``, ``ffn``, ``experts``); ``jaxllm.sharding`` maps them to mesh axes.
+``head_dim``, ``ffn``, ``experts``); ``jaxllm.sharding`` maps them to mesh axes. Feed-forward
+weights may be quantized (``jaxllm.models.quant``): a ``QuantWeight`` of ``q`` and ``scale``
+in place of the plain parameter, read through ``quant.matmul`` / ``quant.ragged_matmul``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from jaxllm.attention import paged_attention
 from jaxllm.config import Llama4Config, rope_inverse_frequencies
 from jaxllm.kv_cache import KVCache, LayerGroups, layer_groups, write_kv_pages
 from jaxllm.layout import AttentionMetadata
+from jaxllm.models import quant as q
+from jaxllm.models.quant import QuantConfig
 from jaxllm.sharding import constrain, logical_spec, padded_vocab_size, shard_axes
 
 
@@ -117,16 +121,18 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: dense layers and the MoE shared expert."""
+    """SwiGLU feed-forward: dense layers and the MoE shared expert (quantized with ``quant``)."""
 
-    def __init__(self, dim: int, hidden: int, dtype, rngs: nnx.Rngs):
-        self.gate = _param(rngs, (dim, hidden), ("embed", "ffn"), dtype)
-        self.up = _param(rngs, (dim, hidden), ("embed", "ffn"), dtype)
-        self.down = _param(rngs, (hidden, dim), ("ffn", "embed"), dtype)
+    def __init__(self, dim: int, hidden: int, dtype, rngs: nnx.Rngs,
+                 quant: QuantConfig | None = None, mesh: Mesh | None = None):
+        ffn = q.ffn_axis(hidden, quant, mesh)
+        self.gate = q.weight(rngs, (dim, hidden), ("embed", ffn), dtype, quant)
+        self.up = q.weight(rngs, (dim, hidden), ("embed", ffn), dtype, quant)
+        self.down = q.weight(rngs, (hidden, dim), (ffn, "embed"), dtype, quant)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(x @ self.gate[...]) * (x @ self.up[...])
-        return h @ self.down[...]
+        h = jax.nn.silu(q.matmul(x, self.gate[...])) * q.matmul(x, self.up[...])
+        return q.matmul(h, self.down[...])
 
 
 class MoE(nnx.Module):
@@ -138,16 +144,19 @@ class MoE(nnx.Module):
     on the tokens routed to them, and the partial outputs are summed across devices.
     """
 
-    def __init__(self, config: Llama4Config, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None):
+    def __init__(self, config: Llama4Config, dtype, rngs: nnx.Rngs, mesh: Mesh | None = None,
+                 quant: QuantConfig | None = None):
         D, F, E = config.hidden_size, config.intermediate_size, config.num_experts
         self.top_k = config.num_experts_per_tok
         self.mesh = mesh
         # The router is tiny and every device needs all of it to route.
         self.router = _param(rngs, (D, E), ("embed", None), dtype)
-        self.gate = _param(rngs, (E, D, F), ("experts", "embed", "ffn"), dtype)
-        self.up = _param(rngs, (E, D, F), ("experts", "embed", "ffn"), dtype)
-        self.down = _param(rngs, (E, F, D), ("experts", "ffn", "embed"), dtype)
-        self.shared = MLP(D, F, dtype, rngs)
+        routed = q.for_target(quant, "routed")
+        ffn = q.ffn_axis(F, routed, mesh)
+        self.gate = q.weight(rngs, (E, D, F), ("experts", "embed", ffn), dtype, routed)
+        self.up = q.weight(rngs, (E, D, F), ("experts", "embed", ffn), dtype, routed)
+        self.down = q.weight(rngs, (E, F, D), ("experts", ffn, "embed"), dtype, routed)
+        self.shared = MLP(D, F, dtype, rngs, q.for_target(quant, "shared"), mesh)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         weights = (self.router[...], self.gate[...], self.up[...], self.down[...])
@@ -157,12 +166,14 @@ class MoE(nnx.Module):
                                     sum_axes=())
         else:
             x_spec = logical_spec(("tokens", "embed"), x.shape, mesh)
-            up_spec = logical_spec(("experts", "embed", "ffn"), weights[1].shape, mesh)
-            down_spec = logical_spec(("experts", "ffn", "embed"), weights[3].shape, mesh)
-            fn = functools.partial(routed_experts, top_k=self.top_k, expert_axis=up_spec[0],
-                                   sum_axes=shard_axes(up_spec))
+            gate_spec, up_spec, down_spec = (q.spec_of(w, mesh)
+                                             for w in (self.gate, self.up, self.down))
+            split = q.leading_spec(up_spec)
+            fn = functools.partial(routed_experts, top_k=self.top_k, expert_axis=split[0],
+                                   sum_axes=shard_axes(split), ffn_axis=split[2])
             routed = jax.shard_map(
-                fn, mesh=mesh, in_specs=(x_spec, PartitionSpec(), up_spec, up_spec, down_spec),
+                fn, mesh=mesh,
+                in_specs=(x_spec, PartitionSpec(), gate_spec, up_spec, down_spec),
                 out_specs=x_spec)(x, *weights)
         return routed + self.shared(x)
 
@@ -170,21 +181,24 @@ class MoE(nnx.Module):
 def routed_experts(
     x: jax.Array,
     router: jax.Array,
-    gate: jax.Array,
-    up: jax.Array,
-    down: jax.Array,
+    gate: jax.Array | q.QArray,
+    up: jax.Array | q.QArray,
+    down: jax.Array | q.QArray,
     *,
     top_k: int,
     expert_axis: str | None,
     sum_axes: tuple[str, ...],
+    ffn_axis: str | None = None,
 ) -> jax.Array:
     """Routed-expert output for ``x [T, D]`` from the local experts ``gate/up [E_l, D, F_l]``.
 
     Local expert e is global expert ``first + e``; tokens routed elsewhere are sorted past
     the last local group and contribute nothing here. Partial sums over sharded experts or
-    ffn slices are added across ``sum_axes``.
+    ffn slices are added across ``sum_axes``. Quantized weights (``QArray``) run through
+    ``quant.ragged_matmul``; an fp8 scheme quantizes each row after the score scaled it, and
+    the down projection's rows over the whole ffn (split over mesh axis ``ffn_axis``).
     """
-    num_tokens, local_experts = x.shape[0], gate.shape[0]
+    num_tokens, local_experts = x.shape[0], q.leading_shape(gate)[0]
     logits = x @ router  # [T, E]
     top_logit, top_expert = jax.lax.top_k(logits, top_k)  # [T, k]
     score = jax.nn.sigmoid(top_logit.astype(jnp.float32)).astype(x.dtype)
@@ -200,9 +214,10 @@ def routed_experts(
     group_sizes = jnp.bincount(expert, length=local_experts + 1)[:local_experts]
     group_sizes = group_sizes.astype(jnp.int32)
 
-    h = jax.nn.silu(jax.lax.ragged_dot(routed_in, gate, group_sizes))
-    h = h * jax.lax.ragged_dot(routed_in, up, group_sizes)
-    routed_out = jax.lax.ragged_dot(h, down, group_sizes)
+    row_expert = jnp.minimum(expert[order], local_experts - 1)  # picks each row's scales
+    h = jax.nn.silu(q.ragged_matmul(routed_in, gate, group_sizes, row_expert))
+    h = h * q.ragged_matmul(routed_in, up, group_sizes, row_expert)
+    routed_out = q.ragged_matmul(h, down, group_sizes, row_expert, ffn_axis)
     routed_out = jnp.where(is_local[order][:, None], routed_out, 0)
     out = jnp.zeros_like(x).at[token].add(routed_out)
     return jax.lax.psum(out, sum_axes) if sum_axes else out
@@ -238,16 +253,17 @@ def vocab_parallel_lookup(table: jax.Array, tokens: jax.Array, vocab_axis: str |
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: Llama4Config, layer: int, dtype, rngs: nnx.Rngs,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, quant: QuantConfig | None = None):
         D = config.hidden_size
         self.mesh = mesh
         self.input_norm = RMSNorm(D, config.rms_norm_eps, dtype)
         self.attn = Attention(config, layer, dtype, rngs, mesh)
         self.post_attn_norm = RMSNorm(D, config.rms_norm_eps, dtype)
         if config.is_moe(layer):
-            self.ffn = MoE(config, dtype, rngs, mesh)
+            self.ffn = MoE(config, dtype, rngs, mesh, quant)
         else:
-            self.ffn = MLP(D, config.intermediate_size_mlp, dtype, rngs)
+            self.ffn = MLP(D, config.intermediate_size_mlp, dtype, rngs,
+                           q.for_target(quant, "dense"), mesh)
 
     def __call__(self, x, cache, meta, attention_impl):
         attn_out, cache = self.attn(self.input_norm(x), cache, meta, attention_impl)
@@ -261,16 +277,17 @@ class Llama4(nnx.Module):
 
     On a mesh the vocabulary is padded to a multiple of its mesh axis; padded embedding rows
     are zero and padded logits are -inf, so they never win an argmax or get sampled.
+    ``quant`` quantizes the feed-forward weights it covers (``jaxllm.models.quant``).
     """
 
     def __init__(self, config: Llama4Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, quant: QuantConfig | None = None):
         V, D = padded_vocab_size(config.vocab_size, mesh), config.hidden_size
         self.config = config
         self.mesh = mesh
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), dtype)
-        self.layers = nnx.List(
-            [DecoderLayer(config, i, dtype, rngs, mesh) for i in range(config.num_layers)])
+        self.layers = nnx.List([DecoderLayer(config, i, dtype, rngs, mesh, quant)
+                                for i in range(config.num_layers)])
         self.norm = RMSNorm(D, config.rms_norm_eps, dtype)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), dtype)

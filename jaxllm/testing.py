@@ -94,6 +94,88 @@ def save(model: Any, directory: Path, shard_size: str = "40KB") -> Path:
     return directory
 
 
+# compressed-tensors schemes of the published Llama 4 checkpoints (FP8-dynamic, w8a16,
+# w4a16), as LLM Compressor writes them: (weights, input_activations, format).
+COMPRESSED_SCHEMES: dict[str, tuple[dict, dict | None, str]] = {
+    "fp8": (dict(num_bits=8, type="float", strategy="channel", symmetric=True),
+            dict(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True),
+            "float-quantized"),
+    "int8": (dict(num_bits=8, type="int", strategy="channel", symmetric=True), None,
+             "pack-quantized"),
+    "int4": (dict(num_bits=4, type="int", strategy="group", symmetric=True), None,
+             "pack-quantized"),
+}
+COMPRESSED_IGNORE = ["re:.*self_attn.*", "re:.*router", "lm_head"]
+
+
+def save_compressed(model: Any, directory: Path, scheme: str, group_size: int = 16,
+                    ignore: list[str] | None = None) -> Path:
+    """Quantizes ``model`` (a text ``Llama4ForCausalLM``) with the compressed-tensors library
+    and saves it as LLM Compressor would: routed experts as one Linear set per expert (the
+    layout HF transformers loads them in), weight scales from each row's (group's) min / max
+    (``calculate_qparams``), the scheme of ``COMPRESSED_SCHEMES[scheme]`` on every Linear but
+    ``ignore``. The model is changed in place."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers.quantizers.base import SequentialLlama4TextExperts
+
+    F = model.config.intermediate_size
+    for layer in model.model.layers:
+        fused = getattr(layer.feed_forward, "experts", None)
+        if fused is None:
+            continue
+        experts = SequentialLlama4TextExperts(model.config)
+        with torch.no_grad():
+            for e, mlp in enumerate(experts):
+                mlp.gate_proj.weight.copy_(fused.gate_up_proj[e, :, :F].T)
+                mlp.up_proj.weight.copy_(fused.gate_up_proj[e, :, F:].T)
+                mlp.down_proj.weight.copy_(fused.down_proj[e].T)
+        layer.feed_forward.experts = experts
+    weights, acts, fmt = COMPRESSED_SCHEMES[scheme]
+    if weights["strategy"] == "group":
+        weights = dict(weights, group_size=group_size)
+    args = QuantizationArgs(**weights)
+    config = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(
+            targets=["Linear"], weights=args,
+            input_activations=None if acts is None else QuantizationArgs(**acts))},
+        ignore=COMPRESSED_IGNORE if ignore is None else ignore)
+    apply_quantization_config(model, config, show_progress=False)
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "quantization_scheme", None) is None:
+                continue
+            w = module.weight
+            if args.strategy == "group":
+                w = w.reshape(w.shape[0], -1, args.group_size)
+                low, high = w.amin(-1), w.amax(-1)
+            else:
+                low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+            scale, _ = calculate_qparams(low, high, args)
+            module.weight_scale.copy_(scale)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(directory, safe_serialization=True)
+    compressor.update_config(str(directory))
+    return directory
+
+
+def load_compressed(directory: Path) -> Any:
+    """HF transformers' own load of a compressed-tensors checkpoint (float32, dequantized
+    weights; FP8 activations quantized per token by compressed-tensors at run time)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
 def hf_logits(model: Any, ids: list[list[int]]) -> Any:
     """HF's float32 logits. A multimodal model runs its own text model (``language_model``):
     text-only input takes exactly that path, and transformers 5.x's multimodal forward fails

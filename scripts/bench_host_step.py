@@ -3,8 +3,8 @@ tables, slots, checks) and the bookkeeping after it, for 8 sequences of 32k to 1
 
     python scripts/bench_host_step.py [--seqs 8] [--lengths 32768 131072 1000000]
 
-No model runs: the engine's own host code (``Scheduler``, ``Engine.step_pieces``,
-``build_step`` with the runner's arguments, ``Scheduler.computed``) is timed on requests
+No model runs: the engine's own host code (``Scheduler``, the persistent batch's
+``InputBatch.inputs`` as the engine calls it, ``Scheduler.settle``) is timed on requests
 whose prompts are already in the cache, on Scout's layout (page 16, chunk 8192, one global
 group and three chunked ones, hybrid cache). The peer is the floor any design pays: copying
 the step's block tables once (they are what crosses to the device). A Scout decode step on
@@ -14,17 +14,19 @@ the step's block tables once (they are what crosses to the device). A Scout deco
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.buckets import BucketPolicy
-from jaxllm.engine.engine import step_pieces
+from jaxllm.engine.batch import InputBatch, SlotPlan
 from jaxllm.engine.pages import PageAllocator
-from jaxllm.engine.scheduler import Request, Scheduler, Status
+from jaxllm.engine.request import Request, Status
+from jaxllm.engine.scheduler import Scheduler
 from jaxllm.kv_cache import CacheConfig
-from jaxllm.layout import build_step
+from jaxllm.layout import SeqPiece
 from jaxllm.sampling import GREEDY
 
 PAGE, CHUNK = 16, 8192
@@ -47,14 +49,15 @@ def setup(length: int, seqs: int) -> tuple[Scheduler, BucketPolicy, list[Request
     requests = []
     for i in range(seqs):
         prompt = rng.integers(3, 200_000, length).tolist()
-        request = Request(f"r{i}", prompt, GREEDY, 64, seed=i)
+        request = Request(f"r{i}", prompt, dataclasses.replace(GREEDY, max_tokens=64, seed=i))
         scheduler.add(request)
         requests.append(request)
     # Admit and "prefill" every request through the scheduler's own bookkeeping, one chunk
     # at a time, without building device arrays.
     while any(r.num_computed < len(r.prompt) for r in requests):
         for scheduled in scheduler.schedule():
-            scheduler.computed(scheduled)
+            scheduler.settle(scheduled)
+            scheduled.request.num_in_flight = 0
     for r in requests:
         r.output.append(7)
         assert r.status is Status.RUNNING
@@ -62,18 +65,25 @@ def setup(length: int, seqs: int) -> tuple[Scheduler, BucketPolicy, list[Request
     return scheduler, policy, requests
 
 
-def decode_step(scheduler: Scheduler, policy: BucketPolicy, groups: tuple) -> tuple[float, int]:
+def bind(batch: InputBatch, requests: list[Request]) -> None:
+    """What admission does: each request's rows of the persistent batch, pages included."""
+    for r in requests:
+        batch.write(r.batch_row, r.sampling, (), r.pages)
+
+
+def decode_step(scheduler: Scheduler, batch: InputBatch) -> tuple[float, int]:
     """One decode step's host work; (seconds, block-table bytes)."""
     start = time.perf_counter()
     scheduled = scheduler.schedule()
-    chunks = step_pieces(scheduled)
-    batch = build_step(chunks, policy.cache, width=policy.pages_per_seq,
-                       num_rows=policy.token_bucket(len(chunks)),
-                       num_slots=policy.batch_bucket(len(chunks)), group_chunk=groups)
+    plans = [SlotPlan(SeqPiece(s.request.pages, s.start, s.request.tokens_between(
+        s.start, s.start + s.num_tokens)), s.request.batch_row, len(s.request.output), False,
+        len(s.request.prompt)) for s in scheduled]
+    inputs = batch.inputs(plans, bound=True)
     for s in scheduled:
-        scheduler.computed(s)
+        scheduler.settle(s)
+        s.request.num_in_flight = 0
         s.request.output.append(7)
-    return time.perf_counter() - start, batch.meta.block_tables.nbytes
+    return time.perf_counter() - start, inputs.meta.block_tables.nbytes
 
 
 def main() -> int:
@@ -86,10 +96,12 @@ def main() -> int:
     print(f"{'context':>9} {'tables MiB':>10} {'host ms/step':>13} {'copy ms':>8} "
           f"{'host/copy':>9}")
     for length in args.lengths:
-        scheduler, policy, _ = setup(length, args.seqs)
+        scheduler, policy, requests = setup(length, args.seqs)
+        batch = InputBatch(policy, GROUP_CHUNK, mask_words=1)
+        bind(batch, requests)
         times, nbytes = [], 0
         for _ in range(args.steps):
-            seconds, nbytes = decode_step(scheduler, policy, GROUP_CHUNK)
+            seconds, nbytes = decode_step(scheduler, batch)
             times.append(seconds)
         tables = np.zeros(nbytes // 4, np.int32)
         start = time.perf_counter()

@@ -7,7 +7,7 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/bench_multiprocess.py
 
 Process 0 prints one row per step shape: the median step (broadcast + the compiled step, as
-``Executor.sample_step`` runs it) and the median broadcast alone (header + inputs).
+``Executor.run`` runs it) and the median broadcast alone (header + inputs).
 """
 
 from __future__ import annotations
@@ -63,12 +63,12 @@ def _measure(engine, chunks, multi: bool, leader: bool, repeats: int) -> tuple[f
     import numpy as np
     from jax.experimental import multihost_utils
 
+    from jaxllm.engine.batch import inputs_for
     from jaxllm.engine.executor import pack, unpack
     from jaxllm.sampling import SamplingParams
 
     n = len(chunks)
-    inputs = engine.runner.prepare(chunks, [SamplingParams(temperature=0.0)] * n,
-                                   seeds=[0] * n, steps=[0] * n)
+    inputs = inputs_for(engine.batch, chunks, [SamplingParams(temperature=0.0, seed=0)] * n)
     if not leader:  # the same shapes, zeros: what a follower receives into
         inputs = engine.runner.empty_inputs(inputs.tokens.shape[0], inputs.logits_rows.shape[0])
     header = np.array([1, inputs.tokens.shape[0], inputs.logits_rows.shape[0]], np.int32)
@@ -80,7 +80,7 @@ def _measure(engine, chunks, multi: bool, leader: bool, repeats: int) -> tuple[f
     def step() -> None:
         if multi:
             broadcast()
-        engine.runner.run(inputs, n)
+        engine.runner.run(inputs).result()
 
     return _median_ms(step, repeats), _median_ms(broadcast, repeats) if multi else 0.0
 

@@ -29,6 +29,7 @@ stage 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/pallas_kernels tes
 stage 210 "$PY" scripts/bench_attention.py
 stage 140 "$PY" scripts/bench_generate.py --preset scout-4layers --num-layers 2 \
     --dtype bfloat16 --batch 8 --prompt-len 128 --new-tokens 32 --repeats 2
+stage 240 "$PY" scripts/bench_quant.py --preset scout --tokens 64
 echo
 echo "=== gpu_check: $([ "$status" -eq 0 ] && echo all stages passed || echo a stage failed)"
 exit "$status"

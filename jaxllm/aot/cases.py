@@ -36,12 +36,16 @@ class Case:
     """A program to compile: ``build()`` gives (fn, mesh, abstract args, donated arg numbers).
 
     ``no_gather`` lists full (unsharded) shapes that no all-gather may produce, in any
-    layout of the same number of elements.
+    layout of the same number of elements. ``no_buffer`` lists (dtype, shape) pairs that no
+    instruction of the optimized HLO may produce (its dims in any order: a dequantized copy
+    of a quantized weight); the step's temporaries must stay under ``max_temp_bytes``.
     """
 
     name: str
     build: Build
     no_gather: tuple[tuple[int, ...], ...] = ()
+    no_buffer: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    max_temp_bytes: int | None = None
 
 
 @dataclasses.dataclass
@@ -78,10 +82,31 @@ def run_case(case: Case) -> Result:
             fn, mesh, args, donate = case.build()
             compiled = compile_for(fn, mesh, *args, dump_dir=dump, donate_argnums=donate)
             info = inspect_compile(compiled, dump)
+            buffers = buffer_problems(compiled.as_text(), info.temp_bytes, case.no_buffer,
+                                      case.max_temp_bytes)
         except Exception as err:  # noqa: BLE001 - every compile error is reported, not raised
             lines = traceback.format_exception_only(err)
             return Result(case.name, None, [f"compile error: {''.join(lines).strip()[:2000]}"])
-    return Result(case.name, info, problems_of(info, case.no_gather))
+    return Result(case.name, info, problems_of(info, case.no_gather) + buffers)
+
+
+def buffer_problems(hlo: str, temp_bytes: int,
+                    no_buffer: tuple[tuple[str, tuple[int, ...]], ...],
+                    max_temp_bytes: int | None) -> list[str]:
+    """Instructions of ``hlo`` that produce a ``no_buffer`` array (its dtype, its dims in
+    any order), and temporaries of ``max_temp_bytes`` or more."""
+    import re
+
+    found = []
+    for dtype, shape in no_buffer:
+        for dims in re.findall(rf"= {dtype}\[([\d,]+)\]", hlo):
+            if sorted(int(d) for d in dims.split(",")) == sorted(shape):
+                found.append(f"a {dtype}[{dims}] buffer (a dequantized {list(shape)} weight)")
+                break
+    if max_temp_bytes is not None and temp_bytes >= max_temp_bytes:
+        found.append(f"{temp_bytes} temporary bytes: room for a dequantized copy of a layer's "
+                     f"routed experts ({max_temp_bytes} bytes)")
+    return found
 
 
 def ragged_args(mesh: Any, rows: int, slots: int, context: int,
@@ -193,38 +218,46 @@ def scout_config(num_layers: int = 4) -> Any:
 
 
 def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_len: int,
-                     num_pages: int, num_layers: int = 4) -> Case:
+                     num_pages: int, num_layers: int = 4, quant: Any = None,
+                     kv_dtype: Any = BF16) -> Case:
     """The engine's sampling step (``jaxllm.engine.step.step_function``) of a Scout-shaped
-    model in bf16, parameters and cache as abstract arrays with their real shardings;
-    ``num_pages`` pages of cache (plus the null page)."""
+    model in bf16 (its feed-forward weights quantized by ``quant``, a ``QuantConfig``),
+    parameters and cache as abstract arrays with their real shardings; ``num_pages`` pages
+    of cache (plus the null page) of ``kv_dtype``. A quantized step must produce no bf16
+    copy of one expert's weight, nor have room for a copy of a layer's routed experts."""
     from jaxllm.kv_cache import CacheConfig
     from jaxllm.sharding import MESH_AXES
 
     config = scout_config(num_layers)
     # The serving default: chunked-local layers in their own groups (hybrid page tables).
-    cache = CacheConfig(page_size=PAGE, dtype=BF16, num_pages=num_pages, hybrid=True)
+    cache = CacheConfig(page_size=PAGE, dtype=kv_dtype, num_pages=num_pages, hybrid=True)
     width = max_model_len // PAGE
 
     def build():
         mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices))
-        graphdef, params = abstract_params(config, BF16, mesh)
+        graphdef, params = abstract_params(config, BF16, mesh, quant)
         sample_step, args = abstract_step(graphdef, params, config, cache, mesh, rows, slots,
                                           width)
         return sample_step, mesh, args, (1, 2, 3)
 
-    return Case(name, build, no_gather=(cache.page_shape(config), (rows, H, D)))
+    expert = (config.hidden_size, config.intermediate_size // devices)
+    layer = config.num_experts * math.prod(expert) * 2
+    return Case(name, build, no_gather=(cache.page_shape(config), (rows, H, D)),
+                no_buffer=() if quant is None else (("bf16", expert),),
+                max_temp_bytes=None if quant is None else layer)
 
 
-def abstract_params(config: Any, dtype: Any, mesh: Any) -> tuple[Any, Any]:
+def abstract_params(config: Any, dtype: Any, mesh: Any, quant: Any = None) -> tuple[Any, Any]:
     """(graphdef, parameters as ``ShapeDtypeStruct``s with their shardings on ``mesh``):
-    the model's structure without allocating a weight."""
+    the model's structure (quantized by ``quant``, a ``QuantConfig``) without allocating a
+    weight."""
     from flax import nnx
 
     from jaxllm.model import Llama4
     from jaxllm.sharding import param_shardings
 
     graphdef, state = nnx.split(nnx.eval_shape(
-        lambda: Llama4(config, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh)))
+        lambda: Llama4(config, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh, quant=quant)))
     # One array per parameter Variable, in the same order as its sharding.
     leaves, treedef = jax.tree.flatten(state)
     shardings = jax.tree.leaves(param_shardings(state, mesh))
@@ -270,6 +303,23 @@ def engine_cases() -> list[Case]:
             engine_step_case(f"engine step {devices} dev prefill 2k", devices, 2048, 64,
                              131072, num_pages=32768),
         ]
+    return cases + quantized_engine_cases()
+
+
+def quantized_engine_cases() -> list[Case]:
+    """The same step with fp8 (W8A8), int8 and int4 experts, on 1 device and on model=8, and
+    fp8 with the fp8 KV cache."""
+    from jaxllm.models.quant import QuantConfig
+
+    cases = []
+    for scheme in ("fp8", "int8", "int4"):
+        for devices in (1, 8):
+            cases.append(engine_step_case(
+                f"engine step {devices} dev decode b64 {scheme}", devices, 64, 64, 131072,
+                num_pages=32768, quant=QuantConfig(scheme)))
+    cases.append(engine_step_case("engine step 1 dev prefill 2k fp8 + fp8 KV", 1, 2048, 64,
+                                  131072, num_pages=32768, quant=QuantConfig("fp8"),
+                                  kv_dtype=jnp.float8_e4m3fn))
     return cases
 
 

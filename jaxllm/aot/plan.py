@@ -46,15 +46,20 @@ def dry_run(args: argparse.Namespace) -> list[str]:
 
     if args.target not in TARGETS:
         raise ValueError(f"--target {args.target}: expected one of {sorted(TARGETS)}")
+    from jaxllm.loading import kv_cache_dtype_of
+    from jaxllm.models.quant import QuantConfig
+
     config = Llama4Config.from_hf(Path(args.model))
     dtype = resolve_dtype(args.dtype or "bfloat16")
+    quant = QuantConfig.from_flags(args.quantization, args.quantization_scope)
     devices = args.tensor_parallel_size
     policy = BucketPolicy.for_model(
-        config, dtype=dtype, max_model_len=args.max_model_len, page_size=args.block_size,
+        config, dtype=kv_cache_dtype_of(args.kv_cache_dtype, dtype),
+        max_model_len=args.max_model_len, page_size=args.block_size,
         hybrid=not args.disable_hybrid_kv_cache_manager, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, on_gpu=True)
     mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices), target=args.target)
-    graphdef, params = abstract_params(config, dtype, mesh)
+    graphdef, params = abstract_params(config, dtype, mesh, quant)
     weights = weights_bytes_per_device(params)
 
     def step_temp_bytes() -> int:
@@ -75,9 +80,11 @@ def dry_run(args: argparse.Namespace) -> list[str]:
         device_bytes=lambda: target_memory_bytes(args.target), weights_bytes=lambda: weights,
         step_temp_bytes=step_temp_bytes,
         penalty_bytes=penalty_bytes_per_device(config, policy, mesh))
+    scheme = "" if quant is None else f", {quant.describe()} for {'+'.join(quant.targets)}"
     head = (f"dry run: {config.num_layers} layers, {config.num_experts} experts, vocab "
-            f"{config.vocab_size}, {jnp.dtype(dtype).name}, on {devices} x {args.target} "
+            f"{config.vocab_size}, {jnp.dtype(dtype).name}{scheme}"
+            f", on {devices} x {args.target} "
             f"(compile-only), max_model_len {policy.max_model_len}, "
             f"max_num_batched_tokens {policy.max_num_batched_tokens}, "
             f"max_num_seqs {policy.max_num_seqs}; {len(policy.step_shapes())} step programs")
-    return [head, *startup_report(config, policy, plan, weights, mesh)]
+    return [head, *startup_report(config, policy, plan, weights, mesh, params=params)]

@@ -339,7 +339,8 @@ class Engine:
     def report(self) -> list[str]:
         """The start-up report: memory, pages, concurrency (``jaxllm.engine.memory``)."""
         return startup_report(self.model.config, self.policy, self.plan,
-                              weights_bytes_per_device(self.model.params), self.model.mesh)
+                              weights_bytes_per_device(self.model.params), self.model.mesh,
+                              params=self.model.params)
 
     def recover(self, failed: Sequence[Request] = ()) -> int:
         """Restores a consistent state after a failed step, whose cache is lost: ``failed``

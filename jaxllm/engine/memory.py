@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxllm.api import Model
@@ -23,6 +24,7 @@ from jaxllm.buckets import BucketPolicy
 from jaxllm.config import Llama4Config
 from jaxllm.kv_cache import LayerGroups
 from jaxllm.layout import pages_for
+from jaxllm.models.quant import dtype_bits
 from jaxllm.penalties import state_bytes_per_device
 from jaxllm.sharding import padded_vocab_size
 
@@ -65,14 +67,59 @@ def device_memory_bytes() -> int:
     return ram // jax.local_device_count()
 
 
+def _leaf_bytes(leaf: Any) -> int:
+    """Bytes of one device's shard of ``leaf`` (int4 packed two per byte)."""
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    return -(-math.prod(shape) * dtype_bits(leaf.dtype) // 8)
+
+
 def weights_bytes_per_device(params: Any) -> int:
-    """Bytes of parameters on the first device (its shard of every weight); ``params`` may be
-    arrays or ``ShapeDtypeStruct``s with shardings (a deviceless plan)."""
-    total = 0
-    for leaf in jax.tree.leaves(params):
-        shape = leaf.sharding.shard_shape(leaf.shape)
-        total += math.prod(shape) * leaf.dtype.itemsize
-    return total
+    """Bytes of parameters on the first device (its shard of every weight, quantized weights
+    and their scales as stored); ``params`` may be arrays or ``ShapeDtypeStruct``s with
+    shardings (a deviceless plan)."""
+    return sum(_leaf_bytes(leaf) for leaf in jax.tree.leaves(params))
+
+
+WEIGHT_GROUPS = ("embed", "attention", "router", "routed experts", "shared expert", "dense ffn",
+                 "norms", "lm_head")
+_SCHEME_OF_DTYPE = {"float8_e4m3fn": "fp8", "int8": "int8", "int4": "int4"}
+
+
+def _weight_group(path: tuple[str, ...], ndim: int) -> str:
+    """The group of weight ``path`` (a quantized weight's path without ``q`` / ``scale``)."""
+    if path[0] in ("embed", "lm_head"):
+        return path[0]
+    if "attn" in path:
+        return "attention"
+    if "router" in path:
+        return "router"
+    if "shared" in path:
+        return "shared expert"
+    if "ffn" in path and path[-1] != "weight":
+        return "routed experts" if ndim == 3 else "dense ffn"
+    return "norms"
+
+
+def weight_groups(params: Any) -> dict[str, tuple[str, int]]:
+    """Per parameter group (``WEIGHT_GROUPS``) of an ``nnx.State`` (arrays or
+    ``ShapeDtypeStruct``s): its scheme (``fp8``, ``int8``, ``int4`` or the dtype name) and its
+    bytes per device, a quantized weight's scales included."""
+    from flax import nnx
+
+    flat = {tuple(str(k) for k in key): leaf.get_value()
+            for key, leaf in nnx.to_flat_state(params)}
+    schemes: dict[str, set[str]] = {}
+    sizes: dict[str, int] = {}
+    for path, value in flat.items():
+        weight, ndim = path, len(value.shape)
+        if path[-1] in ("q", "scale") and path[:-1] + ("q",) in flat:
+            weight, ndim = path[:-1], len(flat[path[:-1] + ("q",)].shape)
+        group = _weight_group(weight, ndim)
+        sizes[group] = sizes.get(group, 0) + _leaf_bytes(value)
+        if path[-1] != "scale":
+            name = jnp.dtype(value.dtype).name
+            schemes.setdefault(group, set()).add(_SCHEME_OF_DTYPE.get(name, name))
+    return {g: ("+".join(sorted(schemes[g])), sizes[g]) for g in WEIGHT_GROUPS if g in sizes}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,9 +215,15 @@ def penalty_bytes_per_device(config: Llama4Config, policy: BucketPolicy,
                                   padded_vocab_size(config.vocab_size, mesh), mesh)
 
 
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.3f} GiB" if size >= 2**24 else f"{size / 2**20:.3f} MiB"
+
+
 def startup_report(config: Llama4Config, policy: BucketPolicy, plan: KVPlan,
-                   weights_bytes: int, mesh: Mesh | None = None) -> list[str]:
-    """vLLM-style lines: weights and KV per device, tokens that fit, maximum concurrency."""
+                   weights_bytes: int, mesh: Mesh | None = None,
+                   params: Any = None) -> list[str]:
+    """vLLM-style lines: weights and KV per device (with ``params``, per parameter group and
+    its scheme), tokens that fit, maximum concurrency."""
     groups = policy.cache.groups(config)
     gib = 2**30
     per_token_layer = policy.cache.bytes_per_token(config, mesh)
@@ -179,10 +232,15 @@ def startup_report(config: Llama4Config, policy: BucketPolicy, plan: KVPlan,
     slabs = groups.num_slabs
     need = pages_for_sequence(policy, groups, policy.max_model_len)
     tokens = plan.num_pages // groups.num_groups * policy.page_size
+    kv_dtype = jnp.dtype(policy.cache.dtype).name
     lines = [
         f"weights: {weights_bytes / gib:.3f} GiB per device",
+        *([] if params is None else [
+            "weights by group: " + ", ".join(
+                f"{group} {scheme} {_gib(size)}"
+                for group, (scheme, size) in weight_groups(params).items())]),
         f"KV cache: {plan.num_pages} pages of {policy.page_size} tokens, "
-        f"{plan.kv_bytes / gib:.3f} GiB per device (sized by {plan.source}); "
+        f"{plan.kv_bytes / gib:.3f} GiB per device, {kv_dtype} (sized by {plan.source}); "
         f"{per_token_layer} bytes per token per layer per device; layer groups: "
         + ", ".join(f"{n} {kind} x {slabs} layers" for kind, n in kinds.items() if n)
         + ("" if policy.cache.hybrid else " (hybrid cache off)"),

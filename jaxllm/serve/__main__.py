@@ -67,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "JAX aborts every process without answering")
     p.add_argument("--block-size", type=int, default=16, help="KV cache page size in tokens")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, choices=["fp8", "int8", "int4"],
+                   help="quantize the feed-forward weights while loading (a checkpoint "
+                        "converted quantized, or from compressed-tensors, needs none)")
+    p.add_argument("--quantization-scope", default="experts", choices=["experts", "ffn"],
+                   help="experts: routed + shared experts (Meta's scope); ffn: also the "
+                        "dense FFN layers")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="auto: the model dtype; fp8: e4m3 pages with a scale (half of bf16)")
     p.add_argument("--attention-impl", default=None, choices=["pallas", "xla"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -111,7 +119,10 @@ def build_engine(args: argparse.Namespace) -> Engine:
                               mesh=mesh, attention_impl=args.attention_impl,
                               page_size=args.block_size, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens,
-                              hybrid_kv_cache=not args.disable_hybrid_kv_cache_manager)
+                              hybrid_kv_cache=not args.disable_hybrid_kv_cache_manager,
+                              quantization=args.quantization,
+                              quantization_scope=args.quantization_scope,
+                              kv_cache_dtype=args.kv_cache_dtype)
     return Engine(model, num_pages=args.num_kv_pages,
                   kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,

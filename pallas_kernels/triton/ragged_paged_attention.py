@@ -139,14 +139,17 @@ def _ragged_kernel(
         pages = jnp.clip(pages, 0, num_kv_slots // page_size - 1)
         slots = pages * page_size + lax.rem(keys, jnp.int32(page_size))
         index = (slots[:, None], kv_head, cols[None, :])
+        # An fp8 cache (e4m3, unit scale) is widened to q's dtype in registers.
         if not masked and cols_ok is None:
-            return keys, plgpu.load(k_ref.at[index]), plgpu.load(v_ref.at[index])
+            k, v = plgpu.load(k_ref.at[index]), plgpu.load(v_ref.at[index])
+            return keys, k.astype(q.dtype), v.astype(q.dtype)
         # Unowned pages may hold NaN: zero K and V rows there (0 * NaN would be NaN).
         kv_mask = jnp.broadcast_to(
             _and_cols(key_ok if masked else jnp.ones_like(key_ok), cols_ok), (block_k, dim))
-        k = plgpu.load(k_ref.at[index], mask=kv_mask, other=0)
-        v = plgpu.load(v_ref.at[index], mask=kv_mask, other=0)
-        return keys, k, v
+        # A float fill: Triton casts an integer splat to bf16 / f32 but not to e4m3.
+        k = plgpu.load(k_ref.at[index], mask=kv_mask, other=0.0)
+        v = plgpu.load(v_ref.at[index], mask=kv_mask, other=0.0)
+        return keys, k.astype(q.dtype), v.astype(q.dtype)
 
     def masked_body(kb, carry):
         keys, k, v = load_kv(kb, masked=True)

@@ -93,3 +93,36 @@ def test_layer_groups():
         assert sorted(s for s, gg in zip(groups.layer_slab, groups.layer_group, strict=True)
                       if gg == g) == list(range(12))
     assert [i for i in range(48) if groups.layer_group[i] == 0] == list(range(3, 48, 4))
+
+
+def test_fp8_kv_cache_through_the_model_and_the_engine(tiny_model):
+    """``kv_cache_dtype="fp8"``: every attention impl reads the same e4m3 cache (equal
+    logits), the logits move by e4m3 rounding only, the engine serves from it, and a page
+    costs half the bytes of a bf16 one."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxllm
+    from jaxllm import SamplingParams
+    from jaxllm.engine import Engine
+    from jaxllm.loading import kv_cache_dtype_of
+
+    hf, _, path = tiny_model("scout_unit_logits")
+    ids = np.random.default_rng(0).integers(0, 333, (2, 40)).tolist()
+    plain = jaxllm.load_model(path).logits(ids)
+    outs = {}
+    for impl in ("reference", "xla"):
+        model = jaxllm.load_model(path, kv_cache_dtype="fp8", attention_impl=impl,
+                                  max_model_len=64, page_size=8, max_num_seqs=4)
+        assert model.bucket_policy.cache.dtype == jnp.float8_e4m3fn
+        outs[impl] = model.logits(ids)
+    np.testing.assert_allclose(outs["xla"], outs["reference"], atol=1e-5, rtol=0)
+    change = np.abs(outs["xla"] - plain).max() / np.abs(plain).max()
+    assert 1e-4 < change < 0.15, change  # e4m3 keeps 3 mantissa bits: ~6% per element
+    prompts = [ids[0][:9], ids[1][:23]]
+    engine = Engine(model, max_num_batched_tokens=16)
+    served = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8))
+    assert served == jaxllm.generate(model, prompts, max_new_tokens=8)
+    bf16 = model.bucket_policy.cache.__class__(dtype=jnp.bfloat16)
+    fp8 = bf16.__class__(dtype=kv_cache_dtype_of("fp8", jnp.bfloat16))
+    assert fp8.bytes_per_token(model.config) * 2 == bf16.bytes_per_token(model.config)

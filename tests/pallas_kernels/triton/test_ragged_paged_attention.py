@@ -4,6 +4,7 @@ reference against a naive per-sequence numpy attention."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -417,3 +418,39 @@ def test_gpu_bf16_scout_shapes(chunk_size):
     batch = make_batch(seqs, heads=40, kv_heads=8, head_dim=128, page_size=16, width=64,
                        dtype=jnp.bfloat16)
     check(batch, chunk_size, atol=2e-2, interpret=False)
+
+
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("chunk_size", [None, C])
+def test_fp8_cache_is_read_by_every_impl(q_dtype, chunk_size, interpret):
+    """An e4m3 cache (``--kv-cache-dtype fp8``): the Triton kernel and the blockwise XLA
+    attention read it as the naive numpy attention reads the same values widened to f32."""
+    from pallas_kernels.xla.ragged_paged_attention import ragged_paged_attention_blockwise
+
+    batch = make_batch(CHUNK_EDGES, width=16, dtype=jnp.float32)
+    fp8 = dataclasses.replace(batch, q=batch.q.astype(q_dtype),
+                              k_pages=batch.k_pages.astype(jnp.float8_e4m3fn),
+                              v_pages=batch.v_pages.astype(jnp.float8_e4m3fn))
+    widened = dataclasses.replace(batch, q=fp8.q.astype(jnp.float32),
+                                  k_pages=fp8.k_pages.astype(jnp.float32),
+                                  v_pages=fp8.v_pages.astype(jnp.float32))
+    want = naive_attention(widened, chunk_size)
+    tol = 1e-5 if q_dtype == jnp.float32 else 2e-2
+    padding = int(batch.query_start_loc[int(batch.num_seqs)])
+    for fn in (functools.partial(ragged_paged_attention, interpret=interpret),
+               ragged_paged_attention_blockwise, ragged_paged_attention_reference):
+        out = fn(*fp8.args, chunk_size=chunk_size)
+        assert out.dtype == q_dtype
+        got = np.asarray(out, np.float32)
+        np.testing.assert_allclose(got[:padding], want[:padding], atol=tol, rtol=tol)
+    # and e4m3 really is coarser than the f32 cache
+    assert np.abs(want - naive_attention(batch, chunk_size))[:padding].max() > 1e-3
+
+
+def test_fp8_pages_saturate_instead_of_nan():
+    pages = jnp.zeros((2, 4, 1, 2), jnp.float8_e4m3fn)
+    new = jnp.asarray([[[1000.0, -1000.0]], [[3.0, -0.5]]], jnp.float32)
+    k, _ = write_kv_pages(pages, pages, new, new, jnp.asarray([1, 5]))
+    assert np.asarray(k.astype(jnp.float32)).reshape(8, 2)[[1, 5]].tolist() == [
+        [448.0, -448.0], [3.0, -0.5]]
