@@ -69,14 +69,14 @@ class TopLogprobs(Sequence):
         return list(self) == list(other)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class TokenLogprob:
     token_id: int
     logprob: float
     top: Sequence[tuple[int, float]]  # the most likely tokens, best first
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]

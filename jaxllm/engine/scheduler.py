@@ -54,6 +54,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._chunk_sizes = {c for c in pages.group_chunk if c is not None}
         # Batch rows (``jaxllm.engine.batch``): at most max_num_seqs requests run.
         self.free_rows = list(range(policy.max_num_seqs - 1, -1, -1))
 
@@ -69,7 +70,7 @@ class Scheduler:
         for request in list(self.running):
             if budget == 0 or len(out) == self.policy.max_num_seqs:
                 break
-            if request not in self.running:  # preempted below by an earlier request
+            if request.status is not Status.RUNNING:  # preempted by an earlier request
                 continue
             if not _schedulable(request):
                 continue
@@ -172,6 +173,8 @@ class Scheduler:
         if not request.pages:
             request.pages = [PageRow() for _ in range(self.pages.num_groups)]
         total = pages_for(request.num_computed + n, self.pages.page_size)
+        if len(request.pages[0]) >= total:  # every group's row grows with the others
+            return True
         need = [max(0, total - len(row)) for row in request.pages]
         fresh = self.pages.allocate(sum(need))
         if fresh is None:
@@ -205,6 +208,10 @@ class Scheduler:
         # only pages that are full now may be offered (a half-written one must never be);
         # those full before this piece were offered when they filled.
         old_full, full = before // page, end // page
+        if full == old_full and not any(
+                first_needed_page(before, page, c) != first_needed_page(end, page, c)
+                for c in self._chunk_sizes):
+            return  # most decode steps: no page filled, no attention chunk left behind
         for group, row in enumerate(request.pages):
             self.pages.register(group, row[old_full:full],
                                 request.page_hashes[old_full:full])
