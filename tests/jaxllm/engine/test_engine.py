@@ -142,9 +142,9 @@ def test_every_layer_reads_the_one_page_size(scout, monkeypatch):
     assert engine.runner.cache[0][0].shape[:2] == (41, 8)  # 40 pages and the null page
     steps = []
     build = engine.batch.inputs
-    monkeypatch.setattr(engine.batch, "inputs", lambda plans, masks=None: steps.append(
-        ([[list(row) for row in p.piece.pages] for p in plans], build(plans, masks)))
-        or steps[-1][1])
+    monkeypatch.setattr(engine.batch, "inputs", lambda plans, masks=None, bound=False: (
+        steps.append(([[list(row) for row in p.piece.pages] for p in plans],
+                      build(plans, masks, bound=bound))) or steps[-1][1]))
     prompt = _prompts([21], seed=9)[0]
     engine.submit(engine.prepare(prompt, GREEDY_20))
     out = engine.step()[0].new_token_ids  # the whole prompt in one step: 3 pages of 8
