@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ def load_model(
     path = Path(path)
     manifest = checkpoint.read_manifest(path)
     config = Llama4Config.from_hf(path)
+    if config.vision is not None and "vision" not in manifest["groups"]:
+        config = dataclasses.replace(config, vision=None)  # converted with --text-only
     dtype = DTYPES[manifest["dtype"]] if dtype is None else resolve_dtype(dtype)
     max_model_len = max_model_len or config.max_position_embeddings
     if max_model_len <= 0:

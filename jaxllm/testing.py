@@ -58,6 +58,15 @@ def make_text_model(overrides: dict[str, Any], seed: int = 0, scale: float = 0.2
     return model
 
 
+# A vision tower HF can run: 28-pixel tiles of 4 x 4 patches of 7 pixels, pixel shuffle to
+# 4 features per tile; the MLP width is hidden / ratio**2 (HF feeds the shuffled patches to
+# a layer of intermediate_size); the adapter and projector widths chain (48 -> 48 -> text).
+TINY_VISION: dict[str, Any] = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+    image_size=28, patch_size=7, vision_output_dim=48, projector_input_dim=48,
+    projector_output_dim=48, pixel_shuffle_ratio=0.5, rope_parameters=dict(rope_theta=10000.0))
+
+
 def make_multimodal_model(text: dict[str, Any], seed: int = 0) -> Any:
     """A random HF ``Llama4ForConditionalGeneration`` whose text model has config ``text``."""
     import torch
@@ -65,11 +74,7 @@ def make_multimodal_model(text: dict[str, Any], seed: int = 0) -> Any:
     from transformers import Llama4ForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=48, image_size=28, patch_size=14, vision_output_dim=32,
-                  projector_input_dim=32, projector_output_dim=text["hidden_size"],
-                  pixel_shuffle_ratio=0.5)
-    config = HFLlama4Config(text_config=text, vision_config=vision)
+    config = HFLlama4Config(text_config=text, vision_config=TINY_VISION)
     model = Llama4ForConditionalGeneration(config).eval()
     _randomize(model)
     return model

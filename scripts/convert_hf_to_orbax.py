@@ -20,10 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--text-only", action="store_true",
+                        help="drop a multimodal checkpoint's vision tower and projector")
     args = parser.parse_args(argv)
     try:
         out = convert(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, text_only=args.text_only)
     except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
