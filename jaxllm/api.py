@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.attention import check_attention_impl
 from jaxllm.buckets import BucketPolicy
-from jaxllm.config import Llama4Config
+from jaxllm.config import Llama4Config, VisionConfig
 from jaxllm.kv_cache import init_kv_cache
 from jaxllm.layout import (
     SeqChunk,
@@ -82,10 +82,7 @@ class Model:
     def encode_images(self, pixel_values: Any) -> np.ndarray:
         """Projected image features ``[N, tokens_per_tile, D]`` of tiles ``[N, C, S, S]`` (the
         processor's ``pixel_values``), through programs compiled per power-of-two tile count."""
-        vision = self.config.vision
-        if vision is None:
-            raise ValueError("this model has no vision tower (a text-only checkpoint, or one "
-                             "converted with --text-only): it cannot take images")
+        vision = self._vision()
         pixels = np.asarray(pixel_values, np.float32)
         want = (vision.num_channels, vision.image_size, vision.image_size)
         if pixels.ndim != 4 or pixels.shape[1:] != want or pixels.shape[0] == 0:
@@ -98,6 +95,12 @@ class Model:
         fn = self.compiled(("encode_images", bucket), self._compile_encode)
         return to_host(fn(self.params, padded))[:tiles]
 
+    def _vision(self) -> VisionConfig:
+        if self.config.vision is None:
+            raise ValueError("this model has no vision tower (a text-only checkpoint, or one "
+                             "converted with --text-only): it cannot take images")
+        return self.config.vision
+
     def _compile_encode(self):
         graphdef = self.graphdef
 
@@ -107,31 +110,32 @@ class Model:
         rep = self.replicated()
         return jax.jit(encode, in_shardings=(self.param_shardings, rep), out_shardings=rep)
 
-    def image_embeds(self, token_ids: np.ndarray, pixel_values: Sequence[Any | None],
-                     num_rows: int) -> ImageEmbeds | None:
-        """``ImageEmbeds`` for the flat rows of ``token_ids [B, L]`` (row-major, padded to
-        ``num_rows``): sequence b's ``<|patch|>`` tokens take, in order, the features of its
-        tiles ``pixel_values[b]`` (None or an empty list: no image). None without images."""
+    def image_embeds(self, token_ids: Sequence[Sequence[int]],
+                     pixel_values: Sequence[Any | None], shape: tuple[int, int]
+                     ) -> ImageEmbeds | None:
+        """``ImageEmbeds`` for prompts ``token_ids`` laid out in a ``shape`` = (B, L) grid
+        (rows [B, L], -1 for text and padding): prompt b's ``<|patch|>`` tokens take, in
+        order, the features of its tiles ``pixel_values[b]`` ([N_b, C, S, S]; None or empty:
+        no image). None when no prompt has an image. Features are padded to a power-of-two
+        row count, so few shapes reach the compiled programs."""
         if len(pixel_values) != len(token_ids):
             raise ValueError(f"{len(pixel_values)} image entries for {len(token_ids)} prompts")
         present = [p for p in pixel_values if p is not None and len(p)]
         if not present:
             return None
+        vision = self._vision()
         features = self.encode_images(np.concatenate(present))
         features = features.reshape(-1, features.shape[-1])
-        rows, first = [], 0
-        for ids, pixels in zip(token_ids, pixel_values, strict=True):
-            count = 0 if pixels is None or not len(pixels) else (
-                len(pixels) * self.config.vision.tokens_per_tile)
-            rows.append(feature_rows(ids, self.config.vision.image_token_id, count, first))
+        rows = np.full(shape, -1, np.int32)
+        first = 0
+        for b, (ids, pixels) in enumerate(zip(token_ids, pixel_values, strict=True)):
+            count = 0 if pixels is None else len(pixels) * vision.tokens_per_tile
+            rows[b, : len(ids)] = feature_rows(ids, vision.image_token_id, count, first)
             first += count
-        flat = np.full(num_rows, -1, np.int32)
-        joined = np.concatenate(rows)
-        flat[: len(joined)] = joined
-        bucket = 1 << (len(features) - 1).bit_length()  # a few feature shapes, not every count
+        bucket = 1 << (len(features) - 1).bit_length()
         padded = np.zeros((bucket, features.shape[-1]), features.dtype)
         padded[: len(features)] = features
-        return ImageEmbeds(padded, flat)
+        return ImageEmbeds(padded, rows)
 
     def logits(self, token_ids: Any, images: Sequence[Any | None] | None = None) -> np.ndarray:
         """Float32 logits ``[B, T, V]`` for token ids ``[B, T]`` at positions ``0..T-1``.
@@ -152,7 +156,11 @@ class Model:
         chunks = [SeqChunk([contiguous_pages(0, s, batch, width)], 0, ids[s])
                   for s in range(batch)]
         step = build_step(chunks, cache, width=width, num_rows=num_rows, num_slots=batch)
-        embeds = None if images is None else self.image_embeds(ids, images, num_rows)
+        embeds = None if images is None else self.image_embeds(ids, images, (batch, length))
+        if embeds is not None:
+            flat = np.full(num_rows, -1, np.int32)
+            flat[: batch * length] = embeds.rows.reshape(-1)
+            embeds = embeds._replace(rows=flat)
         fn = self.compiled(("logits", num_rows, cache.num_pages),
                            lambda: self._compile_logits(num_rows, cache))
         out = to_host(fn(self.params, step.tokens, step.meta, embeds))

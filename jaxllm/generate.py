@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from jaxllm.layout import (
     pages_for,
     prefill_layout,
 )
+from jaxllm.models.vision import ImageEmbeds
 from jaxllm.sampling import (
     GREEDY,
     SamplingArrays,
@@ -50,6 +52,7 @@ def generate_tokens(
     budgets: jax.Array,
     stop_ids: jax.Array,
     sampling: SamplingArrays,
+    images: ImageEmbeds | None = None,
     *,
     max_new_tokens: int,
     max_model_len: int,
@@ -60,7 +63,9 @@ def generate_tokens(
 
     tokens [B, L] int32 prompts padded on the right, lengths [B] (>= 1); seeds [B, 2] uint32
     per-row 64-bit PRNG seeds (``seed_words``); budgets [B] per-row token limits
-    (<= max_new_tokens); stop_ids [B, MAX_STOP_IDS] (-1 = unused). A row stops after a stop
+    (<= max_new_tokens); stop_ids [B, MAX_STOP_IDS] (-1 = unused); ``images`` (optional):
+    image features and, as ``rows [B, L]``, the feature row each prompt token takes (-1: its
+    text embedding; ``Model.image_embeds``). A row stops after a stop
     id (which it keeps), its budget, or when it reaches ``max_model_len`` tokens. ``cache``
     gives the page size and dtype (its page count is sized here: ``B`` sequences of
     ``max_model_len``). Returns (out [B, max_new_tokens] padded with -1, number generated
@@ -86,7 +91,10 @@ def generate_tokens(
 
     row, meta = prefill_layout(lengths, max_len, pages_per_seq, page_size)
     flat = jnp.zeros(batch * max_len, jnp.int32).at[row].set(tokens, mode="drop")
-    hidden, kv = model(flat, kv, meta, attention_impl=attention_impl)
+    if images is not None:
+        rows = jnp.full(batch * max_len, -1, jnp.int32).at[row].set(images.rows, mode="drop")
+        images = images._replace(rows=rows)
+    hidden, kv = model(flat, kv, meta, attention_impl=attention_impl, images=images)
     first = pick(hidden[meta.query_start_loc[1:] - 1], jnp.zeros(batch, jnp.int32))
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
     count = jnp.ones(batch, jnp.int32)
@@ -118,8 +126,14 @@ def generate(
     max_new_tokens: int,
     sampling: SamplingParams | None = None,
     stop_token_ids: Sequence[int] | None = None,
+    images: Sequence[Any | None] | None = None,
 ) -> list[list[int]]:
     """Generated ids of each prompt (stop token included), greedy when ``sampling`` is None.
+
+    ``images[b]`` (optional, one entry per prompt): the tiles ``[N_b, C, S, S]`` of prompt
+    b's images in prompt order, e.g. ``np.concatenate([p.pixel_values for p in processed])``
+    from ``jaxllm.multimodal.processor``, or None. Prompt b must hold exactly
+    ``N_b * tokens_per_tile`` ``<|patch|>`` tokens (``jaxllm.multimodal.prompt.expand_prompt``).
 
     Stops at EOS (``generation_config.json``), a stop id, ``max_new_tokens`` or
     ``max_model_len``. Prompts of any lengths run in bucketed batches of at most
@@ -149,11 +163,15 @@ def generate(
     check_token_ids(stops, model.config.vocab_size)
     check_token_ids([t for t, _ in sampling.logit_bias], model.config.vocab_size)
     seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+    if images is not None and len(images) != len(checked):
+        raise ValueError(f"{len(images)} image entries for {len(checked)} prompts")
 
     results: list[list[int]] = []
     for start in range(0, len(checked), policy.max_num_seqs):
         group = checked[start : start + policy.max_num_seqs]
-        out, count = run_generate(model, group, max_new_tokens, stops, sampling, seed + start)
+        pixels = None if images is None else images[start : start + policy.max_num_seqs]
+        out, count = run_generate(model, group, max_new_tokens, stops, sampling, seed + start,
+                                  pixels)
         results += [out[b, : count[b]].tolist() for b in range(len(group))]
     return results
 
@@ -182,14 +200,16 @@ def pack_inputs(
 
 def run_generate(model: Model, prompts: Sequence[np.ndarray], max_new_tokens: int,
                  stops: Sequence[int], sampling: SamplingParams,
-                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+                 seed: int, images: Sequence[Any | None] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """One bucketed batch through the compiled generation program (host arrays out)."""
     policy = model.bucket_policy
     batch = policy.batch_bucket(len(prompts))
     length = policy.length_bucket(max(len(p) for p in prompts))
     inputs = pack_inputs(prompts, batch, length, max_new_tokens, stops, sampling, seed)
+    embeds = None if images is None else model.image_embeds(prompts, images, (batch, length))
     out, count = model.compiled("generate", lambda: _compile_generate(model))(
-        model.params, *inputs)
+        model.params, *inputs, embeds)
     return to_host(out), to_host(count)
 
 
@@ -200,7 +220,7 @@ def _compile_generate(model: Model):
         max_model_len=policy.max_model_len, cache=policy.cache,
         attention_impl=model.attention_impl)
     rep = model.replicated()
-    return jax.jit(fn, in_shardings=(model.param_shardings,) + (rep,) * 6, out_shardings=rep)
+    return jax.jit(fn, in_shardings=(model.param_shardings,) + (rep,) * 7, out_shardings=rep)
 
 
 def warmup(model: Model, progress: bool = True) -> int:
