@@ -32,6 +32,7 @@ from jaxllm.serve.choice import (
     vllm_prompt_logprobs,
 )
 from jaxllm.serve.guards import Guards
+from jaxllm.serve.images import ImageInput, MediaError
 from jaxllm.serve.metrics import Metrics
 from jaxllm.serve.protocol import (
     ChatCompletionRequest,
@@ -57,6 +58,12 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
 
 
+# Images are checked and processed, but the engine's step does not take their features yet:
+# that waits for the step contract of issue 17 (see jaxllm/multimodal/encoder_cache.py).
+NO_IMAGE_STEP = ("image input is not served yet: the image was read and checked, but the "
+                 "serving engine does not run the vision tower yet (jaxllm.generate() does)")
+
+
 class ApiError(Exception):
     def __init__(self, message: str, status: int = 400, kind: str = "BadRequestError"):
         super().__init__(message)
@@ -71,6 +78,7 @@ class ServerState:
     metrics: Metrics
     api_key: str | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    images: ImageInput = ImageInput()
 
     @property
     def max_model_len(self) -> int:
@@ -84,6 +92,10 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
         return JSONResponse(error_body(str(e), e.status, e.kind), status_code=e.status)
+
+    @app.exception_handler(MediaError)
+    async def _media_error(_: Request, e: MediaError):
+        return JSONResponse(error_body(str(e), 400), status_code=400)
 
     @app.exception_handler(EngineError)
     async def _engine_error(_: Request, e: EngineError):
@@ -138,6 +150,9 @@ def build_app(state: ServerState) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise ApiError("give exactly one of 'prompt' and 'messages'")
         if req.messages is not None:
+            if any(m.image_urls() for m in req.messages):
+                raise ApiError("/tokenize does not take images (it would leave out their "
+                               "tokens): send text parts only")
             ids = await _encode_chat(codec, req.messages, True)
         else:
             ids = await _encode(codec, req.prompt, "prompt", req.add_special_tokens)
@@ -161,6 +176,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         _check_model(state, req.model)
         codec = _need_codec(state)
+        if await state.images.load(req.messages):
+            raise ApiError(NO_IMAGE_STEP)
         tools = req.tool_dicts() if req.tool_mode != "none" else None
         ids = await _encode_chat(codec, req.messages, req.add_generation_prompt, tools)
         return await _serve(state, req, [ids], raw, chat=True)

@@ -278,23 +278,41 @@ class CompletionRequest(_Sampling):
         return max(wanted) if wanted else None
 
 
-_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str  # a data: URL (base64) or an http(s) URL of an allowed host
+    detail: Literal["auto", "low", "high"] | None = None
+
+    @model_validator(mode="after")
+    def _detail(self):
+        if self.detail not in (None, "auto"):
+            raise ValueError(f"image_url.detail {self.detail!r} is not supported: Llama 4 tiles "
+                             f"every image the same way (use 'auto' or leave it out)")
+        return self
 
 
 class ContentPart(BaseModel):
-    """One part of a chat message's content: only text parts are supported."""
+    """One part of a chat message's content: text, or an image (``image_url``)."""
 
     model_config = ConfigDict(extra="allow")
 
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
     @model_validator(mode="after")
-    def _text_only(self):
-        if self.type in _IMAGE_PARTS:
-            raise ValueError("image input is not supported yet")
+    def _known_type(self):
+        if self.type == "image_url":
+            if self.image_url is None:
+                raise ValueError("an image_url content part needs 'image_url': {'url': ...}")
+            return self
+        if self.type in ("input_image", "image"):
+            raise ValueError(f"content part type {self.type!r} is not supported: send images "
+                             f"as {{'type': 'image_url', 'image_url': {{'url': ...}}}}")
         if self.type != "text":
-            raise ValueError(f"content part type {self.type!r} is not supported (only 'text')")
+            raise ValueError(f"content part type {self.type!r} is not supported (only 'text' "
+                             f"and 'image_url')")
         if self.text is None:
             raise ValueError("a text content part needs 'text'")
         return self
@@ -310,6 +328,12 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Content | None = None
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the message's image parts, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [p.image_url.url for p in self.content if p.image_url is not None]
 
     def text(self) -> str | None:
         """The content as one string (text parts joined)."""
