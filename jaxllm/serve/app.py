@@ -36,19 +36,21 @@ from jaxllm.serve.images import ImageInput, MediaError
 from jaxllm.serve.metrics import Metrics
 from jaxllm.serve.protocol import (
     ChatCompletionRequest,
-    ChatCompletionResponse,
     ChatMessage,
     CompletionRequest,
-    CompletionResponse,
     DetokenizeRequest,
+    TokenizeRequest,
+    _Sampling,
+    error_body,
+)
+from jaxllm.serve.responses import (
+    ChatCompletionResponse,
+    CompletionResponse,
     DetokenizeResponse,
     ErrorResponse,
     ModelList,
-    TokenizeRequest,
     TokenizeResponse,
     VersionResponse,
-    _Sampling,
-    error_body,
 )
 from jaxllm.serve.streaming import stream_events
 from jaxllm.serve.tokenizer import TextCodec
@@ -82,7 +84,7 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.policy.max_model_len
+        return self.engine.max_model_len
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -240,7 +242,7 @@ def _need_codec(state: ServerState) -> TextCodec:
 
 def _check_ids(state: ServerState, ids: list[int]) -> None:
     try:
-        check_token_ids(ids, state.engine.engine.model.config.vocab_size)
+        check_token_ids(ids, state.engine.vocab_size)
     except ValueError as e:
         raise ApiError(str(e)) from e
 
@@ -325,7 +327,7 @@ def _prepare(state: ServerState, req: _Sampling, prompts: list[list[int]]) -> li
             for j in range(req.n):
                 index = p * req.n + j
                 sampling = req.sampling(req.token_limit, seed_offset=index)
-                engine_request = state.engine.engine.prepare(
+                engine_request = state.engine.prepare(
                     ids, sampling, f"{base}-{index}", ignore_eos=req.ignore_eos)
                 choices.append(Choice(index, engine_request, stops, state.codec,
                                       include_stop=req.include_stop_str_in_output,
