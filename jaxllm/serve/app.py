@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,14 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import jaxllm
 from jaxllm.layout import check_token_ids
 from jaxllm.serve.async_engine import AsyncEngine, EngineError
-from jaxllm.serve.choice import (
-    Choice,
-    chat_logprobs,
-    completion_logprobs,
-    echo_logprobs,
-    token_text_fn,
-    vllm_prompt_logprobs,
-)
+from jaxllm.serve.choice import Choice, token_text_fn
 from jaxllm.serve.guards import Guards
 from jaxllm.serve.images import ImageInput, MediaError
 from jaxllm.serve.metrics import Metrics
@@ -52,9 +45,10 @@ from jaxllm.serve.responses import (
     TokenizeResponse,
     VersionResponse,
 )
+from jaxllm.serve.shaping import ChatShaping, CompletionShaping, Shaping
 from jaxllm.serve.streaming import stream_events
 from jaxllm.serve.tokenizer import TextCodec
-from jaxllm.serve.tools import CallStream, parse_tool_calls, prompt_messages
+from jaxllm.serve.tools import prompt_messages
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
@@ -172,7 +166,9 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(req: CompletionRequest, raw: Request):
         _check_model(state, req.model)
         prompts = await _completion_prompts(state, req.prompt)
-        return await _serve(state, req, prompts, raw, chat=False)
+        shaping = CompletionShaping(token_text_fn(state.codec), req,
+                                    state.codec.decode if state.codec else lambda _: "")
+        return await _serve(state, req, prompts, raw, shaping)
 
     @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
@@ -182,7 +178,8 @@ def build_app(state: ServerState) -> FastAPI:
             raise ApiError(NO_IMAGE_STEP)
         tools = req.tool_dicts() if req.tool_mode != "none" else None
         ids = await _encode_chat(codec, req.messages, req.add_generation_prompt, tools)
-        return await _serve(state, req, [ids], raw, chat=True)
+        shaping = ChatShaping(token_text_fn(state.codec), req, _callable_tools(req))
+        return await _serve(state, req, [ids], raw, shaping)
 
     _document_errors_as_400(app)
     return app
@@ -363,25 +360,23 @@ async def _run_choice(state: ServerState, choice: Choice) -> AsyncIterator[None]
 
 
 async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], raw: Request,
-                 chat: bool):
+                 shaping: Shaping):
     state.engine.check_serving()  # a 503 before a stream's status line, never a hang
     # On a worker thread: compiling a request's grammar (structured outputs) can take a while.
     choices = await asyncio.to_thread(_prepare, state, req, prompts)
-    kind = "chat.completion" if chat else "text_completion"
-    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "created": int(time.time()), "model": state.model_name}
+    head = {"id": f"{shaping.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": state.model_name}
     usage_of = lambda: _usage(prompts, req.n, choices)  # noqa: E731
     if req.stream:
         events = stream_events(
-            choices, lambda c: _run_choice(state, c), head=head, chat=chat,
-            logprobs_of=lambda items: _logprobs(state, req, items, chat),
+            choices, lambda c: _run_choice(state, c), shaping, head=head,
             include_usage=req.include_usage, usage_of=usage_of,
-            continuous_usage=req.continuous_usage, call_stream=_call_stream(req, chat))
+            continuous_usage=req.continuous_usage)
         return StreamingResponse(events, media_type="text/event-stream")
     if not await _drain(state, choices, raw):
         return Response(status_code=499)  # nobody reads it: the client has gone
-    return {**head, "object": kind, "usage": usage_of(),
-            "choices": [_final_choice(state, req, c, chat) for c in choices]}
+    return {**head, "object": shaping.kind, "usage": usage_of(),
+            "choices": [shaping.final(c) for c in choices]}
 
 
 async def _drain(state: ServerState, choices: list[Choice], raw: Request) -> bool:
@@ -419,51 +414,8 @@ def _usage(prompts, n: int, choices: list[Choice]) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion}
 
 
-def _logprobs(state: ServerState, req, items, chat: bool) -> dict[str, Any] | None:
-    token_text = token_text_fn(state.codec)
-    if chat:
-        return chat_logprobs(token_text, bool(req.logprobs), req.top_logprobs or 0, items)
-    return completion_logprobs(token_text, req.logprobs, items)
-
-
-def _callable_tools(req: _Sampling) -> list[str]:
+def _callable_tools(req: ChatCompletionRequest) -> list[str]:
     """The names of the functions a chat request lets the model call (none: [])."""
-    if not isinstance(req, ChatCompletionRequest) or req.tool_mode == "none":
+    if req.tool_mode == "none":
         return []
     return [t["function"]["name"] for t in req.tool_dicts()]
-
-
-def _call_stream(req: _Sampling, chat: bool) -> Callable[[], CallStream] | None:
-    names = _callable_tools(req) if chat else []
-    if not names:
-        return None
-    return lambda: CallStream(names, named=req.tool_mode == "named")
-
-
-def _final_choice(state, req, c: Choice, chat: bool) -> dict[str, Any]:
-    c.take_delta()
-    token_text, prompt = token_text_fn(state.codec), c.request.prompt
-    extra = {}
-    if req.prompt_logprobs is not None:
-        extra["prompt_logprobs"] = vllm_prompt_logprobs(token_text, req.prompt_logprobs,
-                                                        prompt, c.prompt_scores or [])
-    if chat:
-        message: dict[str, Any] = {"role": "assistant", "content": c.text}
-        finish = c.finish_reason
-        names = _callable_tools(req)
-        if names and finish == "stop" and (calls := parse_tool_calls(c.text, names)):
-            message = {"role": "assistant", "content": None, "tool_calls": calls}
-            finish = "stop" if req.tool_mode == "named" else "tool_calls"
-        return {"index": c.index, "message": message,
-                "logprobs": _logprobs(state, req, c.logprobs, chat),
-                "finish_reason": finish, **extra}
-    text, logprobs = c.text, _logprobs(state, req, c.logprobs, chat)
-    if req.echo:
-        text = (state.codec.decode(prompt) if state.codec else "") + text
-        if req.logprobs is not None:
-            logprobs = echo_logprobs(token_text, req.logprobs, prompt, c.prompt_scores or [],
-                                     logprobs if c.token_ids else None)
-    return {"index": c.index, "text": text, "finish_reason": c.finish_reason,
-            "logprobs": logprobs, **extra}
-
-
