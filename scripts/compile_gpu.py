@@ -21,7 +21,14 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from jaxllm.aot.cases import Result, engine_cases, is_pallas_kernel, kernel_cases, run_case  # noqa: E402
+from jaxllm.aot.cases import (  # noqa: E402
+    Result,
+    engine_cases,
+    is_pallas_kernel,
+    kernel_cases,
+    run_case,
+    vision_cases,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +79,7 @@ def print_result(result: Result, seconds: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cases = kernel_cases() + ([] if args.skip_engine else engine_cases())
+    cases = kernel_cases() + ([] if args.skip_engine else engine_cases() + vision_cases())
     cases = [c for c in cases if args.only in c.name]
     results, failed = [], 0
     for case in cases:
