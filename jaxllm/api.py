@@ -82,7 +82,7 @@ class Model:
     def encode_images(self, pixel_values: Any) -> np.ndarray:
         """Projected image features ``[N, tokens_per_tile, D]`` of tiles ``[N, C, S, S]`` (the
         processor's ``pixel_values``), through programs compiled per power-of-two tile count."""
-        vision = self._vision()
+        vision = self.require_vision()
         pixels = np.asarray(pixel_values, np.float32)
         want = (vision.num_channels, vision.image_size, vision.image_size)
         if pixels.ndim != 4 or pixels.shape[1:] != want or pixels.shape[0] == 0:
@@ -95,7 +95,8 @@ class Model:
         fn = self.compiled(("encode_images", bucket), self._compile_encode)
         return to_host(fn(self.params, padded))[:tiles]
 
-    def _vision(self) -> VisionConfig:
+    def require_vision(self) -> VisionConfig:
+        """The vision config; raises ValueError (a 400 at the server) for a text-only model."""
         if self.config.vision is None:
             raise ValueError("this model has no vision tower (a text-only checkpoint, or one "
                              "converted with --text-only): it cannot take images")
@@ -116,14 +117,15 @@ class Model:
         """``ImageEmbeds`` for prompts ``token_ids`` laid out in a ``shape`` = (B, L) grid
         (rows [B, L], -1 for text and padding): prompt b's ``<|patch|>`` tokens take, in
         order, the features of its tiles ``pixel_values[b]`` ([N_b, C, S, S]; None or empty:
-        no image). None when no prompt has an image. Features are padded to a power-of-two
-        row count, so few shapes reach the compiled programs."""
+        no image). None when no prompt has an image. Features are padded to B·L rows (no
+        grid holds more patch tokens), so their shape is fixed by the grid: no compile per
+        image count."""
         if len(pixel_values) != len(token_ids):
             raise ValueError(f"{len(pixel_values)} image entries for {len(token_ids)} prompts")
         present = [p for p in pixel_values if p is not None and len(p)]
         if not present:
             return None
-        vision = self._vision()
+        vision = self.require_vision()
         features = self.encode_images(np.concatenate(present))
         features = features.reshape(-1, features.shape[-1])
         rows = np.full(shape, -1, np.int32)
@@ -132,8 +134,7 @@ class Model:
             count = 0 if pixels is None else len(pixels) * vision.tokens_per_tile
             rows[b, : len(ids)] = feature_rows(ids, vision.image_token_id, count, first)
             first += count
-        bucket = 1 << (len(features) - 1).bit_length()
-        padded = np.zeros((bucket, features.shape[-1]), features.dtype)
+        padded = np.zeros((shape[0] * shape[1], features.shape[-1]), features.dtype)
         padded[: len(features)] = features
         return ImageEmbeds(padded, rows)
 

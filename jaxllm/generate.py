@@ -208,6 +208,11 @@ def run_generate(model: Model, prompts: Sequence[np.ndarray], max_new_tokens: in
     length = policy.length_bucket(max(len(p) for p in prompts))
     inputs = pack_inputs(prompts, batch, length, max_new_tokens, stops, sampling, seed)
     embeds = None if images is None else model.image_embeds(prompts, images, (batch, length))
+    return _call_generate(model, inputs, embeds)
+
+
+def _call_generate(model: Model, inputs: tuple[np.ndarray, ...], embeds: ImageEmbeds | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     out, count = model.compiled("generate", lambda: _compile_generate(model))(
         model.params, *inputs, embeds)
     return to_host(out), to_host(count)
@@ -223,18 +228,39 @@ def _compile_generate(model: Model):
     return jax.jit(fn, in_shardings=(model.param_shardings,) + (rep,) * 7, out_shardings=rep)
 
 
-def warmup(model: Model, progress: bool = True) -> int:
-    """Compiles generation for every (batch, prompt length) bucket; returns how many.
+def warmup(model: Model, progress: bool = True, max_tiles: int | None = None) -> int:
+    """Compiles generation for every (batch, prompt length) bucket; returns how many programs.
 
     Afterwards no ``generate()`` call within ``max_num_seqs`` and ``max_model_len``
-    compiles anything.
+    compiles anything. With ``max_tiles`` (a model with a vision tower) also the image
+    variant of each bucket and the encoder for up to ``max_tiles`` tiles per batch, so calls
+    with images compile nothing either.
     """
     from tqdm import tqdm
 
     policy = model.bucket_policy
     shapes = [(b, n) for b in policy.batch_buckets for n in policy.length_buckets]
+    variants = [False] + [True] * (max_tiles is not None)
+    if max_tiles is not None:
+        vision = model.require_vision()
+        for tiles in tqdm(_powers_of_two(max_tiles), desc="warmup encoder", unit="program",
+                          disable=not progress):
+            model.encode_images(np.zeros((tiles, vision.num_channels, vision.image_size,
+                                          vision.image_size), np.float32))
     for batch, length in tqdm(shapes, desc="warmup", unit="program", disable=not progress):
         # The longest prompt a bucket holds; max_model_len itself leaves no room to generate.
         prompts = [np.zeros(min(length, policy.max_model_len - 1), np.int32)] * batch
-        run_generate(model, prompts, 1, list(model.eos_token_ids), GREEDY, 0)
-    return len(shapes)
+        length = policy.length_bucket(len(prompts[0]))  # as run_generate buckets it
+        inputs = pack_inputs(prompts, batch, length, 1, list(model.eos_token_ids), GREEDY, 0)
+        for with_images in variants:
+            embeds = None if not with_images else ImageEmbeds(
+                np.zeros((batch * length, model.config.hidden_size), model.dtype),
+                np.full((batch, length), -1, np.int32))
+            _call_generate(model, inputs, embeds)
+    extra = len(_powers_of_two(max_tiles)) if max_tiles is not None else 0
+    return len(shapes) * len(variants) + extra
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    """1, 2, 4, ... up to the bucket that holds ``limit``."""
+    return [1 << i for i in range(max(limit - 1, 0).bit_length() + 1)]

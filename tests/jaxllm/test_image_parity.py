@@ -90,3 +90,21 @@ def test_greedy_generate_with_images_matches_hf(tiny_model, mesh_shape):
         ref = hf_models.hf_image_generate(hf, ids, torch.from_numpy(pixels), 12)
         assert got == ref
         assert len(set(got)) > 2  # a varied continuation, not one repeated token
+
+
+def test_no_compilation_after_warmup_with_images(tiny_model):
+    from jaxllm.testing import count_compilations
+
+    _, _, path = tiny_model("multimodal_scout")
+    model = jaxllm.load_model(path, max_model_len=112, max_num_seqs=2)
+    buckets = len(model.bucket_policy.batch_buckets) * len(model.bucket_policy.length_buckets)
+    # Both variants of every bucket, and the encoder for 1, 2, 4, 8, 16 tiles.
+    assert jaxllm.warmup(model, progress=False, max_tiles=9) == 2 * buckets + 5
+    with count_compilations() as compiles:
+        for seed, grids in enumerate([[(1, 1)], [(1, 2)], [(2, 2)], [(1, 1), (1, 3)]]):
+            prompt = _prompt(grids, seed)
+            text = [1] + list(range(7, 7 + seed + 3))
+            outs = jaxllm.generate(model, [prompt[0], text], max_new_tokens=3,
+                                   images=[prompt[1], None])
+            assert len(outs) == 2
+    assert compiles == []
