@@ -22,7 +22,7 @@ from jaxllm.config import Llama4Config, VisionConfig
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
-              "chat_template.json")
+              "chat_template.json", "preprocessor_config.json", "processor_config.json")
 # Prefixes that multimodal checkpoints put before the text model's own names.
 _TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                   ("model.language_model.", "model."))

@@ -146,6 +146,19 @@ def test_default_bfloat16_output(tiny_model, tmp_path):
     assert as_f32.params["embed"][...].dtype == np.float32
 
 
+def test_preprocessor_config_travels_with_the_checkpoint(tiny_model, tmp_path):
+    from jaxllm.multimodal.processor import ProcessorConfig
+
+    _, hf_dir, _ = tiny_model("multimodal")
+    hf_copy = tmp_path / "hf"
+    shutil.copytree(hf_dir, hf_copy)
+    (hf_copy / "preprocessor_config.json").write_text(
+        '{"size": {"height": 28, "width": 28}, "max_patches": 4}')
+    out = tmp_path / "out"
+    assert run_converter(hf_copy, out, "--dtype", "float32").returncode == 0
+    assert ProcessorConfig.from_dir(out) == ProcessorConfig(tile_size=28, max_patches=4)
+
+
 def test_vision_tower_is_kept_unless_text_only(tiny_model, tmp_path):
     hf, hf_dir, full = tiny_model("multimodal")
     groups = json.loads((full / "jaxllm_checkpoint.json").read_text())["groups"]
