@@ -6,7 +6,7 @@ Loading is ``jaxllm.loading``; generation and its warm-up are ``jaxllm.generate`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.attention import check_attention_impl
 from jaxllm.buckets import BucketPolicy
-from jaxllm.config import Llama4Config
+from jaxllm.config import Llama4Config, VisionConfig
 from jaxllm.kv_cache import init_kv_cache
 from jaxllm.layout import (
     SeqPiece,
@@ -28,6 +28,8 @@ from jaxllm.layout import (
     pages_for,
 )
 from jaxllm.model import Llama4
+from jaxllm.models.vision import ImageEmbeds
+from jaxllm.multimodal.prompt import feature_rows
 from jaxllm.sharding import named_sharding, padded_vocab_size, param_shardings, to_host
 
 
@@ -79,8 +81,72 @@ class Model:
             return jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return NamedSharding(self.mesh, PartitionSpec())
 
-    def logits(self, token_ids: Any) -> np.ndarray:
-        """Float32 logits ``[B, T, V]`` for token ids ``[B, T]`` at positions ``0..T-1``."""
+    def encode_images(self, pixel_values: Any) -> np.ndarray:
+        """Projected image features ``[N, tokens_per_tile, D]`` of tiles ``[N, C, S, S]`` (the
+        processor's ``pixel_values``), through programs compiled per power-of-two tile count."""
+        vision = self.require_vision()
+        pixels = np.asarray(pixel_values, np.float32)
+        want = (vision.num_channels, vision.image_size, vision.image_size)
+        if pixels.ndim != 4 or pixels.shape[1:] != want or pixels.shape[0] == 0:
+            raise ValueError(f"pixel_values must be [tiles >= 1, {', '.join(map(str, want))}], "
+                             f"got {pixels.shape}")
+        tiles = pixels.shape[0]
+        bucket = 1 << (tiles - 1).bit_length()
+        padded = np.zeros((bucket, *want), np.float32)
+        padded[:tiles] = pixels
+        fn = self.compiled(("encode_images", bucket), self._compile_encode)
+        return to_host(fn(self.params, padded))[:tiles]
+
+    def require_vision(self) -> VisionConfig:
+        """The vision config; raises ValueError (a 400 at the server) for a text-only model."""
+        if self.config.vision is None:
+            raise ValueError("this model has no vision tower (a text-only checkpoint, or one "
+                             "converted with --text-only): it cannot take images")
+        return self.config.vision
+
+    def _compile_encode(self):
+        graphdef = self.graphdef
+
+        def encode(params, pixels):
+            return nnx.merge(graphdef, params).vision(pixels)
+
+        rep = self.replicated()
+        return jax.jit(encode, in_shardings=(self.param_shardings, rep), out_shardings=rep)
+
+    def image_embeds(self, token_ids: Sequence[Sequence[int]],
+                     pixel_values: Sequence[Any | None], shape: tuple[int, int]
+                     ) -> ImageEmbeds | None:
+        """``ImageEmbeds`` for prompts ``token_ids`` laid out in a ``shape`` = (B, L) grid
+        (rows [B, L], -1 for text and padding): prompt b's ``<|patch|>`` tokens take, in
+        order, the features of its tiles ``pixel_values[b]`` ([N_b, C, S, S]; None or empty:
+        no image). None when no prompt has an image. Features are padded to B·L rows (no
+        grid holds more patch tokens), so their shape is fixed by the grid: no compile per
+        image count."""
+        if len(pixel_values) != len(token_ids):
+            raise ValueError(f"{len(pixel_values)} image entries for {len(token_ids)} prompts")
+        present = [p for p in pixel_values if p is not None and len(p)]
+        if not present:
+            return None
+        vision = self.require_vision()
+        features = self.encode_images(np.concatenate(present))
+        features = features.reshape(-1, features.shape[-1])
+        rows = np.full(shape, -1, np.int32)
+        first = 0
+        for b, (ids, pixels) in enumerate(zip(token_ids, pixel_values, strict=True)):
+            count = 0 if pixels is None else len(pixels) * vision.tokens_per_tile
+            rows[b, : len(ids)] = feature_rows(ids, vision.image_token_id, count, first)
+            first += count
+        padded = np.zeros((shape[0] * shape[1], features.shape[-1]), features.dtype)
+        padded[: len(features)] = features
+        return ImageEmbeds(padded, rows)
+
+    def logits(self, token_ids: Any, images: Sequence[Any | None] | None = None) -> np.ndarray:
+        """Float32 logits ``[B, T, V]`` for token ids ``[B, T]`` at positions ``0..T-1``.
+
+        ``images[b]`` (optional): the tiles ``[N_b, C, S, S]`` of prompt b's images in prompt
+        order (``jaxllm.multimodal.processor``), whose features replace its ``<|patch|>``
+        embeddings, as in HF's ``Llama4ForConditionalGeneration``.
+        """
         ids = check_token_ids(token_ids, self.config.vocab_size)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"token_ids must be [batch, length] with length >= 1, got {ids.shape}")
@@ -93,22 +159,27 @@ class Model:
         chunks = [SeqPiece([contiguous_pages(0, s, batch, width)], 0, ids[s])
                   for s in range(batch)]
         step = build_step(chunks, cache, width=width, num_rows=num_rows, num_slots=batch)
+        embeds = None if images is None else self.image_embeds(ids, images, (batch, length))
+        if embeds is not None:
+            flat = np.full(num_rows, -1, np.int32)
+            flat[: batch * length] = embeds.rows.reshape(-1)
+            embeds = embeds._replace(rows=flat)
         fn = self.compiled(("logits", num_rows, cache.num_pages),
                            lambda: self._compile_logits(num_rows, cache))
-        out = to_host(fn(self.params, step.tokens, step.meta))
+        out = to_host(fn(self.params, step.tokens, step.meta, embeds))
         return out[: batch * length, : self.config.vocab_size].reshape(batch, length, -1)
 
     def _compile_logits(self, num_rows: int, cache):
         graphdef, impl, mesh = self.graphdef, self.attention_impl, self.mesh
 
-        def full_logits(params, tokens, meta):
+        def full_logits(params, tokens, meta, images):
             model = nnx.merge(graphdef, params)
             hidden, _ = model(tokens, init_kv_cache(model.config, cache, mesh), meta,
-                              attention_impl=impl)
+                              attention_impl=impl, images=images)
             return model.logits(hidden)
 
         rep = self.replicated()
         logits_sharding = named_sharding(("tokens", "vocab"), (num_rows, self.padded_vocab),
                                          mesh)
-        return jax.jit(full_logits, in_shardings=(self.param_shardings, rep, rep),
+        return jax.jit(full_logits, in_shardings=(self.param_shardings, rep, rep, rep),
                        out_shardings=logits_sharding)

@@ -2,7 +2,8 @@
 
     <dir>/jaxllm_checkpoint.json   manifest: format, dtype, every group's tensor shapes
     <dir>/params/<group>/          one Orbax checkpoint per group: embed, norm, lm_head,
-                                   layer_000, layer_001, ...
+                                   layer_000, layer_001, ...; a vision tower adds vision
+                                   (all but its layers), vision_layer_000, ...
     <dir>/config.json, generation_config.json, tokenizer files (copied from the HF model)
 
 Groups are written and restored one at a time, so converting or loading a model never needs
@@ -29,7 +30,7 @@ import orbax.checkpoint as ocp
 
 MANIFEST = "jaxllm_checkpoint.json"
 FORMAT_VERSION = 1
-_LAYER_GROUP = re.compile(r"^layer_(\d+)$")
+_LAYER_GROUP = re.compile(r"^(vision_)?layer_(\d+)$")
 
 Tree = dict[str, Any]
 
@@ -51,15 +52,22 @@ def atomic_directory(out: Path) -> Iterator[Path]:
 
 
 def group_name(top_key: str, layer: int | None = None) -> str:
-    return f"layer_{layer:03d}" if top_key == "layers" else top_key
+    if top_key == "layers":
+        return f"layer_{layer:03d}"
+    return f"vision_layer_{layer:03d}" if top_key == "vision_layers" else top_key
 
 
 def split_groups(params: Mapping[Any, Any]) -> Iterator[tuple[str, Tree]]:
-    """Splits a pure params dict into (group name, subtree), one group per layer."""
+    """Splits a pure params dict into (group name, subtree), one group per layer (of the
+    text model and of the vision tower, whose other parameters are one group)."""
     for key, sub in params.items():
         if key == "layers":
             for i in sorted(sub, key=int):
                 yield group_name("layers", int(i)), _str_keys(sub[i])
+        elif key == "vision":
+            yield "vision", {key: _str_keys({k: v for k, v in sub.items() if k != "layers"})}
+            for i in sorted(sub.get("layers", {}), key=int):
+                yield group_name("vision_layers", int(i)), _str_keys(sub["layers"][i])
         else:
             yield group_name(key), {key: _str_keys(sub)}
 
@@ -161,15 +169,22 @@ def layer_index(name: str) -> int | None:
 
 def _group_prefix(name: str) -> tuple[str, ...]:
     m = _LAYER_GROUP.match(name)
-    return ("layers", str(int(m.group(1)))) if m else ()
+    if not m:
+        return ()
+    return ("vision",) * bool(m.group(1)) + ("layers", str(int(m.group(2))))
 
 
 def _insert_group(out: dict[Any, Any], name: str, tree: Tree) -> None:
     m = _LAYER_GROUP.match(name)
     if m:
-        out.setdefault("layers", {})[int(m.group(1))] = tree
+        parent = out.setdefault("vision", {}) if m.group(1) else out
+        parent.setdefault("layers", {})[int(m.group(2))] = tree
     else:
-        out.update(tree)
+        for key, sub in tree.items():
+            if key == "vision":  # its layers may be in place already
+                out.setdefault(key, {}).update(sub)
+            else:
+                out[key] = sub
 
 
 def _map_with_path(fn: Callable[[tuple[str, ...], Any], Any], tree: Any, path=()) -> Any:

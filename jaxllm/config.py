@@ -1,4 +1,5 @@
-"""Llama 4 text-model configuration, read from a Hugging Face ``config.json``."""
+"""Llama 4 configuration, read from a Hugging Face ``config.json``: the text model, and the
+vision tower of a multimodal (``Llama4ForConditionalGeneration``) checkpoint."""
 
 from __future__ import annotations
 
@@ -22,6 +23,110 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower, its pixel-shuffle adapter and the projector into the text model.
+
+    Read from ``vision_config`` (and the image token ids at the config's top level). HF's
+    vision LayerNorms ignore ``norm_eps`` (``nn.LayerNorm`` defaults, eps 1e-5), so do we.
+    """
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int  # encoder MLP; also the adapter's input width (hidden / ratio**2)
+    image_size: int  # the side of one square tile, in pixels
+    patch_size: int
+    num_channels: int
+    pixel_shuffle_ratio: float
+    projector_input_dim: int  # the adapter's fc1 output
+    projector_output_dim: int  # the adapter's fc2 input and output
+    vision_output_dim: int  # the projector's input (equals projector_output_dim)
+    rope_theta: float
+    text_hidden_size: int
+    image_token_id: int  # <|patch|>: the rows that take image features
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Patches of one tile (the class token is one more)."""
+        return self.patches_per_side ** 2
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """``<|patch|>`` tokens (projected features) per tile after the pixel shuffle."""
+        return round(self.num_patches * self.pixel_shuffle_ratio ** 2)
+
+    @property
+    def shuffled_dim(self) -> int:
+        return round(self.hidden_size / self.pixel_shuffle_ratio ** 2)
+
+    @classmethod
+    def from_hf(cls, raw: Mapping[str, Any], text_hidden_size: int) -> VisionConfig:
+        """From a multimodal config dict (``vision_config`` plus the top-level token ids)."""
+        v = raw["vision_config"]
+        act = v.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"unsupported vision hidden_act {act!r}: Llama 4 uses 'gelu'")
+        rope = v.get("rope_parameters") or {}
+        config = cls(
+            hidden_size=int(v.get("hidden_size", 768)),
+            num_layers=int(v.get("num_hidden_layers", 34)),
+            num_heads=int(v.get("num_attention_heads", 16)),
+            intermediate_size=int(v.get("intermediate_size", 5632)),
+            image_size=_side(v.get("image_size", 448), "image_size"),
+            patch_size=_side(v.get("patch_size", 14), "patch_size"),
+            num_channels=int(v.get("num_channels", 3)),
+            pixel_shuffle_ratio=float(v.get("pixel_shuffle_ratio", 0.5)),
+            projector_input_dim=int(v.get("projector_input_dim", 4096)),
+            projector_output_dim=int(v.get("projector_output_dim", 4096)),
+            vision_output_dim=int(v.get("vision_output_dim", 7680)),
+            rope_theta=float(rope.get("rope_theta", v.get("rope_theta", 10000.0))),
+            text_hidden_size=text_hidden_size,
+            image_token_id=int(raw.get("image_token_index", raw.get("image_token_id", 200092))),
+        )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Raises ValueError for sizes HF's vision model cannot run either."""
+        if self.hidden_size % self.num_heads or self.head_dim % 4:
+            raise ValueError(f"vision hidden_size={self.hidden_size} / num_attention_heads="
+                             f"{self.num_heads} must be a head_dim divisible by 4 (2-D RoPE)")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision image_size={self.image_size} is not a multiple of "
+                             f"patch_size={self.patch_size}")
+        side, r = self.patches_per_side, self.pixel_shuffle_ratio
+        if not (side * r).is_integer() or not (self.hidden_size / r ** 2).is_integer():
+            raise ValueError(f"pixel_shuffle_ratio={r} does not divide {side} patches per side "
+                             f"and hidden_size={self.hidden_size} evenly")
+        if self.intermediate_size != self.shuffled_dim:
+            raise ValueError(f"vision intermediate_size={self.intermediate_size} must equal "
+                             f"hidden_size / pixel_shuffle_ratio**2 = {self.shuffled_dim}: HF "
+                             f"feeds the pixel-shuffled features to a layer of that width")
+        if not self.vision_output_dim == self.projector_output_dim == self.projector_input_dim:
+            raise ValueError(f"vision_output_dim={self.vision_output_dim}, projector_input_dim="
+                             f"{self.projector_input_dim} and projector_output_dim="
+                             f"{self.projector_output_dim} must be equal (HF chains them)")
+
+
+def _side(value: Any, name: str) -> int:
+    """A square size given as an int or as [h, w]."""
+    if isinstance(value, list | tuple):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"vision {name}={value!r}: only square sizes are supported")
+        value = value[0]
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +160,7 @@ class Llama4Config:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    vision: VisionConfig | None = None  # None: a text-only model (or --text-only checkpoint)
 
     def uses_rope(self, layer: int) -> bool:
         return self.rope_layers[layer]
@@ -81,8 +187,8 @@ class Llama4Config:
         """Builds the config from a checkpoint directory, a ``config.json`` path or its dict.
 
         Accepts text-only (``llama4_text``) and multimodal (``llama4``, text under
-        ``text_config``) configs, and both RoPE spellings (``rope_scaling`` + ``rope_theta``,
-        or ``rope_parameters``).
+        ``text_config``, the vision tower under ``vision_config``) configs, and both RoPE
+        spellings (``rope_scaling`` + ``rope_theta``, or ``rope_parameters``).
         """
         raw = _read_json(source) if not isinstance(source, Mapping) else dict(source)
         model_type = raw.get("model_type")
@@ -155,6 +261,8 @@ class Llama4Config:
             bos_token_id=text.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             pad_token_id=text.get("pad_token_id"),
+            vision=(VisionConfig.from_hf(raw, int(text["hidden_size"]))
+                    if isinstance(raw.get("vision_config"), Mapping) else None),
         )
 
 

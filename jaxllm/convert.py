@@ -17,7 +17,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jaxllm import checkpoint
-from jaxllm.config import Llama4Config
+from jaxllm.config import Llama4Config, VisionConfig
 from jaxllm.models import quant as quant_lib
 from jaxllm.models import quant_checkpoint as ct
 from jaxllm.models.quant import QuantConfig
@@ -25,12 +25,15 @@ from jaxllm.models.quant import QuantConfig
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
-              "chat_template.json")
+              "chat_template.json", "preprocessor_config.json", "processor_config.json")
 # Prefixes that multimodal checkpoints put before the text model's own names.
 _TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                   ("model.language_model.", "model."))
-_SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.",
-                     "model.multi_modal_projector.")
+# The vision tower and projector, under their plain names (newer transformers nest them).
+_VISION_PREFIXES = (("model.vision_model.", "vision_model."),
+                    ("model.multi_modal_projector.", "multi_modal_projector."),
+                    ("vision_model.", "vision_model."),
+                    ("multi_modal_projector.", "multi_modal_projector."))
 
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -64,7 +67,8 @@ def _linear_in(*out_shape: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def conversion_plan(config: Llama4Config) -> list[tuple[str, list[Entry]]]:
-    """Every HF tensor the text model has, grouped as the checkpoint stores them."""
+    """Every HF tensor the model has (the vision tower too when ``config.vision`` is set),
+    grouped as the checkpoint stores them."""
     c = config
     D, H, K, d, V = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
     plan = [("embed", [Entry("model.embed_tokens.weight", (V, D), {("embed",): lambda x: x})])]
@@ -106,6 +110,55 @@ def conversion_plan(config: Llama4Config) -> list[tuple[str, list[Entry]]]:
     plan.append(("norm", [Entry("model.norm.weight", (D,), {("norm", "weight"): lambda x: x})]))
     if not c.tie_word_embeddings:
         plan.append(("lm_head", [Entry("lm_head.weight", (V, D), {("lm_head",): _t})]))
+    return plan + (vision_plan(c.vision) if c.vision is not None else [])
+
+
+def vision_plan(v: VisionConfig) -> list[tuple[str, list[Entry]]]:
+    """The vision tower's tensors: group ``vision`` (embeddings, norms, adapter, projector),
+    then one group per encoder layer, like the text layers."""
+    D, H, d, F, E = v.hidden_size, v.num_heads, v.head_dim, v.intermediate_size, \
+        v.text_hidden_size
+    A, m = v.projector_output_dim, "vision_model."
+
+    def same(path):
+        return {path: lambda x: x}
+
+    top = [
+        Entry(m + "patch_embedding.linear.weight", (D, v.num_channels * v.patch_size ** 2),
+              {("vision", "patch_embed"): _t}),
+        Entry(m + "class_embedding", (D,), same(("vision", "class_embedding"))),
+        Entry(m + "positional_embedding_vlm", (v.num_patches + 1, D),
+              same(("vision", "positional_embedding"))),
+        *(Entry(f"{m}layernorm_{w}.{k}", (D,), same(("vision", f"norm_{w}", k)))
+          for w in ("pre", "post") for k in ("weight", "bias")),
+        Entry(m + "vision_adapter.mlp.fc1.weight", (v.projector_input_dim, v.shuffled_dim),
+              {("vision", "adapter_fc1"): _t}),
+        Entry(m + "vision_adapter.mlp.fc2.weight", (A, v.projector_input_dim),
+              {("vision", "adapter_fc2"): _t}),
+        Entry("multi_modal_projector.linear_1.weight", (E, v.vision_output_dim),
+              {("vision", "projector"): _t}),
+    ]
+    plan = [("vision", top)]
+    for i in range(v.num_layers):
+        p, a = f"{m}model.layers.{i}.", f"{m}model.layers.{i}.self_attn."
+        entries = [
+            *(Entry(a + f"{x}_proj.weight", (H * d, D), {("attn", f"w{x}"): _linear_in(H, d)})
+              for x in "qkv"),
+            *(Entry(a + f"{x}_proj.bias", (H * d,),
+                    {("attn", f"b{x}"): lambda b: b.reshape(H, d)}) for x in "qkv"),
+            Entry(a + "o_proj.weight", (D, H * d),
+                  {("attn", "wo"): lambda w: w.T.reshape(H, d, D)}),
+            Entry(a + "o_proj.bias", (D,), same(("attn", "bo"))),
+            Entry(p + "mlp.fc1.weight", (F, D), {("fc1",): _t}),
+            Entry(p + "mlp.fc1.bias", (F,), same(("fc1_bias",))),
+            Entry(p + "mlp.fc2.weight", (D, F), {("fc2",): _t}),
+            Entry(p + "mlp.fc2.bias", (D,), same(("fc2_bias",))),
+            *(Entry(f"{p}{hf}.{k}", (D,), same((ours, k)))
+              for hf, ours in (("input_layernorm", "input_norm"),
+                               ("post_attention_layernorm", "post_attn_norm"))
+              for k in ("weight", "bias")),
+        ]
+        plan.append((checkpoint.group_name("vision_layers", i), entries))
     return plan
 
 
@@ -117,20 +170,25 @@ def _mlp_entries(prefix: str, path: tuple[str, ...], D: int, F: int) -> list[Ent
     ]
 
 
-def text_name(name: str) -> str | None:
-    """The text-model name of a checkpoint tensor, or None for a vision tensor."""
-    if name.startswith(_SKIPPED_PREFIXES):
-        return None
-    for old, new in _TEXT_PREFIXES:
+def is_vision(name: str) -> bool:
+    return name.startswith(tuple(old for old, _ in _VISION_PREFIXES))
+
+
+def plain_name(name: str) -> str:
+    """A checkpoint tensor's name without the multimodal prefixes: ``model.layers.0...`` for
+    the text model, ``vision_model...`` / ``multi_modal_projector...`` for the vision tower."""
+    for old, new in _TEXT_PREFIXES + _VISION_PREFIXES:
         if name.startswith(old):
             return new + name[len(old):]
     return name
 
 
 class SafetensorsSource:
-    """Index of the tensors in a (sharded) safetensors checkpoint; reads one at a time."""
+    """Index of the tensors in a (sharded) safetensors checkpoint; reads one at a time.
 
-    def __init__(self, hf_dir: Path):
+    With ``text_only`` the vision tower's tensors are left out (listed in ``skipped``)."""
+
+    def __init__(self, hf_dir: Path, text_only: bool = False):
         self.hf_dir = hf_dir
         files = sorted(hf_dir.glob("*.safetensors"))
         if not files:
@@ -150,8 +208,8 @@ class SafetensorsSource:
                 continue
             self.headers[file] = _read_header(file)
             for name in self.headers[file]["tensors"]:
-                text = text_name(name)
-                if text is None:
+                text = plain_name(name)
+                if text_only and is_vision(name):
                     self.skipped.append(name)
                 elif text in self.location:
                     raise ConversionError(f"tensor {name} appears in more than one shard")
@@ -208,6 +266,7 @@ def convert(
     quantization_scope: str = "experts",
     overwrite: bool = False,
     progress: bool = True,
+    text_only: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Converts ``hf_dir`` into a jaxllm checkpoint at ``out_dir`` (see ``jaxllm.checkpoint``).
@@ -217,7 +276,8 @@ def convert(
     quantizes an unquantized one over ``quantization_scope`` (``jaxllm.models.quant``), each
     tensor as it is read. Every name, shape and scheme is checked before anything is written,
     and the output is written into a temporary sibling directory renamed into place at the
-    end, so a failure or interruption never leaves a complete-looking checkpoint.
+    end, so a failure or interruption never leaves a complete-looking checkpoint. A
+    multimodal checkpoint keeps its vision tower and projector unless ``text_only``.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if dtype not in DTYPES:
@@ -230,7 +290,9 @@ def convert(
         raise ConversionError(f"{hf_dir} is already quantized (compressed-tensors); drop "
                               f"--quantization {quantization}")
     quant = QuantConfig.from_flags(quantization, quantization_scope)
-    source = SafetensorsSource(hf_dir)
+    if text_only:
+        config = dataclasses.replace(config, vision=None)
+    source = SafetensorsSource(hf_dir, text_only=text_only)
     plan = conversion_plan(config)
     if compressed is not None:
         plan = _compressed_plan(plan, config, source, compressed)
@@ -243,7 +305,7 @@ def convert(
             log(f"compressed-tensors checkpoint: {quant.describe()} for {', '.join(kinds)}")
     _check_names(plan, source, config)
     if source.skipped:
-        log(f"skipping {len(source.skipped)} vision/projector tensors (text model only)")
+        log(f"skipping {len(source.skipped)} vision/projector tensors (--text-only)")
 
     with checkpoint.atomic_directory(out_dir) as tmp:
         with jax.default_device(jax.devices("cpu")[0]):

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from jaxllm.layout import (
     pages_for,
     prefill_layout,
 )
+from jaxllm.models.vision import ImageEmbeds
 from jaxllm.sampling import (
     GREEDY,
     MAX_STOP_IDS,
@@ -50,6 +52,7 @@ def generate_tokens(
     budgets: jax.Array,
     stop_ids: jax.Array,
     sampling: SamplingArrays,
+    images: ImageEmbeds | None = None,
     *,
     max_new_tokens: int,
     max_model_len: int,
@@ -60,7 +63,9 @@ def generate_tokens(
 
     tokens [B, L] int32 prompts padded on the right, lengths [B] (>= 1); seeds [B, 2] uint32
     per-row 64-bit PRNG seeds (``seed_words``); budgets [B] per-row token limits
-    (<= max_new_tokens); stop_ids [B, MAX_STOP_IDS] (-1 = unused). A row stops after a stop
+    (<= max_new_tokens); stop_ids [B, MAX_STOP_IDS] (-1 = unused); ``images`` (optional):
+    image features and, as ``rows [B, L]``, the feature row each prompt token takes (-1: its
+    text embedding; ``Model.image_embeds``). A row stops after a stop
     id (which it keeps), its budget, or when it reaches ``max_model_len`` tokens. ``cache``
     gives the page size and dtype (its page count is sized here: ``B`` sequences of
     ``max_model_len``). Returns (out [B, max_new_tokens] padded with -1, number generated
@@ -86,7 +91,10 @@ def generate_tokens(
 
     row, meta = prefill_layout(lengths, max_len, pages_per_seq, page_size)
     flat = jnp.zeros(batch * max_len, jnp.int32).at[row].set(tokens, mode="drop")
-    hidden, kv = model(flat, kv, meta, attention_impl=attention_impl)
+    if images is not None:
+        rows = jnp.full(batch * max_len, -1, jnp.int32).at[row].set(images.rows, mode="drop")
+        images = images._replace(rows=rows)
+    hidden, kv = model(flat, kv, meta, attention_impl=attention_impl, images=images)
     first = pick(hidden[meta.query_start_loc[1:] - 1], jnp.zeros(batch, jnp.int32))
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
     count = jnp.ones(batch, jnp.int32)
@@ -118,8 +126,14 @@ def generate(
     max_new_tokens: int,
     sampling: SamplingParams | None = None,
     stop_token_ids: Sequence[int] | None = None,
+    images: Sequence[Any | None] | None = None,
 ) -> list[list[int]]:
     """Generated ids of each prompt (stop token included), greedy when ``sampling`` is None.
+
+    ``images[b]`` (optional, one entry per prompt): the tiles ``[N_b, C, S, S]`` of prompt
+    b's images in prompt order, e.g. ``np.concatenate([p.pixel_values for p in processed])``
+    from ``jaxllm.multimodal.processor``, or None. Prompt b must hold exactly
+    ``N_b * tokens_per_tile`` ``<|patch|>`` tokens (``jaxllm.multimodal.prompt.expand_prompt``).
 
     Stops at EOS (``generation_config.json``), a stop id, ``max_new_tokens`` or
     ``max_model_len``. Prompts of any lengths run in bucketed batches of at most
@@ -145,11 +159,15 @@ def generate(
     checked = [np.asarray(a.prompt, np.int32) for a in admitted]
     stops = sorted(admitted[0].stop_ids) if admitted else []
     seed = admitted[0].sampling.seed if admitted else seed
+    if images is not None and len(images) != len(checked):
+        raise ValueError(f"{len(images)} image entries for {len(checked)} prompts")
 
     results: list[list[int]] = []
     for start in range(0, len(checked), policy.max_num_seqs):
         group = checked[start : start + policy.max_num_seqs]
-        out, count = run_generate(model, group, max_new_tokens, stops, sampling, seed + start)
+        pixels = None if images is None else images[start : start + policy.max_num_seqs]
+        out, count = run_generate(model, group, max_new_tokens, stops, sampling, seed + start,
+                                  pixels)
         results += [out[b, : count[b]].tolist() for b in range(len(group))]
     return results
 
@@ -178,14 +196,21 @@ def pack_inputs(
 
 def run_generate(model: Model, prompts: Sequence[np.ndarray], max_new_tokens: int,
                  stops: Sequence[int], sampling: SamplingParams,
-                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+                 seed: int, images: Sequence[Any | None] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """One bucketed batch through the compiled generation program (host arrays out)."""
     policy = model.bucket_policy
     batch = policy.batch_bucket(len(prompts))
     length = policy.length_bucket(max(len(p) for p in prompts))
     inputs = pack_inputs(prompts, batch, length, max_new_tokens, stops, sampling, seed)
+    embeds = None if images is None else model.image_embeds(prompts, images, (batch, length))
+    return _call_generate(model, inputs, embeds)
+
+
+def _call_generate(model: Model, inputs: tuple[np.ndarray, ...], embeds: ImageEmbeds | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     out, count = model.compiled("generate", lambda: _compile_generate(model))(
-        model.params, *inputs)
+        model.params, *inputs, embeds)
     return to_host(out), to_host(count)
 
 
@@ -196,21 +221,42 @@ def _compile_generate(model: Model):
         max_model_len=policy.max_model_len, cache=policy.cache,
         attention_impl=model.attention_impl)
     rep = model.replicated()
-    return jax.jit(fn, in_shardings=(model.param_shardings,) + (rep,) * 6, out_shardings=rep)
+    return jax.jit(fn, in_shardings=(model.param_shardings,) + (rep,) * 7, out_shardings=rep)
 
 
-def warmup(model: Model, progress: bool = True) -> int:
-    """Compiles generation for every (batch, prompt length) bucket; returns how many.
+def warmup(model: Model, progress: bool = True, max_tiles: int | None = None) -> int:
+    """Compiles generation for every (batch, prompt length) bucket; returns how many programs.
 
     Afterwards no ``generate()`` call within ``max_num_seqs`` and ``max_model_len``
-    compiles anything.
+    compiles anything. With ``max_tiles`` (a model with a vision tower) also the image
+    variant of each bucket and the encoder for up to ``max_tiles`` tiles per batch, so calls
+    with images compile nothing either.
     """
     from tqdm import tqdm
 
     policy = model.bucket_policy
     shapes = [(b, n) for b in policy.batch_buckets for n in policy.length_buckets]
+    variants = [False] + [True] * (max_tiles is not None)
+    if max_tiles is not None:
+        vision = model.require_vision()
+        for tiles in tqdm(_powers_of_two(max_tiles), desc="warmup encoder", unit="program",
+                          disable=not progress):
+            model.encode_images(np.zeros((tiles, vision.num_channels, vision.image_size,
+                                          vision.image_size), np.float32))
     for batch, length in tqdm(shapes, desc="warmup", unit="program", disable=not progress):
         # The longest prompt a bucket holds; max_model_len itself leaves no room to generate.
         prompts = [np.zeros(min(length, policy.max_model_len - 1), np.int32)] * batch
-        run_generate(model, prompts, 1, list(model.eos_token_ids), GREEDY, 0)
-    return len(shapes)
+        length = policy.length_bucket(len(prompts[0]))  # as run_generate buckets it
+        inputs = pack_inputs(prompts, batch, length, 1, list(model.eos_token_ids), GREEDY, 0)
+        for with_images in variants:
+            embeds = None if not with_images else ImageEmbeds(
+                np.zeros((batch * length, model.config.hidden_size), model.dtype),
+                np.full((batch, length), -1, np.int32))
+            _call_generate(model, inputs, embeds)
+    extra = len(_powers_of_two(max_tiles)) if max_tiles is not None else 0
+    return len(shapes) * len(variants) + extra
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    """1, 2, 4, ... up to the bucket that holds ``limit``."""
+    return [1 << i for i in range(max(limit - 1, 0).bit_length() + 1)]

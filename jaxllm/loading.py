@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ def load_model(
     path = Path(path)
     manifest = checkpoint.read_manifest(path)
     config = Llama4Config.from_hf(path)
+    if config.vision is not None and "vision" not in manifest["groups"]:
+        config = dataclasses.replace(config, vision=None)  # converted with --text-only
     dtype = DTYPES[manifest["dtype"]] if dtype is None else resolve_dtype(dtype)
     stored_quant = QuantConfig.from_json(manifest.get("quantization"))
     load_quant = QuantConfig.from_flags(quantization, quantization_scope)

@@ -28,6 +28,7 @@ from jaxllm.kv_cache import KVCache, LayerGroups, layer_groups, write_kv_pages
 from jaxllm.layout import AttentionMetadata
 from jaxllm.models import quant as q
 from jaxllm.models.quant import QuantConfig
+from jaxllm.models.vision import ImageEmbeds, VisionModel, merge_image_embeddings
 from jaxllm.sharding import constrain, logical_spec, padded_vocab_size, shard_axes
 
 
@@ -277,7 +278,9 @@ class Llama4(nnx.Module):
 
     On a mesh the vocabulary is padded to a multiple of its mesh axis; padded embedding rows
     are zero and padded logits are -inf, so they never win an argmax or get sampled.
-    ``quant`` quantizes the feed-forward weights it covers (``jaxllm.models.quant``).
+    ``quant`` quantizes the feed-forward weights it covers (``jaxllm.models.quant``). A
+    multimodal config adds the vision tower (``self.vision``, ``jaxllm.models.vision``), whose
+    projected features enter ``__call__`` as ``images``.
     """
 
     def __init__(self, config: Llama4Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs,
@@ -291,6 +294,8 @@ class Llama4(nnx.Module):
         self.norm = RMSNorm(D, config.rms_norm_eps, dtype)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), dtype)
+        if config.vision is not None:
+            self.vision = VisionModel(config.vision, dtype, rngs, mesh)
 
     def __call__(
         self,
@@ -300,8 +305,12 @@ class Llama4(nnx.Module):
         *,
         attention_impl: str = "xla",
         groups: LayerGroups | None = None,
+        images: ImageEmbeds | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Runs the flat batch ``tokens [T]`` at ``meta.positions``; returns (hidden [T, D], cache).
+
+        ``images`` (optional) puts projected image features in place of the text embedding
+        of the rows it names (the ``<|patch|>`` rows), as HF's ``masked_scatter`` does.
 
         ``groups`` says which slab of ``cache`` and which of ``meta``'s block tables each
         layer uses (default: one group, a slab per layer). The new keys/values are written
@@ -309,7 +318,7 @@ class Llama4(nnx.Module):
         through the same pages as to the prefix.
         """
         hidden, cache, _ = self.forward(tokens, cache, meta, attention_impl=attention_impl,
-                                        groups=groups)
+                                        groups=groups, images=images)
         return hidden, cache
 
     def forward(
@@ -320,6 +329,7 @@ class Llama4(nnx.Module):
         *,
         attention_impl: str = "xla",
         groups: LayerGroups | None = None,
+        images: ImageEmbeds | None = None,
         aux_layers: tuple[int, ...] = (),
     ) -> tuple[jax.Array, KVCache, jax.Array]:
         """``__call__`` that also returns the residual stream entering each layer in
@@ -330,7 +340,7 @@ class Llama4(nnx.Module):
         if bad:
             raise ValueError(f"aux_layers {bad} outside [0, {self.config.num_layers})")
         groups = groups or layer_groups(self.config, hybrid=False)
-        x = self._embed(tokens)
+        x = merge_image_embeddings(self._embed(tokens), images)
         cache = list(cache)
         aux = []
         for i, layer in enumerate(self.layers):

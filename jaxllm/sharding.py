@@ -29,6 +29,14 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "tokens": "data",  # the flat token batch of a step
     "pages": None,
     "page_slots": None,
+    # The vision tower (jaxllm.models.vision): tensor-parallel over heads and MLP widths like
+    # the text model. For a data-parallel encoder map "tiles" to "data" and these to None.
+    "tiles": None,
+    "vision_embed": None,
+    "vision_heads": "model",
+    "vision_head_dim": None,
+    "vision_ffn": "model",
+    "vision_patch": None,
 }
 
 

@@ -58,6 +58,22 @@ def make_text_model(overrides: dict[str, Any], seed: int = 0, scale: float = 0.2
     return model
 
 
+# A vision tower HF can run: 28-pixel tiles of 4 x 4 patches of 7 pixels, pixel shuffle to
+# 4 features per tile; the MLP width is hidden / ratio**2 (HF feeds the shuffled patches to
+# a layer of intermediate_size); the adapter and projector widths chain (48 -> 48 -> text).
+TINY_VISION: dict[str, Any] = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+    image_size=28, patch_size=7, vision_output_dim=48, projector_input_dim=48,
+    projector_output_dim=48, pixel_shuffle_ratio=0.5, rope_parameters=dict(rope_theta=10000.0))
+
+
+# The image special tokens of tiny multimodal models: ids inside the tiny vocabulary (the
+# real ones, 200080-200092, are not).
+TINY_IMAGE_TOKENS: dict[str, int] = {
+    "<|image_start|>": 320, "<|image_end|>": 321, "<|tile_x_separator|>": 322,
+    "<|tile_y_separator|>": 323, "<|image|>": 324, "<|patch|>": 325}
+
+
 def make_multimodal_model(text: dict[str, Any], seed: int = 0) -> Any:
     """A random HF ``Llama4ForConditionalGeneration`` whose text model has config ``text``."""
     import torch
@@ -65,11 +81,10 @@ def make_multimodal_model(text: dict[str, Any], seed: int = 0) -> Any:
     from transformers import Llama4ForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=48, image_size=28, patch_size=14, vision_output_dim=32,
-                  projector_input_dim=32, projector_output_dim=text["hidden_size"],
-                  pixel_shuffle_ratio=0.5)
-    config = HFLlama4Config(text_config=text, vision_config=vision)
+    config = HFLlama4Config(text_config=text, vision_config=TINY_VISION,
+                            image_token_index=TINY_IMAGE_TOKENS["<|patch|>"],
+                            boi_token_index=TINY_IMAGE_TOKENS["<|image_start|>"],
+                            eoi_token_index=TINY_IMAGE_TOKENS["<|image_end|>"])
     model = Llama4ForConditionalGeneration(config).eval()
     _randomize(model)
     return model
@@ -187,6 +202,46 @@ def hf_logits(model: Any, ids: list[list[int]]) -> Any:
         model = model.language_model
     with torch.no_grad():
         return model(input_ids=torch.tensor(ids), use_cache=False).logits.float().numpy()
+
+
+def hf_image_inputs_embeds(model: Any, ids: list[list[int]], pixel_values: Any) -> Any:
+    """The text model's input embeddings for ``ids`` with images, built by HF's own parts the
+    way ``Llama4ForConditionalGeneration.forward`` builds them (embed, vision tower,
+    projector, ``get_placeholder_mask`` + ``masked_scatter``). The forward itself fails in
+    transformers 5.24 ("'MoeCausalLMOutputWithPast' object has no attribute
+    'image_outputs'", also from ``generate``), so references run ``language_model`` on these."""
+    import torch
+
+    with torch.no_grad():
+        input_ids = torch.tensor(ids)
+        embeds = model.get_input_embeddings()(input_ids)
+        features = model.vision_model(torch.as_tensor(pixel_values)).last_hidden_state
+        projected = model.multi_modal_projector(features.reshape(-1, features.shape[-1]))
+        mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeds,
+                                          image_features=projected)
+        return embeds.masked_scatter(mask, projected.to(embeds.dtype))
+
+
+def hf_image_logits(model: Any, ids: list[list[int]], pixel_values: Any) -> Any:
+    """HF's float32 logits for ``ids`` whose ``<|patch|>`` tokens take ``pixel_values``'s
+    features (all prompts' tiles, in prompt order)."""
+    import torch
+
+    embeds = hf_image_inputs_embeds(model, ids, pixel_values)
+    with torch.no_grad():
+        return model.language_model(inputs_embeds=embeds, use_cache=False).logits.float().numpy()
+
+
+def hf_image_generate(model: Any, ids: list[int], pixel_values: Any, max_new_tokens: int
+                      ) -> list[int]:
+    """HF's greedy continuation of one prompt with images (new tokens only)."""
+    import torch
+
+    embeds = hf_image_inputs_embeds(model, [ids], pixel_values)
+    with torch.no_grad():
+        out = model.language_model.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens,
+                                            do_sample=False)
+    return out[0].tolist()
 
 
 CHAT_TEMPLATE = (

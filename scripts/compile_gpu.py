@@ -28,6 +28,7 @@ from jaxllm.aot.cases import (  # noqa: E402
     kernel_cases,
     run_case,
     spec_cases,
+    vision_cases,
 )
 
 
@@ -79,7 +80,8 @@ def print_result(result: Result, seconds: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cases = kernel_cases() + ([] if args.skip_engine else engine_cases() + spec_cases())
+    cases = kernel_cases() + ([] if args.skip_engine
+                             else engine_cases() + spec_cases() + vision_cases())
     cases = [c for c in cases if args.only in c.name]
     results, failed = [], 0
     for case in cases:

@@ -29,11 +29,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="experts: routed + shared (default); ffn: also dense FFN layers")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--text-only", action="store_true",
+                        help="drop a multimodal checkpoint's vision tower and projector")
     args = parser.parse_args(argv)
     try:
         out = convert(args.hf_dir, args.out, dtype=args.dtype, quantization=args.quantization,
                       quantization_scope=args.quantization_scope, overwrite=args.overwrite,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, text_only=args.text_only)
     except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -4,7 +4,9 @@ Kernels run at Llama 4 attention shapes (Scout and Maverick share them: 40 q / 8
 head_dim 128, 16-token pages, bf16) with their default block settings: flash prefill,
 ragged prefill and chunked prefill, decode at batch 1 and 64, contexts 8k to 128k; then the
 production attention path and the engine step of a Scout-shaped model (a few layers) on one
-device and on a ``model=8`` mesh. A compile fails the check on a compile error, on a spill in
+device and on a ``model=8`` mesh, and the vision encoder at Scout's vision shapes (bf16, the
+tile-count buckets of one image and of several). A compile fails the check on a compile
+error, on a spill in
 a Pallas kernel, or on an all-gather of the KV cache or of q (a ``pallas_call`` that XLA
 cannot partition runs on gathered inputs).
 """
@@ -403,3 +405,49 @@ def eagle_draft_case(name: str, devices: int, slots: int, k: int, max_model_len:
 
     return Case(name, build, no_gather=((num_pages + 1, PAGE, K, D), (rows, H, D),
                                         (slots, 202048), (rows, 202048)))
+
+
+# The released Scout / Maverick vision_config (336-pixel tiles of 24 x 24 patches, 144
+# features per tile after the pixel shuffle, projected into the 5120-wide text model).
+SCOUT_VISION = dict(hidden_size=1408, num_hidden_layers=34, num_attention_heads=16,
+                    intermediate_size=5632, image_size=336, patch_size=14,
+                    pixel_shuffle_ratio=0.5, projector_input_dim=4096,
+                    projector_output_dim=4096, vision_output_dim=4096, rope_theta=10000.0)
+
+
+def vision_encoder_case(name: str, devices: int, tiles: int) -> Case:
+    """``VisionModel`` (the whole tower, adapter and projector) on ``tiles`` tiles, bf16, its
+    weights abstract with their real shardings; no weight of it may be all-gathered."""
+    from flax import nnx
+
+    from jaxllm.config import VisionConfig
+    from jaxllm.models.vision import VisionModel
+    from jaxllm.sharding import MESH_AXES, param_shardings
+
+    config = VisionConfig.from_hf({"vision_config": SCOUT_VISION}, text_hidden_size=5120)
+    side, heads, head_dim = config.image_size, config.num_heads, config.head_dim
+
+    def build():
+        mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices))
+        graphdef, state = nnx.split(nnx.eval_shape(
+            lambda: VisionModel(config, BF16, nnx.Rngs(0), mesh)))
+        leaves, treedef = jax.tree.flatten(state)
+        shardings = jax.tree.leaves(param_shardings(state, mesh))
+        params = treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+                                    for a, s in zip(leaves, shardings, strict=True)])
+
+        def encode(params, pixels):
+            return nnx.merge(graphdef, params)(pixels)
+
+        return encode, mesh, (params, abstract(mesh, (tiles, 3, side, side), BF16)), ()
+
+    weights = ((config.hidden_size, heads, head_dim), (config.hidden_size, config.shuffled_dim),
+               (config.shuffled_dim, config.projector_input_dim),
+               (config.vision_output_dim, config.text_hidden_size))
+    return Case(name, build, no_gather=weights)
+
+
+def vision_cases() -> list[Case]:
+    """The encoder at the tile buckets of one image (1, and 17 -> 32: 16 tiles + global)."""
+    return [vision_encoder_case(f"vision encoder {devices} dev {tiles} tiles", devices, tiles)
+            for devices in (1, 8) for tiles in (1, 32)]

@@ -19,27 +19,39 @@ from jaxllm.kv_cache import NULL_PAGE, CacheConfig
 from jaxllm.layout import first_needed_page
 
 
-def chain_hash(parent: bytes, page_tokens: Sequence[int]) -> bytes:
+def chain_hash(parent: bytes, page_tokens: Sequence[int], extra: bytes = b"") -> bytes:
     """128-bit hash of a page's tokens chained to the hash of the page before it (collisions
-    would silently share the wrong keys, so not Python's 64-bit ``hash``)."""
+    would silently share the wrong keys, so not Python's 64-bit ``hash``); ``extra`` is what
+    else the page's keys depend on (the hashes of images under its tokens)."""
     data = np.asarray(page_tokens, np.int64).tobytes()
-    return hashlib.blake2b(parent + data, digest_size=16).digest()
+    return hashlib.blake2b(parent + data + extra, digest_size=16).digest()
 
 
-def page_hashes(tokens: Sequence[int], page_size: int, known: Sequence[bytes] = ()
-                ) -> list[bytes]:
+# An image's placeholder tokens in a sequence: (first position, token count, content hash).
+ImageSpan = tuple[int, int, bytes]
+
+
+def page_hashes(tokens: Sequence[int], page_size: int, known: Sequence[bytes] = (),
+                images: Sequence[ImageSpan] = ()) -> list[bytes]:
     """Chained hashes of every full page of ``tokens``; ``known`` are those of its first
     pages, already computed, which are extended rather than recomputed."""
     hashes = list(known)
-    extend_page_hashes(hashes, tokens[len(hashes) * page_size:], page_size)
+    extend_page_hashes(hashes, tokens[len(hashes) * page_size:], page_size, images)
     return hashes
 
 
-def extend_page_hashes(hashes: list[bytes], tail: Sequence[int], page_size: int) -> None:
+def extend_page_hashes(hashes: list[bytes], tail: Sequence[int], page_size: int,
+                       images: Sequence[ImageSpan] = ()) -> None:
     """Appends to ``hashes`` (of a sequence's first pages) those of the full pages of
-    ``tail``, the tokens that follow them."""
+    ``tail``, the tokens that follow them. A page that overlaps an image's placeholder span
+    in ``images`` also hashes that image's content hash: the same text over another image
+    never shares the page, the same image does."""
+    first = len(hashes) * page_size  # the position of tail[0]
     for start in range(0, len(tail) - page_size + 1, page_size):
-        hashes.append(chain_hash(hashes[-1] if hashes else b"", tail[start : start + page_size]))
+        lo = first + start
+        extra = b"".join(h for pos, n, h in images if pos < lo + page_size and pos + n > lo)
+        hashes.append(chain_hash(hashes[-1] if hashes else b"", tail[start : start + page_size],
+                                 extra))
 
 
 class PageRow:

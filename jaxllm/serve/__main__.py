@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from jaxllm.config import VisionConfig
     from jaxllm.engine import Engine
     from jaxllm.serve.app import ServerState
+    from jaxllm.serve.images import ImageInput
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-llama4"
 log = logging.getLogger("jaxllm.serve")
@@ -82,6 +84,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-request-bytes", type=int, default=8 * 2**20,
                    help="largest request body; a larger one gets a 413 unread (default 8 MiB)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--limit-mm-per-prompt", default="image=1",
+                   help="images per prompt: image=N or '{\"image\": N}' (default image=1)")
+    p.add_argument("--allowed-media-domains", nargs="*", default=[],
+                   help="hosts that http(s) image URLs may name (default: none; data: URLs "
+                        "always work)")
+    p.add_argument("--max-image-bytes", type=int, default=20 * 2**20,
+                   help="largest encoded image accepted, in bytes")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="largest image accepted, in pixels (width x height)")
+    p.add_argument("--media-fetch-timeout", type=float, default=10.0,
+                   help="seconds to fetch one http(s) image")
     p.add_argument("--dry-run", action="store_true",
                    help="plan, do not serve: compile the serving step for --target GPUs that "
                    "need not be here and print the start-up report (DIR may hold only a "
@@ -140,6 +153,7 @@ def build_state(args: argparse.Namespace) -> ServerState:
     from jaxllm.serve.tokenizer import TextCodec
     from jaxllm.structured import GrammarCompiler
 
+    image_input(args, None)  # bad media flags fail before the engine is built
     start = time.perf_counter()
     with compile_cache.CompileCounter() as compiles:
         engine = build_engine(args)
@@ -157,7 +171,27 @@ def build_state(args: argparse.Namespace) -> ServerState:
         engine.grammars = GrammarCompiler.for_tokenizer(
             codec.tokenizer, engine.model.eos_token_ids, engine.model.config.vocab_size)
     return ServerState(AsyncEngine(engine, metrics), codec, name, metrics, args.api_key,
-                       args.max_request_bytes)
+                       args.max_request_bytes, image_input(args, engine.model.config.vision))
+
+
+def image_input(args: argparse.Namespace, vision: VisionConfig | None) -> ImageInput:
+    """What the server accepts as images, from the flags and the model's vision tower
+    (None: images are refused)."""
+    from jaxllm.multimodal.media import MediaLimits
+    from jaxllm.multimodal.processor import ProcessorConfig
+    from jaxllm.serve.images import ImageInput, parse_mm_limit
+
+    for name in ("max_image_bytes", "max_image_pixels", "media_fetch_timeout"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be "
+                             f"positive")
+    limits = MediaLimits(max_image_bytes=args.max_image_bytes,
+                         max_image_pixels=args.max_image_pixels,
+                         allowed_domains=frozenset(d.lower() for d in args.allowed_media_domains),
+                         fetch_timeout_s=args.media_fetch_timeout)
+    processor = None if vision is None else ProcessorConfig.from_dir(
+        args.model, tile_size=vision.image_size)
+    return ImageInput(processor, limits, parse_mm_limit(args.limit_mm_per_prompt))
 
 
 def follow(args: argparse.Namespace) -> int:

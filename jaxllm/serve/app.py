@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,38 +23,41 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import jaxllm
 from jaxllm.layout import check_token_ids
 from jaxllm.serve.async_engine import AsyncEngine, EngineError
-from jaxllm.serve.choice import (
-    Choice,
-    chat_logprobs,
-    completion_logprobs,
-    echo_logprobs,
-    token_text_fn,
-    vllm_prompt_logprobs,
-)
+from jaxllm.serve.choice import Choice, token_text_fn
 from jaxllm.serve.guards import Guards
+from jaxllm.serve.images import ImageInput, MediaError
 from jaxllm.serve.metrics import Metrics
 from jaxllm.serve.protocol import (
     ChatCompletionRequest,
-    ChatCompletionResponse,
     ChatMessage,
     CompletionRequest,
-    CompletionResponse,
     DetokenizeRequest,
-    DetokenizeResponse,
-    ErrorResponse,
-    ModelList,
     TokenizeRequest,
-    TokenizeResponse,
-    VersionResponse,
     _Sampling,
     error_body,
 )
+from jaxllm.serve.responses import (
+    ChatCompletionResponse,
+    CompletionResponse,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelList,
+    TokenizeResponse,
+    VersionResponse,
+)
+from jaxllm.serve.shaping import ChatShaping, CompletionShaping, Shaping
 from jaxllm.serve.streaming import stream_events
 from jaxllm.serve.tokenizer import TextCodec
-from jaxllm.serve.tools import CallStream, parse_tool_calls, prompt_messages
+from jaxllm.serve.tools import prompt_messages
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
+
+
+# Images are checked and processed, but the engine's step does not take their features yet:
+# that waits for the step contract of issue 17 (see jaxllm/multimodal/encoder_cache.py).
+NO_IMAGE_STEP = ("image input is not served yet: the image was read and checked, but the "
+                 "serving engine does not run the vision tower yet (jaxllm.generate() does)")
 
 
 class ApiError(Exception):
@@ -71,10 +74,11 @@ class ServerState:
     metrics: Metrics
     api_key: str | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    images: ImageInput = ImageInput()
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.policy.max_model_len
+        return self.engine.max_model_len
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -84,6 +88,10 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
         return JSONResponse(error_body(str(e), e.status, e.kind), status_code=e.status)
+
+    @app.exception_handler(MediaError)
+    async def _media_error(_: Request, e: MediaError):
+        return JSONResponse(error_body(str(e), 400), status_code=400)
 
     @app.exception_handler(EngineError)
     async def _engine_error(_: Request, e: EngineError):
@@ -138,6 +146,9 @@ def build_app(state: ServerState) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise ApiError("give exactly one of 'prompt' and 'messages'")
         if req.messages is not None:
+            if any(m.image_urls() for m in req.messages):
+                raise ApiError("/tokenize does not take images (it would leave out their "
+                               "tokens): send text parts only")
             ids = await _encode_chat(codec, req.messages, True)
         else:
             ids = await _encode(codec, req.prompt, "prompt", req.add_special_tokens)
@@ -155,15 +166,20 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(req: CompletionRequest, raw: Request):
         _check_model(state, req.model)
         prompts = await _completion_prompts(state, req.prompt)
-        return await _serve(state, req, prompts, raw, chat=False)
+        shaping = CompletionShaping(token_text_fn(state.codec), req,
+                                    state.codec.decode if state.codec else lambda _: "")
+        return await _serve(state, req, prompts, raw, shaping)
 
     @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         _check_model(state, req.model)
         codec = _need_codec(state)
+        if await state.images.load(req.messages):
+            raise ApiError(NO_IMAGE_STEP)
         tools = req.tool_dicts() if req.tool_mode != "none" else None
         ids = await _encode_chat(codec, req.messages, req.add_generation_prompt, tools)
-        return await _serve(state, req, [ids], raw, chat=True)
+        shaping = ChatShaping(token_text_fn(state.codec), req, _callable_tools(req))
+        return await _serve(state, req, [ids], raw, shaping)
 
     _document_errors_as_400(app)
     return app
@@ -223,7 +239,7 @@ def _need_codec(state: ServerState) -> TextCodec:
 
 def _check_ids(state: ServerState, ids: list[int]) -> None:
     try:
-        check_token_ids(ids, state.engine.engine.model.config.vocab_size)
+        check_token_ids(ids, state.engine.vocab_size)
     except ValueError as e:
         raise ApiError(str(e)) from e
 
@@ -308,7 +324,7 @@ def _prepare(state: ServerState, req: _Sampling, prompts: list[list[int]]) -> li
             for j in range(req.n):
                 index = p * req.n + j
                 sampling = req.sampling(req.token_limit, seed_offset=index)
-                engine_request = state.engine.engine.prepare(
+                engine_request = state.engine.prepare(
                     ids, sampling, f"{base}-{index}", ignore_eos=req.ignore_eos)
                 choices.append(Choice(index, engine_request, stops, state.codec,
                                       include_stop=req.include_stop_str_in_output,
@@ -344,25 +360,23 @@ async def _run_choice(state: ServerState, choice: Choice) -> AsyncIterator[None]
 
 
 async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], raw: Request,
-                 chat: bool):
+                 shaping: Shaping):
     state.engine.check_serving()  # a 503 before a stream's status line, never a hang
     # On a worker thread: compiling a request's grammar (structured outputs) can take a while.
     choices = await asyncio.to_thread(_prepare, state, req, prompts)
-    kind = "chat.completion" if chat else "text_completion"
-    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "created": int(time.time()), "model": state.model_name}
+    head = {"id": f"{shaping.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": state.model_name}
     usage_of = lambda: _usage(prompts, req.n, choices)  # noqa: E731
     if req.stream:
         events = stream_events(
-            choices, lambda c: _run_choice(state, c), head=head, chat=chat,
-            logprobs_of=lambda items: _logprobs(state, req, items, chat),
+            choices, lambda c: _run_choice(state, c), shaping, head=head,
             include_usage=req.include_usage, usage_of=usage_of,
-            continuous_usage=req.continuous_usage, call_stream=_call_stream(req, chat))
+            continuous_usage=req.continuous_usage)
         return StreamingResponse(events, media_type="text/event-stream")
     if not await _drain(state, choices, raw):
         return Response(status_code=499)  # nobody reads it: the client has gone
-    return {**head, "object": kind, "usage": usage_of(),
-            "choices": [_final_choice(state, req, c, chat) for c in choices]}
+    return {**head, "object": shaping.kind, "usage": usage_of(),
+            "choices": [shaping.final(c) for c in choices]}
 
 
 async def _drain(state: ServerState, choices: list[Choice], raw: Request) -> bool:
@@ -400,51 +414,8 @@ def _usage(prompts, n: int, choices: list[Choice]) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion}
 
 
-def _logprobs(state: ServerState, req, items, chat: bool) -> dict[str, Any] | None:
-    token_text = token_text_fn(state.codec)
-    if chat:
-        return chat_logprobs(token_text, bool(req.logprobs), req.top_logprobs or 0, items)
-    return completion_logprobs(token_text, req.logprobs, items)
-
-
-def _callable_tools(req: _Sampling) -> list[str]:
+def _callable_tools(req: ChatCompletionRequest) -> list[str]:
     """The names of the functions a chat request lets the model call (none: [])."""
-    if not isinstance(req, ChatCompletionRequest) or req.tool_mode == "none":
+    if req.tool_mode == "none":
         return []
     return [t["function"]["name"] for t in req.tool_dicts()]
-
-
-def _call_stream(req: _Sampling, chat: bool) -> Callable[[], CallStream] | None:
-    names = _callable_tools(req) if chat else []
-    if not names:
-        return None
-    return lambda: CallStream(names, named=req.tool_mode == "named")
-
-
-def _final_choice(state, req, c: Choice, chat: bool) -> dict[str, Any]:
-    c.take_delta()
-    token_text, prompt = token_text_fn(state.codec), c.request.prompt
-    extra = {}
-    if req.prompt_logprobs is not None:
-        extra["prompt_logprobs"] = vllm_prompt_logprobs(token_text, req.prompt_logprobs,
-                                                        prompt, c.prompt_scores or [])
-    if chat:
-        message: dict[str, Any] = {"role": "assistant", "content": c.text}
-        finish = c.finish_reason
-        names = _callable_tools(req)
-        if names and finish == "stop" and (calls := parse_tool_calls(c.text, names)):
-            message = {"role": "assistant", "content": None, "tool_calls": calls}
-            finish = "stop" if req.tool_mode == "named" else "tool_calls"
-        return {"index": c.index, "message": message,
-                "logprobs": _logprobs(state, req, c.logprobs, chat),
-                "finish_reason": finish, **extra}
-    text, logprobs = c.text, _logprobs(state, req, c.logprobs, chat)
-    if req.echo:
-        text = (state.codec.decode(prompt) if state.codec else "") + text
-        if req.logprobs is not None:
-            logprobs = echo_logprobs(token_text, req.logprobs, prompt, c.prompt_scores or [],
-                                     logprobs if c.token_ids else None)
-    return {"index": c.index, "text": text, "finish_reason": c.finish_reason,
-            "logprobs": logprobs, **extra}
-
-

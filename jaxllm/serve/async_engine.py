@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 
 from jaxllm.engine import Engine, Request, RequestOutput, StepFailed
+from jaxllm.sampling import SamplingParams
 
 log = logging.getLogger("jaxllm.serve")
 
@@ -64,6 +65,20 @@ class AsyncEngine:
             log.error("the engine thread did not stop within 10 s; followers not stopped")
         else:
             self.engine.executor.stop()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.policy.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.config.vocab_size
+
+    def prepare(self, prompt: list[int], sampling: SamplingParams, request_id: str, *,
+                ignore_eos: bool = False) -> Request:
+        """One checked engine request (``Engine.prepare``: a ValueError names what is wrong);
+        the routes submit it with ``generate``."""
+        return self.engine.prepare(prompt, sampling, request_id, ignore_eos=ignore_eos)
 
     @property
     def alive(self) -> bool:

@@ -1,4 +1,5 @@
-"""OpenAI-compatible request models and the error body, in one place.
+"""OpenAI-compatible request models and the error body, in one place (the response models,
+which only the OpenAPI schema uses, are ``jaxllm.serve.responses``).
 
 Nothing a client sends that would change the output is ignored: a known OpenAI / vLLM
 parameter the server does not implement is refused (a 400 naming it) unless its value leaves
@@ -278,23 +279,41 @@ class CompletionRequest(_Sampling):
         return max(wanted) if wanted else None
 
 
-_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str  # a data: URL (base64) or an http(s) URL of an allowed host
+    detail: Literal["auto", "low", "high"] | None = None
+
+    @model_validator(mode="after")
+    def _detail(self):
+        if self.detail not in (None, "auto"):
+            raise ValueError(f"image_url.detail {self.detail!r} is not supported: Llama 4 tiles "
+                             f"every image the same way (use 'auto' or leave it out)")
+        return self
 
 
 class ContentPart(BaseModel):
-    """One part of a chat message's content: only text parts are supported."""
+    """One part of a chat message's content: text, or an image (``image_url``)."""
 
     model_config = ConfigDict(extra="allow")
 
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
     @model_validator(mode="after")
-    def _text_only(self):
-        if self.type in _IMAGE_PARTS:
-            raise ValueError("image input is not supported yet")
+    def _known_type(self):
+        if self.type == "image_url":
+            if self.image_url is None:
+                raise ValueError("an image_url content part needs 'image_url': {'url': ...}")
+            return self
+        if self.type in ("input_image", "image"):
+            raise ValueError(f"content part type {self.type!r} is not supported: send images "
+                             f"as {{'type': 'image_url', 'image_url': {{'url': ...}}}}")
         if self.type != "text":
-            raise ValueError(f"content part type {self.type!r} is not supported (only 'text')")
+            raise ValueError(f"content part type {self.type!r} is not supported (only 'text' "
+                             f"and 'image_url')")
         if self.text is None:
             raise ValueError("a text content part needs 'text'")
         return self
@@ -310,6 +329,12 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Content | None = None
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the message's image parts, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [p.image_url.url for p in self.content if p.image_url is not None]
 
     def text(self) -> str | None:
         """The content as one string (text parts joined)."""
@@ -415,116 +440,3 @@ class DetokenizeRequest(BaseModel):
 
 def error_body(message: str, status: int, kind: str = "BadRequestError") -> dict[str, Any]:
     return {"object": "error", "message": message, "type": kind, "code": status}
-
-
-# Response bodies, for the OpenAPI schema only (the handlers build plain dicts); the
-# schemathesis test checks the real server's answers against them.
-
-class ErrorResponse(BaseModel):
-    object: Literal["error"]
-    message: str
-    type: str
-    code: int
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float | None]  # None for the first echoed prompt token
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class PromptLogprob(BaseModel):
-    logprob: float
-    rank: int | None
-    decoded_token: str
-
-
-FinishReason = Literal["stop", "length", "abort"] | None
-PromptLogprobs = list[dict[str, PromptLogprob] | None]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: FinishReason
-    logprobs: CompletionLogprobs | None
-    prompt_logprobs: PromptLogprobs | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob]
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None
-    finish_reason: FinishReason
-    prompt_logprobs: PromptLogprobs | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    max_model_len: int
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class TokenizeResponse(BaseModel):
-    tokens: list[int]
-    count: int
-    max_model_len: int
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
-
-
-class VersionResponse(BaseModel):
-    version: str

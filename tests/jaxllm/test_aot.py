@@ -204,3 +204,16 @@ def test_speculative_programs_compile_and_keep_the_vocabulary_split(case):
                 for shape in shapes]
     # Operands [rows, 1] and results [rows, 8]: rows = 64 x 4 positions at most.
     assert all(shape[-1] <= 8 and shape[0] <= 256 for shape in gathered), gathered
+
+
+@needs_gpu_compiler
+def test_the_vision_encoder_compiles_at_scout_shapes_without_gathering_weights():
+    """Scout's vision tower on 1 and 8 H100s at 1 and 32 tiles; on 8 devices its weights
+    stay split (tensor-parallel heads and MLP widths: reductions, never a weight gather)."""
+    from jaxllm.aot.cases import vision_cases
+
+    for case in vision_cases():
+        result = run_case(case)
+        assert result.problems == [], (case.name, result.problems)
+        if "8 dev" in case.name:
+            assert any(op.startswith("all-reduce") for op, _ in result.info.collectives)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 
 import pytest
 from transformers import Llama4TextConfig
@@ -38,8 +40,43 @@ def test_derived_defaults_without_explicit_lists():
 
 def test_multimodal_config_reads_text_config():
     text = _text_dict()
-    mm = {"model_type": "llama4", "text_config": text, "vision_config": {}}
-    assert Llama4Config.from_hf(mm) == Llama4Config.from_hf(text)
+    mm = {"model_type": "llama4", "text_config": text, "vision_config": hf_models.TINY_VISION}
+    ours = Llama4Config.from_hf(mm)
+    assert dataclasses.replace(ours, vision=None) == Llama4Config.from_hf(text)
+    assert Llama4Config.from_hf(text).vision is None
+
+
+# The vision_config of the released Scout checkpoint (its config.json), and the ids of its
+# image tokens.
+SCOUT_VISION = dict(hidden_size=1408, num_hidden_layers=34, num_attention_heads=16,
+                    intermediate_size=5632, image_size=336, patch_size=14,
+                    pixel_shuffle_ratio=0.5, projector_input_dim=4096, projector_output_dim=4096,
+                    vision_output_dim=4096, rope_theta=10000, hidden_act="gelu", num_channels=3)
+
+
+def test_scout_vision_config():
+    mm = {"model_type": "llama4", "text_config": _text_dict(hidden_size=5120),
+          "vision_config": SCOUT_VISION, "image_token_index": 200092}
+    v = Llama4Config.from_hf(mm).vision
+    assert (v.head_dim, v.patches_per_side, v.num_patches, v.tokens_per_tile) == (88, 24, 576, 144)
+    assert (v.shuffled_dim, v.text_hidden_size, v.rope_theta) == (5632, 5120, 10000.0)
+    assert v.image_token_id == 200092
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(intermediate_size=4096), "intermediate_size=4096 must equal"),
+    (dict(vision_output_dim=7680), "vision_output_dim=7680"),
+    (dict(image_size=330), "image_size=330 is not a multiple of patch_size=14"),
+    (dict(num_attention_heads=15), "num_attention_heads=15"),
+    (dict(num_attention_heads=64), "num_attention_heads=64"),  # head_dim 22: not 4k
+    (dict(hidden_act="silu"), "unsupported vision hidden_act 'silu'"),
+    (dict(image_size=[336, 448]), "only square sizes"),
+])
+def test_vision_configs_hf_cannot_run_are_refused(change, message):
+    mm = {"model_type": "llama4", "text_config": _text_dict(),
+          "vision_config": dict(SCOUT_VISION, **change)}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Llama4Config.from_hf(mm)
 
 
 def test_both_rope_spellings_agree():

@@ -127,7 +127,7 @@ def test_default_bfloat16_output(tiny_model, tmp_path):
     out = tmp_path / "bf16"
     result = run_converter(hf_dir, out)
     assert result.returncode == 0, result.stderr
-    assert "skipping" in result.stdout and "vision" in result.stdout
+    assert "skipping" not in result.stdout  # the vision tower is kept
     for name in ("config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (hf_dir / name).read_bytes()
     model = jaxllm.load_model(out)
@@ -144,6 +144,44 @@ def test_default_bfloat16_output(tiny_model, tmp_path):
     assert np.abs(model.logits(ids) - ref).max() < 1.5 * hf_drift
     as_f32 = jaxllm.load_model(out, dtype="float32")
     assert as_f32.params["embed"][...].dtype == np.float32
+
+
+def test_preprocessor_config_travels_with_the_checkpoint(tiny_model, tmp_path):
+    from jaxllm.multimodal.processor import ProcessorConfig
+
+    _, hf_dir, _ = tiny_model("multimodal")
+    hf_copy = tmp_path / "hf"
+    shutil.copytree(hf_dir, hf_copy)
+    (hf_copy / "preprocessor_config.json").write_text(
+        '{"size": {"height": 28, "width": 28}, "max_patches": 4}')
+    out = tmp_path / "out"
+    assert run_converter(hf_copy, out, "--dtype", "float32").returncode == 0
+    assert ProcessorConfig.from_dir(out) == ProcessorConfig(tile_size=28, max_patches=4)
+
+
+def test_vision_tower_is_kept_unless_text_only(tiny_model, tmp_path):
+    hf, hf_dir, full = tiny_model("multimodal")
+    groups = json.loads((full / "jaxllm_checkpoint.json").read_text())["groups"]
+    num_vision_layers = hf.config.vision_config.num_hidden_layers
+    assert {g for g in groups if g.startswith("vision")} == {"vision"} | {
+        f"vision_layer_{i:03d}" for i in range(num_vision_layers)}
+    assert jaxllm.load_model(full).config.vision is not None
+
+    out = tmp_path / "text"
+    result = run_converter(hf_dir, out, "--dtype", "float32", "--text-only")
+    assert result.returncode == 0, result.stderr
+    num_vision = sum(1 for n in hf.state_dict() if n.startswith(("vision_model.",
+                                                                   "multi_modal_projector.")))
+    assert f"skipping {num_vision} vision/projector tensors" in result.stdout
+    groups = json.loads((out / "jaxllm_checkpoint.json").read_text())["groups"]
+    assert not [g for g in groups if g.startswith("vision")]
+    model = jaxllm.load_model(out)
+    assert model.config.vision is None and "vision" not in model.params
+    with pytest.raises(ValueError, match="no vision tower"):
+        model.encode_images(np.zeros((1, 3, 28, 28), np.float32))
+    ids = np.random.default_rng(1).integers(0, hf_models.BASE["vocab_size"], (1, 20)).tolist()
+    ref = hf_models.hf_logits(hf, ids)
+    assert np.abs(model.logits(ids) - ref).max() / np.abs(ref).max() < 1e-4
 
 
 def jax_bf16():

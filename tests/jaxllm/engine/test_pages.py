@@ -92,3 +92,27 @@ def test_page_row_reads_like_a_list_and_copies_as_an_array():
     table[: len(row)] = row  # a block-table row is a copy, not a conversion
     assert table[: len(row)].tolist() == mirror
     assert row.array.dtype == np.int32 and np.asarray(row, np.int64).tolist() == mirror
+
+
+def test_page_hashes_include_the_images_under_their_tokens():
+    tokens = list(range(100, 140))  # 5 pages of 8
+    a, b = b"image-a", b"image-b"
+
+    def span(image: bytes) -> list[tuple[int, int, bytes]]:
+        return [(10, 12, image)]  # positions 10..21: pages 1 and 2
+    plain = page_hashes(tokens, 8)
+    with_a = page_hashes(tokens, 8, images=span(a))
+    assert with_a == page_hashes(tokens, 8, images=span(a))  # the same image shares pages
+    with_b = page_hashes(tokens, 8, images=span(b))
+    assert with_a[0] == with_b[0] == plain[0]  # page 0 ends before the image
+    assert all(x != y for x, y in zip(with_a[1:], with_b[1:], strict=True))  # 1-2, then chained
+    assert all(x != y for x, y in zip(with_a[1:], plain[1:], strict=True))
+    # A span that ends exactly where page 1 starts touches page 0 only.
+    edge = page_hashes(tokens, 8, images=[(2, 6, b"x")])
+    assert edge[0] != plain[0]
+    assert page_hashes(tokens[:16], 8, images=[(16, 8, b"x")]) == plain[:2]
+    # Extending page by page gives the same hashes as hashing the whole sequence at once.
+    grown: list[bytes] = []
+    for end in (8, 20, 40):
+        grown = page_hashes(tokens[:end], 8, known=grown, images=span(a))
+    assert grown == with_a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -63,15 +65,27 @@ def test_chat_needs_messages_with_known_roles():
     assert req.messages[0].text() == "hi there"
 
 
+def test_image_url_parts_are_read_in_order():
+    parts = [{"type": "text", "text": "look: "},
+             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+             {"type": "image_url", "image_url": {"url": "https://h/b.png", "detail": "auto"}}]
+    [message] = ChatCompletionRequest(messages=[{"role": "user", "content": parts}]).messages
+    assert message.image_urls() == ["data:image/png;base64,AAAA", "https://h/b.png"]
+    assert message.text() == "look: "
+
+
 @pytest.mark.parametrize("part, needle", [
     ({"type": "text", "text": 5}, "messages.0.content.parts.0.text"),
     ({"type": "text"}, "a text content part needs 'text'"),
-    ({"type": "image_url", "image_url": {"url": "http://x/y.png"}},
-     "image input is not supported yet"),
+    ({"type": "input_image", "input_image": "http://x/y.png"},
+     "'input_image' is not supported: send images as {'type': 'image_url'"),
+    ({"type": "image_url"}, "an image_url content part needs 'image_url'"),
+    ({"type": "image_url", "image_url": {"url": "data:,", "detail": "low"}},
+     "image_url.detail 'low' is not supported"),
     ({"type": "input_audio", "input_audio": {}}, "'input_audio' is not supported"),
 ])
 def test_content_parts_other_than_text_are_refused(part, needle):
-    with pytest.raises(ValidationError, match=needle):
+    with pytest.raises(ValidationError, match=re.escape(needle)):
         ChatCompletionRequest(messages=[{"role": "user", "content": [part]}])
 
 

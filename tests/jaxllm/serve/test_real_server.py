@@ -118,7 +118,7 @@ BAD = [
      "prompt is not valid Unicode: '\\ud800' at position 1 is a lone surrogate"),
     ("POST", "/v1/chat/completions",
      _chat([{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]), 400,
-     "image input is not supported yet"),
+     "this model takes no images"),
     ("POST", "/v1/completions", b'{"model": "tiny-llama4", "prompt": ', 400,
      "invalid JSON"),
     ("GET", "/v1/chat/completions", b"", 405,

@@ -237,7 +237,7 @@ def test_image_content_and_legacy_functions_are_refused_by_name(server):
     _, _, _, client = server
     image = {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}
     for kwargs, needle in [
-        (dict(messages=[{"role": "user", "content": [image]}]), "image input is not supported"),
+        (dict(messages=[{"role": "user", "content": [image]}]), "this model takes no images"),
         (dict(messages=[{"role": "user", "content": "w1"}],
               functions=[{"name": "f", "parameters": {}}]), "'functions' is not supported"),
     ]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 from jaxllm.serve.choice import Choice
+from jaxllm.serve.shaping import ChatShaping, CompletionShaping
 from jaxllm.serve.streaming import sse, stream_events
 from tests.jaxllm.serve.fakes import ByteCodec, ids, output, request
 
@@ -33,12 +35,32 @@ def _runner(script: dict[int, list]):
     return run
 
 
+class _CountLogprobs:
+    """Log-probabilities shaped as their count, to see which chunk carries which."""
+
+    def logprobs(self, items):
+        return {"n": len(items)} if items else None
+
+
+class _Chat(_CountLogprobs, ChatShaping):
+    pass
+
+
+class _Completion(_CountLogprobs, CompletionShaping):
+    pass
+
+
+def _shaping(chat: bool):
+    req = SimpleNamespace(prompt_logprobs=None, logprobs=None, top_logprobs=None, echo=False)
+    token_text = ByteCodec().token_text
+    return _Chat(token_text, req, []) if chat else _Completion(token_text, req, lambda _: "")
+
+
 def _stream(choices, script, *, chat: bool, include_usage: bool = False,
             continuous_usage: bool = False) -> list[str]:
     async def collect():
         events = stream_events(
-            choices, _runner(script), head=HEAD, chat=chat,
-            logprobs_of=lambda items: {"n": len(items)} if items else None,
+            choices, _runner(script), _shaping(chat), head=HEAD,
             include_usage=include_usage, usage_of=lambda: USAGE,
             continuous_usage=continuous_usage)
         return [e async for e in events]
