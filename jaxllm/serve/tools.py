@@ -68,7 +68,9 @@ def _with_object_arguments(call: dict[str, Any]) -> dict[str, Any]:
 def call_schema(tools: Sequence[dict[str, Any]], name: str | None, parallel: bool
                 ) -> dict[str, Any]:
     """The JSON schema of the constrained output: one call of function ``name``, or (for
-    ``required``) a call of any tool, several in a list when ``parallel``."""
+    ``required``) a call of any tool; when ``parallel``, also a list of one or more (Llama 4
+    writes a single call as a bare object: a list-only grammar would force a model that
+    wants to end after one call to keep writing calls)."""
     functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     if not functions:
         raise ValueError(f"no tool named {name!r}" if name else "no tools to call")
@@ -79,7 +81,7 @@ def call_schema(tools: Sequence[dict[str, Any]], name: str | None, parallel: boo
         for f in functions]
     one = calls[0] if len(calls) == 1 else {"anyOf": calls}
     if name is None and parallel:
-        return {"type": "array", "items": one, "minItems": 1}
+        return {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]}
     return one
 
 

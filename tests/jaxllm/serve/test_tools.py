@@ -70,8 +70,10 @@ def test_call_schema_accepts_exactly_calls_of_the_tools():
     required = call_schema([ADD, NOW], None, parallel=True)
     jsonschema.validate([{"name": "now", "parameters": {}},
                          {"name": "add", "parameters": {"a": 1, "b": 2}}], required)
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate([], required)
+    jsonschema.validate({"name": "now", "parameters": {}}, required)  # one call, bare
+    for bad in ([], [{"name": "sub", "parameters": {}}], {"name": "add"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, required)
     single = call_schema([ADD, NOW], None, parallel=False)
     jsonschema.validate({"name": "now", "parameters": {"any": 1}}, single)
     with pytest.raises(ValueError, match="no tool named 'sub'"):
