@@ -162,9 +162,10 @@ def restore_params(
 
 
 def layer_index(name: str) -> int | None:
-    """The layer of group ``name`` (``layer_007`` -> 7), None for the other groups."""
+    """The text layer of group ``name`` (``layer_007`` -> 7), None for the other groups (the
+    vision tower's layers included)."""
     m = _LAYER_GROUP.match(name)
-    return int(m.group(1)) if m else None
+    return int(m.group(2)) if m and not m.group(1) else None
 
 
 def _group_prefix(name: str) -> tuple[str, ...]:
