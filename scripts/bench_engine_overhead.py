@@ -165,14 +165,15 @@ def server_table(sizes, output_len: int) -> list[str]:
     rows = ["| clients | mode | output tok/s | mean ITL ms |", "|---|---|---|---|"]
     for mode in ("sync", "async"):
         port = free_port()
+        # Warmed up: a shape first seen while timing would compile inside the timed run.
         cmd = [sys.executable, "-m", "jaxllm.serve", "--port", str(port), "--max-num-seqs",
-               str(max(sizes)), "--skip-warmup", "--compilation-cache-dir", ""]
+               str(max(sizes))]
         if mode == "sync":
             cmd.append("--no-async-scheduling")
         with tempfile.TemporaryFile() as log:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
             try:
-                wait_healthy(proc, port)
+                wait_healthy(proc, port, timeout=1800)  # warm-up compiles every shape
                 url = f"http://127.0.0.1:{port}/v1/completions"
                 for clients in sizes:
                     async def load(clients=clients, url=url):
@@ -184,7 +185,7 @@ def server_table(sizes, output_len: int) -> list[str]:
                                             {}) for i in range(clients)))
                             return done, time.perf_counter() - start
 
-                    asyncio.run(load())  # compiles this concurrency's shapes
+                    asyncio.run(load())  # settles the server
                     done, seconds = asyncio.run(load())
                     ok = [d for d in done if "error" not in d]
                     itl = np.mean([x for d in ok for x in d["itl"]]) * 1e3
