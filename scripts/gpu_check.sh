@@ -30,6 +30,8 @@ stage 210 "$PY" scripts/bench_attention.py
 stage 140 "$PY" scripts/bench_generate.py --preset scout-4layers --num-layers 2 \
     --dtype bfloat16 --batch 8 --prompt-len 128 --new-tokens 32 --repeats 2
 stage 240 "$PY" scripts/bench_quant.py --preset scout --tokens 64
+# The engine's host work against the device (on a GPU the real-model table means something).
+stage 180 "$PY" scripts/bench_engine_overhead.py --steps 20 --no-server
 echo
 echo "=== gpu_check: $([ "$status" -eq 0 ] && echo all stages passed || echo a stage failed)"
 exit "$status"
