@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU check, at most ~13.5 minutes (the sum of the stage limits; most finish well under) on one H100, installing nothing (the GPU host has
+# One-shot GPU check on one H100, at most ~13.5 minutes (the stage limits' sum; most stages
+# finish well under), installing nothing (the GPU host has
 # jax 0.11.2, pytest, hypothesis, flax, torch and transformers): the GPU-marked tests, then
 # the attention benchmark (TFLOP/s and ratio to cuDNN for prefill, GB/s and fraction of HBM
 # for decode), then Scout-shaped layers in bf16 against HF transformers. Each stage has its
