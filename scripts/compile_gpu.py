@@ -44,9 +44,11 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f}"
 
 
-def print_result(result: Result, seconds: float) -> None:
-    status = "FAIL" if result.problems else "ok"
+def print_result(result: Result, seconds: float, known_gap: str | None = None) -> None:
+    status = ("KNOWN GAP" if known_gap else "FAIL") if result.problems else "ok"
     print(f"\n[{status}] {result.case}  ({seconds:.1f} s)", flush=True)
+    if result.problems and known_gap:
+        print(f"    known gap: {known_gap}")
     for problem in result.problems:
         print(f"    PROBLEM: {problem}")
     info = result.info
@@ -83,17 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     cases = kernel_cases() + ([] if args.skip_engine
                              else engine_cases() + spec_cases() + vision_cases())
     cases = [c for c in cases if args.only in c.name]
-    results, failed = [], 0
+    results, failed, gaps = [], 0, 0
     for case in cases:
         start = time.perf_counter()
         result = run_case(case)
-        print_result(result, time.perf_counter() - start)
-        failed += bool(result.problems)
+        print_result(result, time.perf_counter() - start, case.known_gap)
+        if result.problems:
+            failed += case.known_gap is None
+            gaps += case.known_gap is not None
         results.append(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
-    print(f"\n{len(cases) - failed}/{len(cases)} programs pass", flush=True)
+    print(f"\n{len(cases) - failed - gaps}/{len(cases)} programs pass"
+          + (f", {gaps} fail as known gaps (still open work, listed above)" if gaps else ""),
+          flush=True)
     return 1 if failed else 0
 
 
