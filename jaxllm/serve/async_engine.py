@@ -158,11 +158,17 @@ class AsyncEngine:
             outputs = self.engine.step()
         except StepFailed as e:  # the engine stopped the step's requests and recovered
             self._count_failure()
+            giving_up = None
+            if self._consecutive_failures >= self.max_consecutive_failures:
+                giving_up = (f"{self._consecutive_failures} engine steps failed in a row, "
+                             f"the last: {e}")
+                # Unhealthy before the failed requests hear of it: a client that asks
+                # /health on its 500 must see the 503.
+                self._failure = self._failure or giving_up
             for rid in e.request_ids:
                 self._deliver(rid, EngineError(f"{e}; this request was stopped"))
-            if self._consecutive_failures >= self.max_consecutive_failures:
-                self._give_up(f"{self._consecutive_failures} engine steps failed in a row, "
-                              f"the last: {e}")
+            if giving_up is not None:
+                self._give_up(giving_up)
             elif self.metrics is not None:
                 self.metrics.refresh(self.engine)
             return
