@@ -336,9 +336,11 @@ class Engine:
         return {i: masks[k] for k, (i, _) in enumerate(constrained)}
 
     def report(self) -> list[str]:
-        """The start-up report: memory, pages, concurrency (``jaxllm.engine.memory``)."""
-        return startup_report(self.model.config, self.policy, self.plan,
-                              weights_bytes_per_device(self.model.params), self.model.mesh)
+        """The start-up report: memory, pages, concurrency (``jaxllm.engine.memory``), and
+        speculative decoding's settings."""
+        lines = startup_report(self.model.config, self.policy, self.plan,
+                               weights_bytes_per_device(self.model.params), self.model.mesh)
+        return lines + ([self.speculator.describe()] if self.speculator is not None else [])
 
     def recover(self, failed: Sequence[Request] = ()) -> int:
         """Restores a consistent state after a failed step, whose cache is lost: ``failed``

@@ -36,6 +36,42 @@ def _repeating(n, period, seed):
     return (pattern * (n // period + 1))[:n]
 
 
+# A greedy continuation the n-gram drafts often predict: the bias makes the tiny random
+# model cycle among a few tokens (its unbiased outputs rarely repeat, so drafts are rejected).
+BIAS = ((17, 4.0), (40, 4.0))
+
+
+def hf_biased_greedy(hf, prompt, n, bias=BIAS):
+    """HF greedy decoding with ``bias`` added to the logits at every position."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class AddBias(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            for token, value in bias:
+                scores[:, token] += value
+            return scores
+
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                          eos_token_id=2, pad_token_id=0,
+                          logits_processor=LogitsProcessorList([AddBias()]))
+    return out[0, len(prompt):].tolist()
+
+
+def _same(spec, plain):
+    """Equal outputs: tokens, finish reasons and stop ids exactly; log-probabilities to
+    float32 rounding (the verifying program scores positions in other shapes)."""
+    assert spec.keys() == plain.keys()
+    for rid in spec:
+        a, b = spec[rid], plain[rid]
+        assert (a["tokens"], a["finish"], a["stop"]) == (b["tokens"], b["finish"], b["stop"]), rid
+        assert [t for t, _ in a["logprobs"]] == [t for t, _ in b["logprobs"]], rid
+        np.testing.assert_allclose([v for _, v in a["logprobs"]],
+                                   [v for _, v in b["logprobs"]], atol=1e-4, err_msg=rid)
+    return True
+
+
 def _spec_run(model, requests, **engine_args):
     engine = Engine(model, speculative=NGRAM, **engine_args)
     got = _run(engine, requests)
@@ -43,6 +79,7 @@ def _spec_run(model, requests, **engine_args):
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+BIASED = SamplingParams(temperature=0.0, max_tokens=24, logit_bias=BIAS)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -51,47 +88,47 @@ def test_greedy_equals_greedy_without_speculation_and_hf(scout, async_scheduling
     # Lengths around the 16-token attention chunks, so drafts cross chunk boundaries.
     prompts = [_repeating(n, p, seed) for n, p, seed in
                ((13, 5, 0), (30, 7, 1), (6, 3, 2), (47, 4, 3), (20, 20, 4))]
-    requests = [(p, GREEDY) for p in prompts]
+    requests = [(p, s) for p in prompts for s in (GREEDY, BIASED)]
     plain = _run(Engine(model, async_scheduling=async_scheduling), requests)
     spec, engine = _spec_run(model, requests, async_scheduling=async_scheduling)
-    assert spec == plain
+    assert _same(spec, plain)
     for i, p in enumerate(prompts):
-        assert spec[f"req-{i}"]["tokens"] == hf_greedy(hf, p, 24)
+        assert spec[f"req-{2 * i}"]["tokens"] == hf_greedy(hf, p, 24)
+        assert spec[f"req-{2 * i + 1}"]["tokens"] == hf_biased_greedy(hf, p, 24)
     s = engine.speculator.stats
-    assert s.num_drafts > 0 and s.num_accepted_tokens > 0  # it did speculate, and accept
+    assert s.num_drafts > 0 and s.num_accepted_tokens > 10  # it did speculate, and accept
 
 
 def test_greedy_near_max_model_len(scout):
     hf, model = scout
     # 80-token context: outputs run into the last positions, drafts capped there.
     prompts = [_repeating(n, 6, seed) for n, seed in ((60, 5), (71, 6), (78, 7))]
-    requests = [(p, SamplingParams(temperature=0.0)) for p in prompts]  # to max_model_len
+    # To max_model_len.
+    requests = [(p, SamplingParams(temperature=0.0, logit_bias=BIAS)) for p in prompts]
     plain = _run(Engine(model), requests)
     spec, engine = _spec_run(model, requests)
-    assert spec == plain
+    assert _same(spec, plain)
     for i, p in enumerate(prompts):
-        assert spec[f"req-{i}"]["tokens"] == hf_greedy(hf, p, 80 - len(p))
+        assert spec[f"req-{i}"]["tokens"] == hf_biased_greedy(hf, p, 80 - len(p))
         assert spec[f"req-{i}"]["finish"] == "length"
     assert engine.speculator.stats.num_accepted_tokens > 0
 
 
 def test_stop_ids_and_max_tokens_inside_an_accepted_run(scout):
-    _, model = scout
-    prompt = _repeating(30, 5, 8)
-    full = _run(Engine(model), [(prompt, SamplingParams(temperature=0.0, max_tokens=30))])
-    tokens = full["req-0"]["tokens"]
-    spec_full, _ = _spec_run(model, [(prompt, SamplingParams(temperature=0.0,
-                                                             max_tokens=30))])
-    assert spec_full["req-0"]["tokens"] == tokens
+    hf, model = scout
+    prompt = [17, 40, 17, 17, 40, 9] * 5  # drafts of the biased tokens from the start
+    tokens = hf_biased_greedy(hf, prompt, 30)
     # Every cut: max_tokens n, and a stop id at the n-th token (its first occurrence).
     requests = []
     for n in range(1, 20):
-        requests.append((prompt, SamplingParams(temperature=0.0, max_tokens=n)))
+        requests.append((prompt, SamplingParams(temperature=0.0, max_tokens=n,
+                                                logit_bias=BIAS)))
         requests.append((prompt, SamplingParams(temperature=0.0, max_tokens=30,
-                                                stop_token_ids=(tokens[n - 1],))))
+                                                stop_token_ids=(tokens[n - 1],),
+                                                logit_bias=BIAS)))
     plain = _run(Engine(model, max_num_batched_tokens=64), requests)
     spec, engine = _spec_run(model, requests, max_num_batched_tokens=64)
-    assert spec == plain
+    assert _same(spec, plain)
     for i in range(0, len(requests), 2):
         n = i // 2 + 1
         assert spec[f"req-{i}"]["tokens"] == tokens[:n]
@@ -99,19 +136,20 @@ def test_stop_ids_and_max_tokens_inside_an_accepted_run(scout):
         cut = tokens.index(tokens[n - 1]) + 1
         assert spec[f"req-{i + 1}"]["tokens"] == tokens[:cut]
         assert spec[f"req-{i + 1}"]["stop"] == tokens[n - 1]
-    assert engine.speculator.stats.num_accepted_tokens > 0
+    assert engine.speculator.stats.num_accepted_tokens > 10
 
 
 def test_preemption_under_memory_pressure(scout):
     hf, model = scout
     prompts = [_repeating(n, p, seed) for n, p, seed in
                ((37, 6, 10), (50, 5, 11), (12, 4, 12), (33, 7, 13), (20, 3, 14))]
-    requests = [(p, SamplingParams(temperature=0.0, max_tokens=20)) for p in prompts]
+    requests = [(p, SamplingParams(temperature=0.0, max_tokens=20, logit_bias=BIAS))
+                for p in prompts]
     spec, engine = _spec_run(model, requests, num_pages=24, max_num_batched_tokens=32)
     assert engine.scheduler.num_preemptions > 0
     assert engine.speculator.stats.num_accepted_tokens > 0
     for i, p in enumerate(prompts):
-        assert spec[f"req-{i}"]["tokens"] == hf_greedy(hf, p, 20)
+        assert spec[f"req-{i}"]["tokens"] == hf_biased_greedy(hf, p, 20)
 
 
 def test_no_compilation_after_warmup(scout):
@@ -139,16 +177,16 @@ POSITIONS = 3  # output positions whose distributions are compared
 
 
 @pytest.mark.parametrize("sampling", [
-    SamplingParams(temperature=1.0, top_p=0.8, max_tokens=POSITIONS),
+    SamplingParams(temperature=1.0, top_p=0.8, max_tokens=POSITIONS, logit_bias=BIAS),
     SamplingParams(temperature=0.7, max_tokens=POSITIONS, logit_bias=((17, 3.0), (40, 2.0))),
 ], ids=["top_p", "logit_bias"])
 def test_sampled_distribution_equals_the_samplers(scout, sampling):
     """Each of the first positions' token frequencies over many seeds, with and without
     speculation: a chi-square test of homogeneity (and the drafts were verified)."""
     _, model = scout
-    # The tiny model's greedy continuation of a repeating prompt is the n-gram draft, so
-    # drafts are proposed from the first output token on.
-    prompt = _repeating(24, 4, 20)
+    # The prompt repeats the biased tokens: drafts (17s and 40s) from the first output on,
+    # likely enough under the bias to be accepted often.
+    prompt = [17, 40, 17, 40, 5, 17, 40, 17, 40, 9, 17, 17, 40, 40, 17]
     n = 400
 
     def requests(first_seed):  # independent seeds for the two samples
