@@ -145,7 +145,7 @@ def test_preemption_under_memory_pressure(scout):
                ((37, 6, 10), (50, 5, 11), (12, 4, 12), (33, 7, 13), (20, 3, 14))]
     requests = [(p, SamplingParams(temperature=0.0, max_tokens=20, logit_bias=BIAS))
                 for p in prompts]
-    spec, engine = _spec_run(model, requests, num_pages=24, max_num_batched_tokens=32)
+    spec, engine = _spec_run(model, requests, num_pages=32, max_num_batched_tokens=32)
     assert engine.scheduler.num_preemptions > 0
     assert engine.speculator.stats.num_accepted_tokens > 0
     for i, p in enumerate(prompts):
@@ -155,8 +155,8 @@ def test_preemption_under_memory_pressure(scout):
 def test_no_compilation_after_warmup(scout):
     _, model = scout
     engine = Engine(model, max_num_batched_tokens=32, speculative=NGRAM)
-    # 6 plain programs (token buckets 16, 32 x batch 1, 2, 4) and 6 verifying ones.
-    assert engine.warmup(progress=False) == 12
+    # 8 plain programs (token buckets 16, 32 x batch 1, 2, 4, 8) and 8 verifying ones.
+    assert engine.warmup(progress=False) == 16
     prompts = [_repeating(n, 5, seed) for n, seed in ((5, 0), (20, 1), (37, 2), (12, 3))]
     with count_compilations() as compiles:
         for sampling in (SamplingParams(temperature=0.0, max_tokens=12),
