@@ -15,9 +15,10 @@ are written over by the next step before anything reads them) and its pages are 
 to the committed end, so the prefix cache never sees a rejected token.
 
 Async scheduling: n-gram drafts need the request's last token on the host, so a step with
-drafts is read before the next is dispatched; and while a running request could draft (its
-known tokens give a draft) the engine stops dispatching ahead, so the next step is built
-with every token known. Without drafts to make, steps overlap as usual.
+drafts, or one that ends a prompt that may draft, is read before the next is dispatched;
+and while a running request could draft (its known tokens give a draft) the engine stops
+dispatching ahead, so the next step is built with every token known. Without drafts to
+make, steps overlap as usual.
 """
 
 from __future__ import annotations
@@ -121,8 +122,11 @@ class Speculator:
 
     def overlaps(self, scheduled: Sequence[Scheduled]) -> bool:
         """Whether the step after ``scheduled`` may be dispatched before its picks are read:
-        not when it verifies drafts, nor while a running request could draft."""
-        return not self._drafts_expected and not any(s.drafts for s in scheduled)
+        not when it verifies drafts, nor when it ends a prompt that may draft (the next step
+        drafts from its first token), nor while a running request could draft."""
+        return not self._drafts_expected and not any(
+            s.drafts or (s.samples and not s.request.output and self._limit(s.request) > 0)
+            for s in scheduled)
 
     def observe(self, running: Iterable[Request]) -> None:
         """After a step's bookkeeping: whether some running request's known tokens give a
