@@ -37,6 +37,7 @@ class SlotPlan:
     num_prompt: int  # positions from here on are output tokens (for the penalty state)
     from_last: int = -1  # the last step's slot whose pick is this piece's last token
     targets: Sequence[int] = ()  # per row, the prompt token after it to score (-1: none)
+    num_drafts: int = 0  # the piece's last tokens that are drafts to verify
 
 
 class InputBatch:
@@ -44,8 +45,9 @@ class InputBatch:
     ``policy``'s shapes."""
 
     def __init__(self, policy: BucketPolicy, group_chunk: Sequence[int | None],
-                 mask_words: int):
+                 mask_words: int, num_speculative: int = 0):
         self.policy, self.group_chunk, self.mask_words = policy, group_chunk, mask_words
+        self.num_speculative = num_speculative  # the most drafts a piece may end in
         self.num_rows = policy.max_num_seqs
         self.pad_row = self.num_rows
         self.sampling = SamplingArrays.from_params([GREEDY] * (self.num_rows + 1))
@@ -102,8 +104,32 @@ class InputBatch:
         for index, words in (token_masks or {}).items():
             mask[index] = words
         sampling = SamplingArrays(*(buffer[rows] for buffer in self.sampling))
+        drafts, num_drafts, verify_rows = self._drafts(plans, batch.logits_rows)
         return StepInputs(batch.tokens, from_last, batch.meta, batch.logits_rows, sampling,
-                          self.seeds[rows], steps, penalty, mask, targets)
+                          self.seeds[rows], steps, penalty, mask, targets, drafts,
+                          num_drafts, verify_rows)
+
+    def _drafts(self, plans: Sequence[SlotPlan], last_rows: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``StepInputs.draft_tokens``, ``num_drafts`` and ``verify_rows`` of a step whose
+        pieces end at flat rows ``last_rows``: a piece ending in d drafts scores its last
+        d + 1 rows."""
+        k, slots = self.num_speculative, len(last_rows)
+        counts = np.zeros(slots, np.int32)
+        counts[: len(plans)] = [p.num_drafts for p in plans]
+        if np.any(counts > k) or np.any(counts < 0):
+            raise ValueError(f"drafts per piece {counts.tolist()} must be in [0, {k}]")
+        for s, plan in enumerate(plans):
+            if plan.num_drafts >= len(plan.piece.tokens):
+                raise ValueError(f"sequence {s}: {plan.num_drafts} drafts in a piece of "
+                                 f"{len(plan.piece.tokens)} tokens (its last token is none)")
+        j = np.arange(k + 1)[None]
+        verify_rows = (last_rows[:, None] - counts[:, None] + np.minimum(j, counts[:, None]))
+        drafts = np.full((slots, k), -1, np.int32)
+        for s, plan in enumerate(plans):
+            if plan.num_drafts:
+                drafts[s, : plan.num_drafts] = plan.piece.tokens[-plan.num_drafts:]
+        return drafts, counts, verify_rows.astype(np.int32)
 
 
 def penalty_rows(plans: Sequence[SlotPlan], starts: np.ndarray, num_rows: int, slots: int,

@@ -37,9 +37,11 @@ from jaxllm.engine.pages import PageAllocator
 from jaxllm.engine.request import Request, admit
 from jaxllm.engine.runner import ModelRunner, PendingStep, step_temp_bytes
 from jaxllm.engine.scheduler import Scheduled, Scheduler
-from jaxllm.engine.step import Sampled, Scored
+from jaxllm.engine.speculation import Speculator
+from jaxllm.engine.step import Emitted, Sampled, Scored
 from jaxllm.layout import SeqPiece, pages_for
 from jaxllm.sampling import SamplingParams
+from jaxllm.spec.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     from jaxllm.structured import GrammarCompiler
@@ -114,13 +116,16 @@ class Engine:
     (``jaxllm.engine.memory.plan_kv_cache``). Across processes every process builds the
     engine (the same plan: the smallest any process makes); process 0 steps it and the others
     ``executor.follow()`` (``jaxllm.engine.executor``), each step bounded by ``step_timeout``.
+    With ``speculative`` (method ngram), decode pieces bring drafts that the step verifies
+    (``jaxllm.engine.speculation``).
     """
 
     def __init__(self, model: Model, *, num_pages: int | None = None,
                  kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float | None = None,
                  max_num_batched_tokens: int | None = None, seed: int | None = None,
-                 step_timeout: float | None = None, async_scheduling: bool = True):
+                 step_timeout: float | None = None, async_scheduling: bool = True,
+                 speculative: SpeculativeConfig | None = None):
         self.model = model
         self.async_scheduling = async_scheduling
         # The engine's configuration, derived once and handed whole to every part: the
@@ -142,9 +147,11 @@ class Engine:
         self.groups = groups
         self.pages = PageAllocator(self.policy.cache, groups.group_chunk)
         self.scheduler = Scheduler(self.policy, self.pages)
-        self.runner = ModelRunner(model, self.policy)
+        self.speculator = Speculator(speculative, self.policy) if speculative else None
+        k = speculative.num_speculative_tokens if speculative else 0
+        self.runner = ModelRunner(model, self.policy, k)
         self.executor = Executor(self.runner, step_timeout=step_timeout)
-        self.batch = InputBatch(self.policy, groups.group_chunk, self.runner.mask_words)
+        self.batch = InputBatch(self.policy, groups.group_chunk, self.runner.mask_words, k)
         self.requests: dict[str, Request] = {}
         self._in_flight: LaunchedStep | FailedLaunch | None = None
         # Request id -> its sequence slot in the step in flight that picks its next token
@@ -214,14 +221,18 @@ class Engine:
         current, self._in_flight = self._in_flight, None
         if isinstance(current, FailedLaunch):
             raise self._failed(current.scheduled, current.error)
-        if self.async_scheduling:
+        if self.async_scheduling and (self.speculator is None
+                                      or self.speculator.overlaps(current.scheduled)):
             self._in_flight = self._launch()
         try:
             sampled, scored = current.pending.result()
         except Exception as error:
             self._in_flight = None  # ran on the failed step's cache: its work is lost
             raise self._failed(current.scheduled, error) from error
-        return self._bookkeeping(current.scheduled, sampled, scored)
+        outputs = self._bookkeeping(current.scheduled, sampled, scored)
+        if self.speculator is not None:
+            self.speculator.observe(self.scheduler.running)
+        return outputs
 
     def _launch(self) -> LaunchedStep | FailedLaunch | None:
         """Schedules the next step and dispatches it; never raises (a failure is returned, to
@@ -231,6 +242,8 @@ class Engine:
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 return None
+            if self.speculator is not None:
+                scheduled = self.speculator.draft(scheduled, self.scheduler)
             inputs = self.batch.inputs(self._plans(scheduled), self._token_masks(scheduled),
                                        bound=True)
             return LaunchedStep(scheduled, self.executor.run(inputs))
@@ -246,9 +259,10 @@ class Engine:
             if s.admitted:
                 self.batch.write(request.batch_row, request.sampling, sorted(request.stop_ids),
                                  request.pages)
-            end = s.start + s.num_tokens
+            end = s.start + s.num_tokens - len(s.drafts)
             known = min(end, len(request.prompt) + len(request.output))
-            tokens = request.tokens_between(s.start, known) + [0] * (end - known)
+            tokens = (request.tokens_between(s.start, known) + [0] * (end - known)
+                      + list(s.drafts))
             from_last = -1
             if known < end:  # the one token in flight
                 from_last = self._last_slot[request.request_id]
@@ -258,15 +272,16 @@ class Engine:
                 SeqPiece(request.pages, s.start, tokens), request.batch_row,
                 step=len(request.output) + request.num_in_flight - int(s.samples),
                 penalized=request.sampling.has_penalties, num_prompt=len(request.prompt),
-                from_last=from_last, targets=_prompt_targets(s)))
+                from_last=from_last, targets=_prompt_targets(s), num_drafts=len(s.drafts)))
         self._last_slot, self._slot_of = self._slot_of, {}
         return plans
 
-    def _bookkeeping(self, scheduled: Sequence[Scheduled], picked: Sampled,
+    def _bookkeeping(self, scheduled: Sequence[Scheduled], picked: Sampled | Emitted,
                      scored: Scored | None) -> list[RequestOutput]:
-        """Takes a finished step's picks: each request's token (``Request.accept``), its
-        prompt scores and pages; a request that ended since the step was dispatched (it
-        stopped in the step before, or was aborted) gets nothing."""
+        """Takes a finished step's picks: each request's tokens (``Request.accept``, one at a
+        time up to the first that ends it: a verifying step emits several), its prompt scores
+        and pages; a request that ended since the step was dispatched (it stopped in the step
+        before, or was aborted) gets nothing."""
         outputs = []
         row = 0
         for i, s in enumerate(scheduled):
@@ -276,7 +291,8 @@ class Engine:
                 continue
             if scored is not None:
                 _record_prompt_scores(s, scored, first_row)
-            self.scheduler.settle(s)
+            if not s.drafts:  # else once verification has said where its tokens end
+                self.scheduler.settle(s)
             if not s.samples:
                 continue  # a prefill piece that has not reached the prompt's end
             request.num_in_flight -= 1
@@ -287,24 +303,29 @@ class Engine:
                     request.num_cached_prompt, 0, request.queued_seconds,
                     request.scored_prompt))
                 continue
-            token = int(picked.tokens[i])
-            kept = len(request.output)
-            reason = request.accept(token)
+            first = not request.output
+            tokens, logprobs, reason = [], [], None
+            for token, logprob in _emitted(picked, i):
+                kept = len(request.output)
+                reason = request.accept(token)
+                if len(request.output) > kept:  # else its grammar refused the token
+                    tokens.append(token)
+                    logprobs.append(logprob)
+                if reason is not None:
+                    break
+            if s.drafts:
+                accepted = int(picked.num_accepted[i])
+                self.speculator.count(len(s.drafts), accepted)
+                if reason is None:
+                    self.speculator.commit(s, accepted, self.scheduler)
             if reason is not None:
                 self._finish(request, reason)
-            if len(request.output) == kept:  # its grammar refused the token
-                outputs.append(RequestOutput(
-                    request.request_id, [], [], True, reason, len(request.prompt),
-                    request.num_cached_prompt, len(request.output), request.queued_seconds))
-                continue
-            logprob = TokenLogprob(token, float(picked.logprobs[i]),
-                                   TopLogprobs(picked.top_ids[i], picked.top_logprobs[i]))
             outputs.append(RequestOutput(
-                request.request_id, [token], [logprob], reason is not None, reason,
+                request.request_id, tokens, logprobs, reason is not None, reason,
                 len(request.prompt), request.num_cached_prompt, len(request.output),
                 request.queued_seconds,
                 request.scored_prompt if request.sampling.prompt_logprobs is not None
-                and len(request.output) == 1 else None, request.stop_token))
+                and first and tokens else None, request.stop_token))
         return outputs
 
     def _finish(self, request: Request, reason: str) -> None:
@@ -337,10 +358,12 @@ class Engine:
         return {i: masks[k] for k, (i, _) in enumerate(constrained)}
 
     def report(self) -> list[str]:
-        """The start-up report: memory, pages, concurrency (``jaxllm.engine.memory``)."""
-        return startup_report(self.model.config, self.policy, self.plan,
-                              weights_bytes_per_device(self.model.params), self.model.mesh,
-                              params=self.model.params)
+        """The start-up report: memory, pages, concurrency (``jaxllm.engine.memory``), and
+        speculative decoding's settings."""
+        lines = startup_report(self.model.config, self.policy, self.plan,
+                               weights_bytes_per_device(self.model.params), self.model.mesh,
+                               params=self.model.params)
+        return lines + ([self.speculator.describe()] if self.speculator is not None else [])
 
     def recover(self, failed: Sequence[Request] = ()) -> int:
         """Restores a consistent state after a failed step, whose cache is lost: ``failed``
@@ -363,14 +386,15 @@ class Engine:
 
     def warmup(self, progress: bool = True) -> int:
         """Compiles the step program for every (token bucket, batch bucket) pair, so serving
-        never compiles; returns how many. Writes only into pages no request holds."""
+        never compiles, and the verifying one for every pair a step with drafts can have;
+        returns how many. Writes only into pages no request holds."""
         from tqdm import tqdm
 
         policy, page = self.policy, self.policy.page_size
         if self.pages.num_free != self.pages.num_pages:
             raise RuntimeError("warm up before submitting requests")
-        shapes = policy.step_shapes()
-        for rows, seqs in tqdm(shapes, desc="warmup", unit="program", disable=not progress):
+
+        def plans(rows: int, seqs: int, num_drafts: int = 0) -> list[SlotPlan]:
             last = rows - (seqs - 1)  # one token each, the rest to the last sequence
             # Free pages, given to every group at once (warm-up output is never read).
             groups = self.groups.num_groups
@@ -378,9 +402,22 @@ class Engine:
             pieces.append(SeqPiece([list(range(1, 1 + pages_for(last, page)))] * groups, 0,
                                    [0] * last))
             # Padding rows of the persistent batch: greedy, never written.
-            inputs = self.batch.inputs(plans_for(pieces, [self.batch.pad_row] * seqs))
-            self.executor.run(inputs).result()
-        return len(shapes)
+            out = plans_for(pieces, [self.batch.pad_row] * seqs)
+            out[-1] = dataclasses.replace(out[-1], num_drafts=min(num_drafts, last - 1))
+            return out
+
+        shapes = policy.step_shapes()
+        runs = [plans(rows, seqs) for rows, seqs in shapes]
+        if self.speculator is not None:
+            # A step with drafts has a piece of 2 rows or more: with all its sequences, or
+            # with one fewer where that leaves its batch bucket the same.
+            for rows, seqs in shapes:
+                n = seqs if rows > seqs else seqs - 1
+                if n >= 1 and policy.batch_bucket(n) == seqs:
+                    runs.append(plans(rows, n, self.speculator.k))
+        for run in tqdm(runs, desc="warmup", unit="program", disable=not progress):
+            self.executor.run(self.batch.inputs(run)).result()
+        return len(runs)
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  sampling: SamplingParams | None = None) -> list[list[int]]:
@@ -391,6 +428,20 @@ class Engine:
             for out in self.step():
                 produced[out.request_id] += out.new_token_ids
         return [produced[i] for i in ids]
+
+
+def _emitted(picked: Sampled | Emitted, i: int) -> list[tuple[int, TokenLogprob]]:
+    """Sequence slot ``i``'s tokens in a step's picks, with their log-probabilities: one
+    token, or a verifying step's accepted drafts and the token after them."""
+    if isinstance(picked, Emitted):
+        n = int(picked.num_accepted[i]) + 1
+        tokens, logprobs = picked.tokens[i, :n], picked.logprobs[i, :n]
+        top_ids, top_logprobs = picked.top_ids[i, :n], picked.top_logprobs[i, :n]
+    else:
+        tokens, logprobs = picked.tokens[i: i + 1], picked.logprobs[i: i + 1]
+        top_ids, top_logprobs = picked.top_ids[i: i + 1], picked.top_logprobs[i: i + 1]
+    return [(int(t), TokenLogprob(int(t), float(lp), TopLogprobs(ids, lps)))
+            for t, lp, ids, lps in zip(tokens, logprobs, top_ids, top_logprobs, strict=True)]
 
 
 def _prompt_targets(s: Scheduled) -> list[int]:

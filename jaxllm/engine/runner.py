@@ -18,6 +18,7 @@ import numpy as np
 from jaxllm.api import Model
 from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.step import (
+    Emitted,
     Sampled,
     Scored,
     StepInputs,
@@ -40,12 +41,13 @@ class PendingStep:
     num_seqs: int
     num_rows: int
 
-    def result(self) -> tuple[Sampled, Scored | None]:
-        """The picks of the live sequence slots, checked finite, and (for a scoring step) the
-        scores of the live rows; waits for the device. The outputs are replicated, so every
-        process reads its own copy."""
+    def result(self) -> tuple[Sampled | Emitted, Scored | None]:
+        """The picks of the live sequence slots (``Emitted`` for a verifying step), checked
+        finite, and (for a scoring step) the scores of the live rows; waits for the device.
+        The outputs are replicated, so every process reads its own copy."""
         picked, scored = self.outputs
-        sampled = _check_finite(Sampled(*(to_host(a)[: self.num_seqs] for a in picked)))
+        kind = Emitted if len(picked) == len(Emitted._fields) else Sampled
+        sampled = _check_finite(kind(*(to_host(a)[: self.num_seqs] for a in picked)))
         if scored is None:
             return sampled, None
         return sampled, Scored(*(to_host(a)[: self.num_rows] for a in scored))
@@ -55,10 +57,12 @@ class ModelRunner:
     """Holds the paged KV cache, the sampler's penalty state (``jaxllm.penalties``, one slot
     per batch row) and the last step's picks, and runs steps on them."""
 
-    def __init__(self, model: Model, policy: BucketPolicy):
-        """``policy`` is the engine's configuration, its cache sized (``for_engine``)."""
+    def __init__(self, model: Model, policy: BucketPolicy, num_speculative: int = 0):
+        """``policy`` is the engine's configuration, its cache sized (``for_engine``);
+        ``num_speculative``: the most drafts a sequence brings to a step (0: none)."""
         self.model = model
         self.policy = policy
+        self.num_speculative = num_speculative
         config, cache = model.config, policy.cache
         self.groups = groups = cache.groups(config)
         self.mask_words = mask_words(model.padded_vocab)
@@ -76,24 +80,26 @@ class ModelRunner:
         self.cache = self._new_cache()
         self.penalties = self._new_penalties()
         self.last_tokens = self._new_last()
-        self._programs: dict[bool, object] = {}
+        self._programs: dict[tuple[bool, bool], object] = {}
 
-    def program(self, scores: bool):
+    def program(self, scores: bool, speculative: bool = False):
         """The jitted step (``scores``: the scoring step, compiled on first use: only echo /
-        prompt_logprobs need it), cache, penalty state and last picks donated."""
-        if scores not in self._programs:
+        prompt_logprobs need it; ``speculative``: the verifying step, compiled in warm-up when
+        the engine speculates), cache, penalty state and last picks donated."""
+        key = (scores, speculative)
+        if key not in self._programs:
             model = self.model
             fn = step_function(model.graphdef, model.attention_impl, model.mesh, self.groups,
-                               scores=scores)
+                               scores=scores, speculative=speculative)
             rep = model.replicated()
-            self._programs[scores] = jax.jit(
+            self._programs[key] = jax.jit(
                 fn, donate_argnums=(1, 2, 3),
                 in_shardings=(model.param_shardings, None, None, rep, rep))
-        return self._programs[scores]
+        return self._programs[key]
 
     def spec(self, rows: int, slots: int) -> StepInputs:
         return step_spec(rows, slots, self.groups.num_groups, self.policy.pages_per_seq,
-                         self.mask_words)
+                         self.mask_words, self.num_speculative)
 
     def empty_inputs(self, rows: int, slots: int) -> StepInputs:
         """Zeroed inputs of a step of ``rows`` rows and ``slots`` sequence slots: the shapes
@@ -102,9 +108,11 @@ class ModelRunner:
 
     def run(self, inputs: StepInputs) -> PendingStep:
         """Dispatches the compiled step on ``inputs`` (the scoring one when a row has a
-        target) and returns without waiting for it."""
-        outputs = self.program(inputs.scores)(self.model.params, self.cache, self.penalties,
-                                              self.last_tokens, inputs)
+        target; the verifying one when a sequence brings drafts) and returns without
+        waiting for it."""
+        program = self.program(inputs.scores, inputs.speculates)
+        outputs = program(self.model.params, self.cache, self.penalties, self.last_tokens,
+                          inputs)
         picked, scored, self.cache, self.penalties, self.last_tokens = outputs
         num_seqs = inputs.num_seqs
         return PendingStep((picked, scored), num_seqs,
@@ -180,10 +188,11 @@ def step_temp_bytes(model: Model, policy: BucketPolicy) -> int:
     return model.compiled(("step_temp_bytes", policy), measure)
 
 
-def _check_finite(picked: Sampled) -> Sampled:
+def _check_finite(picked: Sampled | Emitted) -> Sampled | Emitted:
     """Raises FloatingPointError when a row's logits were not finite: a NaN or +inf logit makes
     the row's log-softmax NaN, and its picked token would be garbage."""
-    bad = np.flatnonzero(~np.isfinite(picked.logprobs))
+    finite = np.isfinite(picked.logprobs).reshape(len(picked.logprobs), -1)
+    bad = np.flatnonzero(~finite.all(axis=1))
     if bad.size:
         raise FloatingPointError(f"the step produced non-finite logits for rows {bad.tolist()} "
                                  f"of {len(picked.logprobs)}")

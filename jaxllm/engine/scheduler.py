@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.pages import PageAllocator, PageRow, extend_page_hashes
@@ -35,6 +35,7 @@ class Scheduled:
     start: int
     epoch: int  # the request's epoch when scheduled (``Request.epoch``)
     admitted: bool  # it took its batch row in this step
+    drafts: tuple[int, ...] = ()  # the piece's last tokens: drafts to verify (``speculate``)
 
 
 def _scheduled(request: Request, n: int, admitted: bool = False) -> Scheduled:
@@ -99,6 +100,19 @@ class Scheduler:
             out.append(_scheduled(request, n, admitted=True))
             budget -= n
         return out
+
+    def speculate(self, scheduled: Scheduled, drafts: Sequence[int]) -> Scheduled:
+        """A decode piece with ``drafts`` after its token, counted as computed like it, when
+        the request's pages can grow to hold them without preempting anyone; else the piece
+        unchanged. The engine rolls back what verification rejects (``settle``'s ``end``)."""
+        request = scheduled.request
+        if not drafts or scheduled.drafts or not scheduled.samples:
+            return scheduled
+        if not self._grow(request, len(drafts)):
+            return scheduled
+        request.num_computed += len(drafts)
+        return dataclasses.replace(scheduled, num_tokens=scheduled.num_tokens + len(drafts),
+                                   drafts=tuple(int(t) for t in drafts))
 
     def pages_held_by_group(self) -> list[int]:
         """Pages each layer group holds for running requests (prefix-cache pages that no
@@ -191,14 +205,18 @@ class Scheduler:
         request.status = Status.WAITING
         self.waiting.appendleft(request)
 
-    def settle(self, scheduled: Scheduled) -> None:
+    def settle(self, scheduled: Scheduled, end: int | None = None) -> None:
         """After its step ran: offers the piece's now-full pages to the prefix cache and gives
-        back the pages a chunked group's attention chunk has left behind. Nothing for a
-        request whose pages were dropped since it was scheduled (finished, preempted)."""
+        back the pages a chunked group's attention chunk has left behind, up to ``end``: the
+        piece's end, or where its committed tokens end when verification rejected drafts
+        (their slots are never read, nor offered). Nothing for a request whose pages were
+        dropped since it was scheduled (finished, preempted)."""
         request, page = scheduled.request, self.pages.page_size
         if request.epoch != scheduled.epoch or request.status is not Status.RUNNING:
             return
-        before, end = scheduled.start, scheduled.start + scheduled.num_tokens
+        before = scheduled.start
+        if end is None:
+            end = scheduled.start + scheduled.num_tokens
         # Hashes depend on tokens only, so they survive preemption; only new pages hash, from
         # their own tokens (work per step independent of the context's length).
         known = len(request.page_hashes) * page

@@ -36,6 +36,7 @@ from jaxllm.sampling import (
     sample,
     seed_keys,
 )
+from jaxllm.spec.verify_step import verify_pick
 
 TOP_LOGPROBS = 20  # the most the OpenAI API asks for
 SCORE_BLOCK = 256  # rows whose full-vocabulary log-probabilities exist at once
@@ -58,6 +59,13 @@ class StepInputs(NamedTuple):
     # ones: unconstrained), ``jaxllm.sampling.apply_token_mask``.
     token_mask: np.ndarray
     targets: np.ndarray  # [T] int32: the token after row t to score (prompt_logprobs); -1
+    # Speculative decoding (``jaxllm.spec``), k drafts a sequence at most (k = 0 without):
+    # a speculating sequence's piece ends in its last token and its drafts.
+    draft_tokens: np.ndarray  # [S, k] int32: the drafts, -1 past num_drafts
+    num_drafts: np.ndarray  # [S] int32: 0 for a sequence that does not speculate this step
+    # [S, k + 1] int32: the flat row scored at each position (the last token's row, then each
+    # draft's); positions past num_drafts repeat the piece's last row.
+    verify_rows: np.ndarray
 
     @property
     def scores(self) -> bool:
@@ -65,14 +73,20 @@ class StepInputs(NamedTuple):
         return bool(np.any(self.targets >= 0))
 
     @property
+    def speculates(self) -> bool:
+        """Whether some sequence brings drafts (the verifying program runs the step)."""
+        return bool(np.any(self.num_drafts > 0))
+
+    @property
     def num_seqs(self) -> int:
         return int(self.meta.num_seqs)
 
 
-def step_spec(rows: int, slots: int, num_groups: int, width: int, mask_words: int
-              ) -> StepInputs:
+def step_spec(rows: int, slots: int, num_groups: int, width: int, mask_words: int,
+              num_speculative: int = 0) -> StepInputs:
     """The abstract ``StepInputs`` (``jax.ShapeDtypeStruct`` leaves) of a step of ``rows``
-    rows and ``slots`` sequence slots: the one statement of every input's shape and dtype."""
+    rows and ``slots`` sequence slots, ``num_speculative`` drafts a sequence at most: the one
+    statement of every input's shape and dtype."""
     i32 = functools.partial(jax.ShapeDtypeStruct, dtype=np.int32)
     meta = AttentionMetadata(i32((rows,)), i32((num_groups, rows)),
                              i32((num_groups, slots, width)), i32((slots,)), i32((slots + 1,)),
@@ -83,7 +97,9 @@ def step_spec(rows: int, slots: int, num_groups: int, width: int, mask_words: in
                                 no_rows(rows, slots))
     return StepInputs(i32((rows,)), i32((rows,)), meta, i32((slots,)), sampling,
                       jax.ShapeDtypeStruct((slots, 2), np.uint32), i32((slots,)),
-                      penalty_rows, i32((slots, mask_words)), i32((rows,)))
+                      penalty_rows, i32((slots, mask_words)), i32((rows,)),
+                      i32((slots, num_speculative)), i32((slots,)),
+                      i32((slots, num_speculative + 1)))
 
 
 def zeros_like_spec(spec: StepInputs) -> StepInputs:
@@ -98,6 +114,17 @@ class Sampled(NamedTuple):
     logprobs: np.ndarray  # [S] float32
     top_ids: np.ndarray  # [S, TOP_LOGPROBS] int32
     top_logprobs: np.ndarray  # [S, TOP_LOGPROBS] float32
+
+
+class Emitted(NamedTuple):
+    """A verifying step's picks, per sequence: the accepted drafts and the token after them
+    (``jaxllm.spec.verify``), each with its log-probability and the top alternatives."""
+
+    tokens: np.ndarray  # [S, k + 1] int32: num_accepted + 1 tokens, then -1
+    logprobs: np.ndarray  # [S, k + 1] float32 (0 past the emitted tokens)
+    top_ids: np.ndarray  # [S, k + 1, TOP_LOGPROBS] int32
+    top_logprobs: np.ndarray  # [S, k + 1, TOP_LOGPROBS] float32
+    num_accepted: np.ndarray  # [S] int32
 
 
 class Scored(NamedTuple):
@@ -132,7 +159,8 @@ def pick(logits: jax.Array, inputs: StepInputs, tokens: jax.Array, mesh: Mesh | 
 
 
 def step_function(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None,
-                  groups: LayerGroups, *, scores: bool = False) -> Callable:
+                  groups: LayerGroups, *, scores: bool = False,
+                  speculative: bool = False) -> Callable:
     """The step as a pure function, for the runner's jit and for compiling it ahead of time:
 
     ``(params, cache, penalties, last_tokens [N], inputs) -> (picked, scored, cache,
@@ -149,10 +177,16 @@ def step_function(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None
         tokens = jnp.where(inputs.from_last >= 0, fed, inputs.tokens)
         hidden, cache = module(tokens, cache, inputs.meta, attention_impl=attention_impl,
                                groups=groups)
-        picked, penalties = pick(module.logits(hidden[inputs.logits_rows]), inputs, tokens,
-                                 mesh, penalties)
-        slots = picked[0].shape[0]
-        last = jnp.zeros_like(last_tokens).at[:slots].set(picked[0][: last_tokens.shape[0]])
+        if speculative:
+            picked, penalties = verify_pick(module, hidden, inputs, tokens, mesh, penalties,
+                                             TOP_LOGPROBS)
+            final = jnp.take_along_axis(picked[0], picked[-1][:, None], axis=1)[:, 0]
+        else:
+            picked, penalties = pick(module.logits(hidden[inputs.logits_rows]), inputs,
+                                     tokens, mesh, penalties)
+            final = picked[0]
+        slots = final.shape[0]
+        last = jnp.zeros_like(last_tokens).at[:slots].set(final[: last_tokens.shape[0]])
         scored = _score(module, hidden, inputs.targets) if scores else None
         return picked, scored, cache, penalties, last
 

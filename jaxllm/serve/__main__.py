@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="schedule each step only after the last one's tokens reach the host "
                    "(by default the next step is dispatched first, hiding the host's work)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="speculative decoding, vLLM's JSON: e.g. '{\"method\": \"ngram\", "
+                   "\"num_speculative_tokens\": 3, \"prompt_lookup_max\": 3}' (method "
+                   "eagle3 is refused: not wired into the engine yet)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="rows of one engine step (default: 8192 on a GPU, 512 on CPU; longer "
                    "prompts are prefilled in chunks)")
@@ -113,7 +117,13 @@ def build_engine(args: argparse.Namespace) -> Engine:
     import jaxllm
     from jaxllm import compile_cache
     from jaxllm.engine import Engine
+    from jaxllm.spec.config import SpeculativeConfig
 
+    speculative = (None if args.speculative_config is None
+                   else SpeculativeConfig.from_json(args.speculative_config))
+    if speculative is not None and speculative.method != "ngram":
+        raise ValueError(f"speculative-config method={speculative.method!r} is not wired into "
+                         "the engine yet; only method='ngram' is")
     cache_dir = (compile_cache.default_cache_dir() if args.compilation_cache_dir is None
                  else args.compilation_cache_dir)
     cache_dir = compile_cache.enable(cache_dir)
@@ -139,7 +149,8 @@ def build_engine(args: argparse.Namespace) -> Engine:
     return Engine(model, num_pages=args.num_kv_pages,
                   kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
-                  step_timeout=args.step_timeout, async_scheduling=args.async_scheduling)
+                  step_timeout=args.step_timeout, async_scheduling=args.async_scheduling,
+                  speculative=speculative)
 
 
 def build_state(args: argparse.Namespace) -> ServerState:

@@ -62,6 +62,18 @@ class Metrics:
                                       "the prefix cache", names, registry=r).labels(**label)
         self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens served from the "
                                    "prefix cache", names, registry=r).labels(**label)
+        # Speculative decoding (vLLM's names): sequence-steps with drafts, drafted and accepted
+        # tokens, and per draft position the sequence-steps that accepted it.
+        self.spec_drafts = Counter("vllm:spec_decode_num_drafts", "Sequence-steps that "
+                                   "verified drafts", names, registry=r).labels(**label)
+        self.spec_draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Draft tokens "
+                                         "verified", names, registry=r).labels(**label)
+        self.spec_accepted = Counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens "
+                                     "accepted", names, registry=r).labels(**label)
+        self.spec_accepted_per_pos = Counter(
+            "vllm:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted at each "
+            "draft position", names + ["position"], registry=r)
+        self._spec_seen = (0, 0, 0, ())
         self._label = label
         self._preempted = 0
 
@@ -79,10 +91,26 @@ class Metrics:
         self.cache_usage.set(1.0 - pages.num_free / pages.num_pages)
         self.preemptions.inc(engine.scheduler.num_preemptions - self._preempted)
         self._preempted = engine.scheduler.num_preemptions
+        self._spec(getattr(engine, "speculator", None))
         for group, held in enumerate(engine.scheduler.pages_held_by_group()):
             kind = "global" if pages.group_chunk[group] is None else "chunked"
             self.group_usage.labels(group=f"{group}-{kind}", **self._label).set(
                 held / pages.num_pages)
+
+    def _spec(self, speculator) -> None:
+        """Adds what the engine's speculation counters gained since the last refresh."""
+        if speculator is None:
+            return
+        st = speculator.stats
+        drafts, tokens, accepted, per_pos = self._spec_seen
+        self.spec_drafts.inc(st.num_drafts - drafts)
+        self.spec_draft_tokens.inc(st.num_draft_tokens - tokens)
+        self.spec_accepted.inc(st.num_accepted_tokens - accepted)
+        for j, count in enumerate(st.accepted_per_position):
+            before = per_pos[j] if j < len(per_pos) else 0
+            self.spec_accepted_per_pos.labels(position=str(j), **self._label).inc(count - before)
+        self._spec_seen = (st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens,
+                           tuple(st.accepted_per_position))
 
     def on_step_failure(self) -> None:
         self.step_failures.inc()

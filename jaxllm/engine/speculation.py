@@ -1,0 +1,135 @@
+"""Speculative decoding on the engine's side (``--speculative-config``, method ngram): drafts
+for a step's pieces before it is built, and what verification's result commits after it.
+
+A piece that picks its request's next token, and whose last token the host knows, ends in up
+to k n-gram drafts (``jaxllm.spec.ngram``), capped by the request's ``max_tokens`` left (the
+emitted tokens are the accepted drafts and one more), by ``max_model_len``, by the step's
+token budget, and by free pages (drafts never preempt anyone). The compiled step verifies
+them (``jaxllm.spec.verify_step``). Requests with penalties, a grammar or prompt_logprobs
+never draft: the step adjusts positions past the first for logit_bias and min_tokens only.
+
+After the step the engine takes the emitted tokens one at a time (``Request.accept``,
+stopping at the first that ends the request); a request that goes on keeps the KV of its
+last token and its accepted drafts: ``num_computed`` drops the rejected ones (their slots
+are written over by the next step before anything reads them) and its pages are settled up
+to the committed end, so the prefix cache never sees a rejected token.
+
+Async scheduling: n-gram drafts need the request's last token on the host, so a step with
+drafts, or one that ends a prompt that may draft, is read before the next is dispatched;
+and while a running request could draft (its known tokens give a draft) the engine stops
+dispatching ahead, so the next step is built with every token known. Without drafts to
+make, steps overlap as usual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from jaxllm.buckets import BucketPolicy
+from jaxllm.engine.request import Request
+from jaxllm.engine.scheduler import Scheduled, Scheduler
+from jaxllm.spec.config import SpeculativeConfig
+from jaxllm.spec.ngram import propose
+
+
+@dataclasses.dataclass
+class SpecStats:
+    """Counters under vLLM's meanings: sequence-steps with drafts, drafted tokens, accepted
+    tokens, and per draft position j the sequence-steps that accepted more than j drafts."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens emitted per sequence-step with drafts (accepted drafts plus one)."""
+        return 1.0 + self.num_accepted_tokens / max(1, self.num_drafts)
+
+
+class Speculator:
+    """n-gram drafting for the engine, and the counters of what verification accepted."""
+
+    def __init__(self, config: SpeculativeConfig, policy: BucketPolicy):
+        if config.method != "ngram":
+            raise ValueError(f"speculative-config method={config.method!r} is not wired into "
+                             "the engine yet; only method='ngram' is")
+        self.config, self.policy = config, policy
+        self.k = config.num_speculative_tokens
+        self.stats = SpecStats(accepted_per_position=[0] * self.k)
+        self._drafts_expected = False
+
+    def describe(self) -> str:
+        """The start-up report's line."""
+        c = self.config
+        return (f"speculative decoding: ngram, {self.k} draft tokens, prompt lookup "
+                f"{c.prompt_lookup_min}..{c.prompt_lookup_max}; steps with drafts are read "
+                "before the next is dispatched")
+
+    def _propose(self, request: Request, limit: int) -> np.ndarray:
+        c = self.config
+        return propose(np.asarray(request.tokens, np.int32), min_n=c.prompt_lookup_min,
+                       max_n=c.prompt_lookup_max, k=min(self.k, limit),
+                       max_model_len=self.policy.max_model_len)
+
+    def _limit(self, request: Request) -> int:
+        """The most drafts ``request`` may bring now (0: none): its max_tokens left after
+        the token the step picks anyway, and the context left."""
+        sampling, known = request.sampling, len(request.prompt) + len(request.output)
+        if (sampling.has_penalties or request.matcher is not None
+                or sampling.prompt_logprobs is not None):
+            return 0
+        return min(self.k, sampling.max_tokens - len(request.output) - 1,
+                   self.policy.max_model_len - known - 1)
+
+    def draft(self, scheduled: Sequence[Scheduled], scheduler: Scheduler) -> list[Scheduled]:
+        """``scheduled`` with drafts after the pieces that can take them (module docstring),
+        within the step's token budget."""
+        budget = self.policy.max_num_batched_tokens - sum(s.num_tokens for s in scheduled)
+        out = []
+        for s in scheduled:
+            request = s.request
+            known = len(request.prompt) + len(request.output)
+            limit = min(budget, self._limit(request))
+            if s.samples and s.start + s.num_tokens == known and limit > 0:
+                s = scheduler.speculate(s, self._propose(request, limit).tolist())
+                budget -= len(s.drafts)
+            out.append(s)
+        return out
+
+    def commit(self, s: Scheduled, num_accepted: int, scheduler: Scheduler) -> None:
+        """After a request took all ``num_accepted + 1`` tokens a step emitted for ``s`` and
+        goes on: its rejected drafts are no longer computed, and its pages are settled up to
+        its committed tokens."""
+        request = s.request
+        if request.epoch != s.epoch:
+            return
+        rejected = len(s.drafts) - num_accepted
+        request.num_computed -= rejected
+        scheduler.settle(s, end=s.start + s.num_tokens - rejected)
+
+    def count(self, num_drafts: int, num_accepted: int) -> None:
+        stats = self.stats
+        stats.num_drafts += 1
+        stats.num_draft_tokens += num_drafts
+        stats.num_accepted_tokens += num_accepted
+        for j in range(num_accepted):
+            stats.accepted_per_position[j] += 1
+
+    def overlaps(self, scheduled: Sequence[Scheduled]) -> bool:
+        """Whether the step after ``scheduled`` may be dispatched before its picks are read:
+        not when it verifies drafts, nor when it ends a prompt that may draft (the next step
+        drafts from its first token), nor while a running request could draft."""
+        return not self._drafts_expected and not any(
+            s.drafts or (s.samples and not s.request.output and self._limit(s.request) > 0)
+            for s in scheduled)
+
+    def observe(self, running: Iterable[Request]) -> None:
+        """After a step's bookkeeping: whether some running request's known tokens give a
+        draft (then the engine lets the steps in flight end, to build the next with them)."""
+        self._drafts_expected = any(
+            (limit := self._limit(r)) > 0 and self._propose(r, limit).size for r in running)

@@ -1,0 +1,61 @@
+"""The verifying step's sampler: every sequence slot's ``k + 1`` positions scored, adjusted
+as the ordinary sampler adjusts one (``jaxllm.engine.step.pick``), and verified
+(``jaxllm.spec.verify``).
+
+Position j of slot s is the flat row ``verify_rows[s, j]``: the piece's last token's row for
+j = 0, draft ``x_{j-1}``'s row after it. Its logits get logit_bias and min_tokens at token
+index ``steps + j``. Position 0 also gets what only non-speculating slots use: the penalties
+(recording the step's tokens, as ``pick`` does) and the structured-output mask. The engine
+never drafts for a penalized or constrained sequence, so positions past 0 need neither.
+
+Glossary: S sequence slots, k drafts at most, V padded vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxllm.penalties import PenaltyState, penalize
+from jaxllm.sampling import adjust_logits, apply_token_mask, seed_keys
+from jaxllm.spec.verify import filtered_distribution, verify
+
+
+def verify_pick(module, hidden: jax.Array, inputs, tokens: jax.Array, mesh: Mesh | None,
+                penalties: PenaltyState, top: int
+                ) -> tuple[tuple[jax.Array, ...], PenaltyState]:
+    """``(tokens [S, k + 1], logprobs [S, k + 1], top ids, top logprobs [S, k + 1, top],
+    num_accepted [S])`` and the penalty state with the step's ``tokens`` recorded; ``inputs``
+    is the step's ``StepInputs``. Log-probabilities are the model's own (before any
+    adjustment), as ``pick``'s; 0 past the emitted tokens."""
+    s = inputs.sampling
+    slots, positions = inputs.verify_rows.shape
+    logits = module.logits(hidden[inputs.verify_rows.reshape(-1)])
+    logits = logits.reshape(slots, positions, logits.shape[-1])
+    first, penalties = penalize(
+        adjust_logits(logits[:, 0], s, inputs.steps), penalties, inputs.penalty_rows, tokens,
+        s.presence_penalty, s.frequency_penalty, s.repetition_penalty, mesh)
+    first = apply_token_mask(first, inputs.token_mask, mesh)
+
+    def per_position(a: jax.Array, n: int) -> jax.Array:
+        return jnp.repeat(a, n, axis=0)  # slot-major: row s * n + j
+
+    later = positions - 1
+    rest = adjust_logits(
+        logits[:, 1:].reshape(slots * later, -1),
+        jax.tree.map(lambda a: per_position(a, later), s),
+        (inputs.steps[:, None] + jnp.arange(1, positions)[None]).reshape(-1))
+    adjusted = jnp.concatenate([first[:, None], rest.reshape(slots, later, -1)], axis=1)
+    target = filtered_distribution(adjusted.reshape(slots * positions, -1),
+                                   jax.tree.map(lambda a: per_position(a, positions), s))
+    verified = verify(target.reshape(slots, positions, -1), inputs.draft_tokens,
+                      inputs.num_drafts, ~(s.temperature > 0), seed_keys(inputs.seeds),
+                      inputs.steps, mesh=mesh)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    emitted = verified.tokens >= 0
+    chosen = jnp.take_along_axis(logprobs, jnp.maximum(verified.tokens, 0)[..., None],
+                                 axis=-1)[..., 0]
+    top_values, top_ids = jax.lax.top_k(logprobs, top)
+    return (verified.tokens, jnp.where(emitted, chosen, 0.0), top_ids, top_values,
+            verified.num_accepted), penalties

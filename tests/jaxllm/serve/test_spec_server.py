@@ -1,0 +1,84 @@
+"""The server with ``--speculative-config`` (n-gram): greedy completions equal HF's greedy
+token for token, streamed or not, the speculation metrics count what was verified, and a
+method that is not wired yet is refused at start-up."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import openai
+import pytest
+
+from jaxllm import testing as hf_models
+from jaxllm.serve.__main__ import main
+from jaxllm.serve.tokenizer import TextCodec
+from tests.jaxllm.conftest import run_converter
+from tests.jaxllm.engine.test_spec_decode import hf_biased_greedy
+
+MAX_LEN = 96
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+        "prompt_lookup_max": 3}
+BIAS = ((17, 4.0), (40, 4.0))  # the model cycles among a few tokens: drafts get accepted
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_spec")
+    hf = hf_models.make_text_model(hf_models.SCOUT_LIKE, seed=21)
+    hf_dir = hf_models.save(hf, root / "hf")
+    hf_models.save_word_tokenizer(hf_dir, hf_models.BASE["vocab_size"])
+    ckpt = root / "tiny"
+    assert run_converter(hf_dir, ckpt, "--dtype", "float32").returncode == 0
+    args = ["--model", str(ckpt), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4",
+            "--block-size", "8", "--seed", "0", "--speculative-config", json.dumps(SPEC)]
+    with hf_models.serving(args) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        yield hf, ckpt, base, client
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text,
+                                            re.M))
+
+
+PROMPTS = ["w17 w40 w5 w17 w40 w9 w17 w40 w17", "w3 w4 w5 w6 w3 w4 w5 w6 w3 w4",
+           "w40 w40 w40 w17 w200 w17 w40 w40"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_greedy_completions_equal_hf_and_the_metrics_count(server, stream):
+    hf, ckpt, base, client = server
+    codec = TextCodec.from_dir(ckpt)
+    before = httpx.get(f"{base}/metrics").text
+    for prompt in PROMPTS:
+        ids = codec.encode(prompt)
+        want = hf_biased_greedy(hf, ids, 40, BIAS)
+        want = want[: want.index(2) if 2 in want else len(want)]  # EOS ends it, unseen
+        kwargs = dict(model="tiny", prompt=prompt, max_tokens=40, temperature=0,
+                      logit_bias={str(t): v for t, v in BIAS})
+        if stream:
+            text = "".join(c.choices[0].text for c in client.completions.create(
+                stream=True, **kwargs))
+        else:
+            text = client.completions.create(**kwargs).choices[0].text
+        assert text == codec.decode(want)
+    after = httpx.get(f"{base}/metrics").text
+    gained = {name: _metric(after, name) - _metric(before, name) for name in (
+        "vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
+        "vllm:spec_decode_num_accepted_tokens_total",
+        "vllm:spec_decode_num_accepted_tokens_per_pos_total")}
+    assert gained["vllm:spec_decode_num_drafts_total"] > 0
+    assert 0 < gained["vllm:spec_decode_num_accepted_tokens_total"] <= gained[
+        "vllm:spec_decode_num_draft_tokens_total"]
+    # Per position j: sequence-steps that accepted more than j drafts; they sum to the total.
+    assert gained["vllm:spec_decode_num_accepted_tokens_per_pos_total"] == gained[
+        "vllm:spec_decode_num_accepted_tokens_total"]
+
+
+def test_eagle3_is_refused_at_start_up(server, capsys):
+    _, ckpt, _, _ = server
+    config = json.dumps({"method": "eagle3", "model": str(ckpt), "num_speculative_tokens": 3})
+    assert main(["--model", str(ckpt), "--speculative-config", config]) == 2
+    assert "not wired into the engine yet" in capsys.readouterr().err
