@@ -114,6 +114,7 @@ def test_greedy_near_max_model_len(scout):
     assert engine.speculator.stats.num_accepted_tokens > 0
 
 
+@pytest.mark.slow  # every cut from 1 to 19 tokens, twice: minutes on 2 cores
 def test_stop_ids_and_max_tokens_inside_an_accepted_run(scout):
     hf, model = scout
     prompt = [17, 40, 17, 17, 40, 9] * 5  # drafts of the biased tokens from the start
@@ -176,6 +177,7 @@ def test_eagle3_is_refused_until_wired(scout):
 POSITIONS = 3  # output positions whose distributions are compared
 
 
+@pytest.mark.slow  # 800 seeded runs per setting: minutes on 2 cores
 @pytest.mark.parametrize("sampling", [
     SamplingParams(temperature=1.0, top_p=0.8, max_tokens=POSITIONS, logit_bias=BIAS),
     SamplingParams(temperature=0.7, max_tokens=POSITIONS, logit_bias=((17, 3.0), (40, 2.0))),
