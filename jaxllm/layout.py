@@ -121,22 +121,15 @@ def build_step(pieces: Sequence[SeqPiece], cache: CacheConfig, *, width: int, nu
                tables: np.ndarray | None = None) -> StepBatch:
     """Flat-batch arrays for ``pieces``, padded to ``num_rows`` rows and ``num_slots``
     sequence slots with block tables ``width`` pages wide, one per layer group (whose chunk
-    sizes are ``group_chunk``); every index is checked here, before any device work, with
-    whole-step array operations. ``tables [G, num_slots, width]``: the pieces' block tables
-    already laid out (the engine's persistent batch), else each piece's pages are copied in.
-    Token ids were checked at admission.
+    sizes are ``group_chunk``); every index is checked (``lay_out_step``). ``tables [G,
+    num_slots, width]``: the pieces' block tables already laid out, else each piece's pages
+    are copied in. Token ids were checked at admission.
     """
     if not pieces:
         raise ValueError("a step needs at least one sequence")
-    groups, page, live = len(group_chunk), cache.page_size, len(pieces)
-    lengths = np.fromiter((len(c.tokens) for c in pieces), np.int64, live)
-    cached = np.fromiter((c.num_cached for c in pieces), np.int64, live)
-    rows = int(lengths.sum())
-    if rows > num_rows or live > num_slots:
-        raise ValueError(f"{rows} rows of {live} sequences do not fit a step of "
-                         f"{num_rows} rows and {num_slots} sequence slots")
-    if (bad := np.flatnonzero((lengths < 1) | (cached < 0))).size:
-        raise ValueError(f"sequence {bad[0]}: needs >= 1 new token and num_cached >= 0")
+    groups, live = len(group_chunk), len(pieces)
+    if live > num_slots:
+        raise ValueError(f"{live} sequences do not fit a step of {num_slots} sequence slots")
     laid_out = tables is not None
     if tables is None:
         tables = np.full((groups, num_slots, width), NULL_PAGE, np.int32)
@@ -144,8 +137,6 @@ def build_step(pieces: Sequence[SeqPiece], cache: CacheConfig, *, width: int, nu
         raise ValueError(f"block tables of shape {tables.shape}, the step needs "
                          f"{(groups, num_slots, width)}")
     held = np.zeros((groups, live), np.int64)  # pages in each table row
-    tokens = np.zeros(num_rows, np.int32)
-    row = 0
     for s, c in enumerate(pieces):
         if len(c.pages) != groups:
             raise ValueError(f"sequence {s}: pages for {len(c.pages)} layer groups, the cache "
@@ -158,10 +149,41 @@ def build_step(pieces: Sequence[SeqPiece], cache: CacheConfig, *, width: int, nu
             if not laid_out:
                 tables[g, s, :n] = pages
             held[g, s] = n
-        tokens[row : row + lengths[s]] = c.tokens
-        row += lengths[s]
+    lengths = np.fromiter((len(c.tokens) for c in pieces), np.int64, live)
+    tokens = [t for c in pieces for t in c.tokens]
+    cached = np.fromiter((c.num_cached for c in pieces), np.int64, live)
+    return lay_out_step(tokens, lengths, cached, held, tables, cache, num_rows=num_rows,
+                        group_chunk=group_chunk)
+
+
+def lay_out_step(tokens: Sequence[int] | np.ndarray, lengths: np.ndarray, cached: np.ndarray,
+                 held: np.ndarray, tables: np.ndarray, cache: CacheConfig, *, num_rows: int,
+                 group_chunk: Sequence[int | None] = (None,)) -> StepBatch:
+    """The step's arrays from whole-step columns, checked with array operations before any
+    device work: sequence s runs ``lengths[s]`` new tokens after ``cached[s]`` cached ones,
+    its tokens back to back in ``tokens``; ``tables [G, S, W]`` are the sequence slots' block
+    tables (padded slots past ``len(lengths)``), ``held [G, live]`` the pages each live row
+    holds (``NULL_PAGE`` past them)."""
+    groups, page, live = len(group_chunk), cache.page_size, len(lengths)
+    num_slots, width = tables.shape[1], tables.shape[2]
+    if live == 0:
+        raise ValueError("a step needs at least one sequence")
+    rows = int(lengths.sum())
+    if rows > num_rows or live > num_slots:
+        raise ValueError(f"{rows} rows of {live} sequences do not fit a step of "
+                         f"{num_rows} rows and {num_slots} sequence slots")
+    if tables.shape[0] != groups:
+        raise ValueError(f"block tables for {tables.shape[0]} layer groups, the cache has "
+                         f"{groups}")
+    if (bad := np.flatnonzero((lengths < 1) | (cached < 0))).size:
+        raise ValueError(f"sequence {bad[0]}: needs >= 1 new token and num_cached >= 0")
+    if (bad := np.flatnonzero(held.max(axis=0) > width)).size:
+        raise ValueError(f"sequence {bad[0]}: {held[:, bad[0]].max()} pages, at most {width} "
+                         "pages per sequence")
     ends = cached + lengths
     _check_tables(tables[:, :live], held, cached, ends, cache, width, group_chunk)
+    flat = np.zeros(num_rows, np.int32)
+    flat[:rows] = tokens
     starts = np.zeros(num_slots + 1, np.int32)
     starts[1 : live + 1] = np.cumsum(lengths)
     starts[live + 1 :] = rows
@@ -178,7 +200,7 @@ def build_step(pieces: Sequence[SeqPiece], cache: CacheConfig, *, width: int, nu
     meta = AttentionMetadata(positions=positions, slot_mapping=slots, block_tables=tables,
                              seq_lens=seq_lens, query_start_loc=starts,
                              num_seqs=np.int32(live))
-    return StepBatch(tokens, meta, last, live)
+    return StepBatch(flat, meta, last, live)
 
 
 def _check_tables(tables: np.ndarray, held: np.ndarray, cached: np.ndarray, ends: np.ndarray,

@@ -134,8 +134,8 @@ def model_table(model, sizes, steps: int) -> list[str]:
             captured = {}
             build = engine.batch.inputs
 
-            def capture(plans, masks=None, *, bound=False, build=build, captured=captured):
-                captured["inputs"] = build(plans, masks, bound=bound)
+            def capture(plan, masks=None, *, build=build, captured=captured):
+                captured["inputs"] = build(plan, masks)
                 return captured["inputs"]
 
             engine.batch.inputs = capture

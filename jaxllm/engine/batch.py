@@ -21,7 +21,7 @@ from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.pages import PageRow
 from jaxllm.engine.step import StepInputs
 from jaxllm.kv_cache import NULL_PAGE
-from jaxllm.layout import SeqPiece, build_step
+from jaxllm.layout import SeqPiece, build_step, lay_out_step
 from jaxllm.penalties import PenaltyRows, no_rows
 from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, seed_words
 
@@ -38,6 +38,49 @@ class SlotPlan:
     from_last: int = -1  # the last step's slot whose pick is this piece's last token
     targets: Sequence[int] = ()  # per row, the prompt token after it to score (-1: none)
     num_drafts: int = 0  # the piece's last tokens that are drafts to verify
+
+
+@dataclasses.dataclass(slots=True)
+class StepPlan:
+    """A step's sequence slots as columns, one entry per slot in step order (the engine
+    fills them in one pass over the scheduled pieces; ``of`` makes one from ``SlotPlan``s).
+    A slot's tokens lie back to back in ``tokens``; its block-table rows are its batch row's
+    in the persistent batch (``pages is None``) or ``pages``."""
+
+    batch_rows: list[int] = dataclasses.field(default_factory=list)
+    num_cached: list[int] = dataclasses.field(default_factory=list)
+    lengths: list[int] = dataclasses.field(default_factory=list)
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    held: list[int] = dataclasses.field(default_factory=list)  # pages per table row (all groups)
+    steps: list[int] = dataclasses.field(default_factory=list)
+    penalized: list[bool] = dataclasses.field(default_factory=list)
+    num_prompt: list[int] = dataclasses.field(default_factory=list)
+    from_last: list[int] = dataclasses.field(default_factory=list)
+    num_drafts: list[int] = dataclasses.field(default_factory=list)
+    targets: list[int] | None = None  # per flat row, when some slot scores its prompt
+    pages: list[Sequence[Sequence[int]]] | None = None  # per slot, per layer group
+
+    def __len__(self) -> int:
+        return len(self.batch_rows)
+
+    @classmethod
+    def of(cls, plans: Sequence[SlotPlan], *, bound: bool = False) -> StepPlan:
+        out = cls(pages=None if bound else [p.piece.pages for p in plans])
+        for p in plans:
+            out.batch_rows.append(p.batch_row)
+            out.num_cached.append(p.piece.num_cached)
+            out.lengths.append(len(p.piece.tokens))
+            out.tokens += p.piece.tokens
+            out.held.append(len(p.piece.pages[0]) if p.piece.pages else 0)
+            out.steps.append(p.step)
+            out.penalized.append(p.penalized)
+            out.num_prompt.append(p.num_prompt)
+            out.from_last.append(p.from_last)
+            out.num_drafts.append(p.num_drafts)
+        if any(p.targets for p in plans):
+            out.targets = [t for p in plans
+                           for t in (p.targets or [-1] * len(p.piece.tokens))]
+        return out
 
 
 class InputBatch:
@@ -70,87 +113,121 @@ class InputBatch:
         for group, page_row in enumerate(pages):
             page_row.bind(self.tables[group, row])
 
-    def inputs(self, plans: Sequence[SlotPlan],
+    def inputs(self, plan: StepPlan | Sequence[SlotPlan],
                token_masks: Mapping[int, np.ndarray] | None = None, *,
                bound: bool = False) -> StepInputs:
-        """The step's ``StepInputs`` for ``plans`` (one per sequence slot, in step order),
-        padded to its buckets and range-checked (``build_step``); ``token_masks`` maps a slot
-        to its allowed tokens (``[mask_words]`` int32 bits; structured outputs). ``bound``:
-        every piece's pages are its batch row's rows of the block table (``write``), so the
-        step's tables are gathered from it in one copy."""
-        policy = self.policy
-        pieces = [p.piece for p in plans]
-        num_rows = policy.token_bucket(sum(len(p.tokens) for p in pieces))
-        slots = policy.batch_bucket(len(plans))
+        """The step's ``StepInputs`` for ``plan`` (its sequence slots in step order), padded
+        to its buckets and range-checked (``lay_out_step``), with whole-step array
+        operations; ``token_masks`` maps a slot to its allowed tokens (``[mask_words]`` int32
+        bits; structured outputs). ``bound``: every slot's block-table rows are its batch
+        row's (``write``), gathered in one copy."""
+        if not isinstance(plan, StepPlan):
+            plan = StepPlan.of(plan, bound=bound)
+        policy, live = self.policy, len(plan)
+        if live == 0:
+            raise ValueError("a step needs at least one sequence")
+        lengths = np.array(plan.lengths, np.int64)
+        cached = np.array(plan.num_cached, np.int64)
+        num_rows = policy.token_bucket(int(lengths.sum()))
+        slots = policy.batch_bucket(live)
+        groups = len(self.group_chunk)
         rows = np.full(slots, self.pad_row, np.int64)
-        rows[: len(plans)] = [p.batch_row for p in plans]
-        tables = self.tables[:, rows] if bound else None
-        batch = build_step(pieces, policy.cache, width=policy.pages_per_seq,
-                           num_rows=num_rows, num_slots=slots, group_chunk=self.group_chunk,
-                           tables=tables)
-        steps = np.zeros(slots, np.int32)
-        steps[: len(plans)] = [p.step for p in plans]
-        from_last = np.full(num_rows, -1, np.int32)
-        targets = np.full(num_rows, -1, np.int32)
+        rows[:live] = plan.batch_rows
+        if plan.pages is None:
+            if (bad := np.flatnonzero((rows[:live] < 0) | (rows[:live] >= self.num_rows))).size:
+                raise ValueError(f"sequence {bad[0]}: batch row {rows[bad[0]]} is outside "
+                                 f"[0, {self.num_rows})")
+            batch = lay_out_step(plan.tokens, lengths, cached,
+                                 np.broadcast_to(np.array(plan.held, np.int64), (groups, live)),
+                                 self.tables[:, rows], policy.cache, num_rows=num_rows,
+                                 group_chunk=self.group_chunk)
+        else:
+            batch = build_step(_pieces(plan), policy.cache, width=policy.pages_per_seq,
+                               num_rows=num_rows, num_slots=slots,
+                               group_chunk=self.group_chunk)
         starts = batch.meta.query_start_loc
-        for s, p in enumerate(plans):
-            end = starts[s + 1]
-            if p.from_last >= 0:
-                from_last[end - 1] = p.from_last
-            if p.targets:
-                targets[starts[s]:end] = p.targets
-        penalty = penalty_rows(plans, starts, num_rows, slots, self.num_rows)
+        last_rows = starts[1: live + 1] - 1
+        steps = np.zeros(slots, np.int32)
+        steps[:live] = plan.steps
+        from_last = np.full(num_rows, -1, np.int32)
+        fed = np.array(plan.from_last, np.int64)
+        from_last[last_rows[fed >= 0]] = fed[fed >= 0]
+        targets = np.full(num_rows, -1, np.int32)
+        if plan.targets is not None:
+            targets[: len(plan.targets)] = plan.targets
+        penalty = penalty_rows(plan, batch.meta.positions, starts, num_rows, slots,
+                               self.num_rows)
         mask = np.full((slots, self.mask_words), -1, np.int32)
         for index, words in (token_masks or {}).items():
             mask[index] = words
         sampling = SamplingArrays(*(buffer[rows] for buffer in self.sampling))
-        drafts, num_drafts, verify_rows = self._drafts(plans, batch.logits_rows)
+        drafts, num_drafts, verify_rows = self._drafts(plan, batch.tokens, lengths,
+                                                       batch.logits_rows)
         return StepInputs(batch.tokens, from_last, batch.meta, batch.logits_rows, sampling,
                           self.seeds[rows], steps, penalty, mask, targets, drafts,
                           num_drafts, verify_rows)
 
-    def _drafts(self, plans: Sequence[SlotPlan], last_rows: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _drafts(self, plan: StepPlan, tokens: np.ndarray, lengths: np.ndarray,
+                last_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``StepInputs.draft_tokens``, ``num_drafts`` and ``verify_rows`` of a step whose
-        pieces end at flat rows ``last_rows``: a piece ending in d drafts scores its last
+        slots end at flat rows ``last_rows``: a piece ending in d drafts scores its last
         d + 1 rows."""
-        k, slots = self.num_speculative, len(last_rows)
+        k, slots, live = self.num_speculative, len(last_rows), len(plan)
         counts = np.zeros(slots, np.int32)
-        counts[: len(plans)] = [p.num_drafts for p in plans]
+        counts[:live] = plan.num_drafts
         if np.any(counts > k) or np.any(counts < 0):
             raise ValueError(f"drafts per piece {counts.tolist()} must be in [0, {k}]")
-        for s, plan in enumerate(plans):
-            if plan.num_drafts >= len(plan.piece.tokens):
-                raise ValueError(f"sequence {s}: {plan.num_drafts} drafts in a piece of "
-                                 f"{len(plan.piece.tokens)} tokens (its last token is none)")
+        if (bad := np.flatnonzero(counts[:live] >= lengths)).size:
+            s = bad[0]
+            raise ValueError(f"sequence {s}: {counts[s]} drafts in a piece of {lengths[s]} "
+                             "tokens (its last token is none)")
         j = np.arange(k + 1)[None]
-        verify_rows = (last_rows[:, None] - counts[:, None] + np.minimum(j, counts[:, None]))
-        drafts = np.full((slots, k), -1, np.int32)
-        for s, plan in enumerate(plans):
-            if plan.num_drafts:
-                drafts[s, : plan.num_drafts] = plan.piece.tokens[-plan.num_drafts:]
+        verify_rows = last_rows[:, None] - counts[:, None] + np.minimum(j, counts[:, None])
+        # Draft j of a slot with d drafts is its row last - d + 1 + j.
+        taken = j[:, :k] < counts[:, None]
+        at = np.clip(last_rows[:, None] - counts[:, None] + 1 + j[:, :k], 0, len(tokens) - 1)
+        drafts = np.where(taken, tokens[at], -1).astype(np.int32)
         return drafts, counts, verify_rows.astype(np.int32)
 
 
-def penalty_rows(plans: Sequence[SlotPlan], starts: np.ndarray, num_rows: int, slots: int,
-                 num_penalty_slots: int) -> PenaltyRows:
+def _pieces(plan: StepPlan) -> list[SeqPiece]:
+    """The slots of a plan that carries its own pages, as pieces."""
+    out, at = [], 0
+    for pages, cached, n in zip(plan.pages, plan.num_cached, plan.lengths, strict=True):
+        out.append(SeqPiece(pages, cached, plan.tokens[at: at + n]))
+        at += n
+    return out
+
+
+def penalty_rows(plan: StepPlan, positions: np.ndarray, starts: np.ndarray, num_rows: int,
+                 slots: int, num_penalty_slots: int) -> PenaltyRows:
     """Which penalty slots a step records into and reads (``jaxllm.penalties``): a penalized
     slot's is its batch row (checked in ``[0, num_penalty_slots)``), a piece from position 0
     (its first, or a recompute after a preemption) resets it first; rows from the prompt
-    length on are output tokens. ``starts`` are the step's ``query_start_loc``."""
-    rows = no_rows(num_rows, slots)
-    for s, plan in enumerate(plans):
-        if not plan.penalized:
-            continue
-        if not 0 <= plan.batch_row < num_penalty_slots:
-            raise ValueError(f"sequence {s}: penalty slot {plan.batch_row} is outside "
-                             f"[0, {num_penalty_slots})")
-        first, end, start = starts[s], starts[s + 1], plan.piece.num_cached
-        rows.seq_slot[s] = plan.batch_row
-        rows.seq_reset[s] = start == 0
-        rows.row_slot[first:end] = plan.batch_row
-        rows.row_output[first:end] = np.arange(start, start + end - first) >= plan.num_prompt
-    return rows
+    length on are output tokens. ``positions`` and ``starts`` are the step's
+    ``AttentionMetadata.positions`` and ``query_start_loc``."""
+    out = no_rows(num_rows, slots)
+    penalized = np.flatnonzero(plan.penalized)
+    if not penalized.size:
+        return out
+    batch_rows = np.array(plan.batch_rows, np.int64)[penalized]
+    if (bad := np.flatnonzero((batch_rows < 0) | (batch_rows >= num_penalty_slots))).size:
+        s = penalized[bad[0]]
+        raise ValueError(f"sequence {s}: penalty slot {batch_rows[bad[0]]} is outside "
+                         f"[0, {num_penalty_slots})")
+    out.seq_slot[penalized] = batch_rows
+    out.seq_reset[penalized] = np.array(plan.num_cached, np.int64)[penalized] == 0
+    live = len(plan)
+    lengths = np.diff(starts[: live + 1])
+    slot_of_row = np.repeat(np.arange(live), lengths)
+    row_slot = np.full(live, -1, np.int64)
+    row_slot[penalized] = batch_rows
+    prompt = np.array(plan.num_prompt, np.int64)
+    used = int(starts[live])
+    out.row_slot[:used] = row_slot[slot_of_row]
+    out.row_output[:used] = (row_slot[slot_of_row] >= 0) & (
+        positions[:used] >= prompt[slot_of_row])
+    return out
 
 
 def plans_for(pieces: Sequence[SeqPiece], rows: Sequence[int]) -> list[SlotPlan]:

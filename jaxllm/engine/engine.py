@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from jaxllm.api import Model
-from jaxllm.engine.batch import InputBatch, SlotPlan, plans_for
+from jaxllm.engine.batch import InputBatch, SlotPlan, StepPlan, plans_for
 from jaxllm.engine.executor import Executor, agree_on_minimum
 from jaxllm.engine.faults import RecoveryFailed, StepFailed
 from jaxllm.engine.memory import (
@@ -82,7 +82,7 @@ class TokenLogprob:
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]
-    logprobs: list[TokenLogprob]
+    logprobs: Sequence[TokenLogprob]  # one per new token (``PickedLogprobs``: built when read)
     finished: bool
     finish_reason: str | None  # "stop" (EOS or a stop id), "length", "abort"
     num_prompt_tokens: int
@@ -155,9 +155,8 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._in_flight: LaunchedStep | FailedLaunch | None = None
         # Request id -> its sequence slot in the step in flight that picks its next token
-        # (read by the next step's ``from_last``), and the same for the step being built.
+        # (read by the next step's ``from_last``).
         self._last_slot: dict[str, int] = {}
-        self._slot_of: dict[str, int] = {}
         # Compiles structured-output grammars against the tokenizer (set by whoever has one,
         # e.g. the server); requests with ``sampling.structured`` are refused without it.
         self.grammars: GrammarCompiler | None = None
@@ -244,37 +243,53 @@ class Engine:
                 return None
             if self.speculator is not None:
                 scheduled = self.speculator.draft(scheduled, self.scheduler)
-            inputs = self.batch.inputs(self._plans(scheduled), self._token_masks(scheduled),
-                                       bound=True)
+            inputs = self.batch.inputs(self._step_plan(scheduled),
+                                       self._token_masks(scheduled))
             return LaunchedStep(scheduled, self.executor.run(inputs))
         except Exception as error:  # noqa: BLE001 - raised by ``step``, after recovery
             return FailedLaunch(scheduled, error)
 
-    def _plans(self, scheduled: Sequence[Scheduled]) -> list[SlotPlan]:
-        """Each scheduled piece's slot of the step; a row whose token the step in flight
-        picks takes it from that step's picks on the device (``from_last``)."""
-        plans = []
+    def _step_plan(self, scheduled: Sequence[Scheduled]) -> StepPlan:
+        """The step's slots, in one pass over its scheduled pieces (the hot path: every
+        running sequence, every step); a row whose token the step in flight picks takes it
+        from that step's picks on the device (``from_last``)."""
+        plan = StepPlan()
+        last_slot, slot_of = self._last_slot, {}
+        scores = any(s.request.sampling.prompt_logprobs is not None for s in scheduled)
+        if scores:
+            plan.targets = []
         for index, s in enumerate(scheduled):
             request = s.request
             if s.admitted:
                 self.batch.write(request.batch_row, request.sampling, sorted(request.stop_ids),
                                  request.pages)
-            end = s.start + s.num_tokens - len(s.drafts)
-            known = min(end, len(request.prompt) + len(request.output))
-            tokens = (request.tokens_between(s.start, known) + [0] * (end - known)
-                      + list(s.drafts))
-            from_last = -1
+            start, n, drafts = s.start, s.num_tokens, s.drafts
+            end = start + n - len(drafts)
+            num_prompt = len(request.prompt)
+            known = min(end, num_prompt + len(request.output))
             if known < end:  # the one token in flight
-                from_last = self._last_slot[request.request_id]
+                plan.tokens += request.tokens_between(start, known)
+                plan.tokens.append(0)
+                plan.from_last.append(last_slot[request.request_id])
+            else:
+                plan.tokens += request.tokens_between(start, end)
+                plan.from_last.append(-1)
+            if drafts:
+                plan.tokens += drafts
             if s.samples:
-                self._slot_of[request.request_id] = index
-            plans.append(SlotPlan(
-                SeqPiece(request.pages, s.start, tokens), request.batch_row,
-                step=len(request.output) + request.num_in_flight - int(s.samples),
-                penalized=request.sampling.has_penalties, num_prompt=len(request.prompt),
-                from_last=from_last, targets=_prompt_targets(s), num_drafts=len(s.drafts)))
-        self._last_slot, self._slot_of = self._slot_of, {}
-        return plans
+                slot_of[request.request_id] = index
+            plan.batch_rows.append(request.batch_row)
+            plan.num_cached.append(start)
+            plan.lengths.append(n)
+            plan.held.append(len(request.pages[0]))
+            plan.steps.append(len(request.output) + request.num_in_flight - s.samples)
+            plan.penalized.append(request.sampling.has_penalties)
+            plan.num_prompt.append(num_prompt)
+            plan.num_drafts.append(len(drafts))
+            if scores:
+                plan.targets += _prompt_targets(s) or [-1] * n
+        self._last_slot = slot_of
+        return plan
 
     def _bookkeeping(self, scheduled: Sequence[Scheduled], picked: Sampled | Emitted,
                      scored: Scored | None) -> list[RequestOutput]:
@@ -284,6 +299,11 @@ class Engine:
         before, or was aborted) gets nothing."""
         outputs = []
         row = 0
+        verifying = isinstance(picked, Emitted)
+        # One conversion per step, not a numpy scalar read per sequence.
+        picks = picked.tokens.tolist()
+        accepted_counts = picked.num_accepted.tolist() if verifying else None
+        settle = self.scheduler.settle
         for i, s in enumerate(scheduled):
             request, first_row = s.request, row
             row += s.num_tokens
@@ -292,11 +312,11 @@ class Engine:
             if scored is not None:
                 _record_prompt_scores(s, scored, first_row)
             if not s.drafts:  # else once verification has said where its tokens end
-                self.scheduler.settle(s)
+                settle(s)
             if not s.samples:
                 continue  # a prefill piece that has not reached the prompt's end
             request.num_in_flight -= 1
-            if request.max_tokens == 0:  # the prompt is scored; nothing to generate
+            if request.sampling.max_tokens == 0:  # the prompt is scored; nothing to generate
                 self._finish(request, "length")
                 outputs.append(RequestOutput(
                     request.request_id, [], [], True, "length", len(request.prompt),
@@ -304,26 +324,26 @@ class Engine:
                     request.scored_prompt))
                 continue
             first = not request.output
-            tokens, logprobs, reason = [], [], None
-            for token, logprob in _emitted(picked, i):
+            emitted = picks[i][: accepted_counts[i] + 1] if verifying else (picks[i],)
+            tokens, reason = [], None
+            for token in emitted:
                 kept = len(request.output)
                 reason = request.accept(token)
-                if len(request.output) > kept:  # else its grammar refused the token
+                if len(request.output) > kept:  # else its grammar refused the token (last)
                     tokens.append(token)
-                    logprobs.append(logprob)
                 if reason is not None:
                     break
             if s.drafts:
-                accepted = int(picked.num_accepted[i])
+                accepted = accepted_counts[i]
                 self.speculator.count(len(s.drafts), accepted)
                 if reason is None:
                     self.speculator.commit(s, accepted, self.scheduler)
             if reason is not None:
                 self._finish(request, reason)
             outputs.append(RequestOutput(
-                request.request_id, tokens, logprobs, reason is not None, reason,
-                len(request.prompt), request.num_cached_prompt, len(request.output),
-                request.queued_seconds,
+                request.request_id, tokens, PickedLogprobs(picked, i, len(tokens)),
+                reason is not None, reason, len(request.prompt), request.num_cached_prompt,
+                len(request.output), request.queued_seconds,
                 request.scored_prompt if request.sampling.prompt_logprobs is not None
                 and first and tokens else None, request.stop_token))
         return outputs
@@ -370,7 +390,7 @@ class Engine:
         are finished ("error"); every other request is requeued, to be recomputed from its
         tokens; every page is free, the prefix cache empty, the KV cache re-created. Returns
         how many running requests were preempted; raises RecoveryFailed if it cannot."""
-        self._in_flight, self._last_slot, self._slot_of = None, {}, {}
+        self._in_flight, self._last_slot = None, {}
         for request in failed:
             request.pages = []  # reclaimed with every other page below
             self.scheduler.finish(request, "error")
@@ -430,18 +450,34 @@ class Engine:
         return [produced[i] for i in ids]
 
 
-def _emitted(picked: Sampled | Emitted, i: int) -> list[tuple[int, TokenLogprob]]:
-    """Sequence slot ``i``'s tokens in a step's picks, with their log-probabilities: one
-    token, or a verifying step's accepted drafts and the token after them."""
-    if isinstance(picked, Emitted):
-        n = int(picked.num_accepted[i]) + 1
-        tokens, logprobs = picked.tokens[i, :n], picked.logprobs[i, :n]
-        top_ids, top_logprobs = picked.top_ids[i, :n], picked.top_logprobs[i, :n]
-    else:
-        tokens, logprobs = picked.tokens[i: i + 1], picked.logprobs[i: i + 1]
-        top_ids, top_logprobs = picked.top_ids[i: i + 1], picked.top_logprobs[i: i + 1]
-    return [(int(t), TokenLogprob(int(t), float(lp), TopLogprobs(ids, lps)))
-            for t, lp, ids, lps in zip(tokens, logprobs, top_ids, top_logprobs, strict=True)]
+class PickedLogprobs(Sequence):
+    """A sequence slot's emitted tokens in a step's picks as ``TokenLogprob``s, built only
+    when read (most requests never ask for log-probabilities): one token, or a verifying
+    step's accepted drafts and the token after them."""
+
+    __slots__ = ("_picked", "_slot", "_n")
+
+    def __init__(self, picked: Sampled | Emitted, slot: int, n: int):
+        self._picked, self._slot, self._n = picked, slot, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[k] for k in range(*index.indices(self._n))]
+        if index < 0:
+            index += self._n
+        if not 0 <= index < self._n:
+            raise IndexError(index)
+        p, i = self._picked, self._slot
+        at = (i, index) if isinstance(p, Emitted) else (i,)
+        token = int(p.tokens[at])
+        return TokenLogprob(token, float(p.logprobs[at]),
+                            TopLogprobs(p.top_ids[at], p.top_logprobs[at]))
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
 
 
 def _prompt_targets(s: Scheduled) -> list[int]:

@@ -25,9 +25,10 @@ from jaxllm.kv_cache import NULL_PAGE
 from jaxllm.layout import first_needed_page, pages_for
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # not frozen: built for every sequence of every step
 class Scheduled:
-    """A request's piece of a step: tokens ``start : start + num_tokens``."""
+    """A request's piece of a step: tokens ``start : start + num_tokens`` (never changed
+    once built: ``speculate`` makes a new one)."""
 
     request: Request
     num_tokens: int
@@ -38,13 +39,14 @@ class Scheduled:
     drafts: tuple[int, ...] = ()  # the piece's last tokens: drafts to verify (``speculate``)
 
 
-def _scheduled(request: Request, n: int, admitted: bool = False) -> Scheduled:
-    """Schedules ``n`` tokens of ``request`` and counts them as computed (their keys and
-    values are written by the step, which the device runs before any later one)."""
-    out = Scheduled(request, n, samples=n == request.num_pending, start=request.num_computed,
-                    epoch=request.epoch, admitted=admitted)
+def _scheduled(request: Request, n: int, pending: int, admitted: bool = False) -> Scheduled:
+    """Schedules ``n`` of the request's ``pending`` tokens and counts them as computed
+    (their keys and values are written by the step, which the device runs before any later
+    one)."""
+    samples = n == pending
+    out = Scheduled(request, n, samples, request.num_computed, request.epoch, admitted)
     request.num_computed += n
-    if out.samples:
+    if samples:
         request.num_in_flight += 1
     return out
 
@@ -55,7 +57,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self._chunk_sizes = {c for c in pages.group_chunk if c is not None}
+        # Attention chunks that do not start on a page boundary: leaving one behind can
+        # happen without filling a page (``settle``'s fast path).
+        self._odd_chunks = tuple({c for c in pages.group_chunk
+                                  if c is not None and c % pages.page_size})
         # Batch rows (``jaxllm.engine.batch``): at most max_num_seqs requests run.
         self.free_rows = list(range(policy.max_num_seqs - 1, -1, -1))
 
@@ -66,19 +71,24 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[Scheduled]:
-        budget = self.policy.max_num_batched_tokens
+        budget, max_seqs = self.policy.max_num_batched_tokens, self.policy.max_num_seqs
+        page = self.pages.page_size
         out: list[Scheduled] = []
-        for request in list(self.running):
-            if budget == 0 or len(out) == self.policy.max_num_seqs:
+        for request in list(self.running):  # the hot loop: every running sequence, every step
+            if budget == 0 or len(out) == max_seqs:
                 break
             if request.status is not Status.RUNNING:  # preempted by an earlier request
                 continue
-            if not _schedulable(request):
+            pending = request.num_pending
+            if not _schedulable(request, pending):
                 continue
-            n = min(request.num_pending, budget)
-            if not self._reserve(request, n, out):
+            n = min(pending, budget)
+            # Pages to hold them already (most decode steps), else grown, preempting.
+            pages = request.pages
+            if ((not pages or request.num_computed + n > len(pages[0]) * page)
+                    and not self._reserve(request, n, out)):
                 continue
-            out.append(_scheduled(request, n))
+            out.append(_scheduled(request, n, pending))
             budget -= n
         # At most max_num_seqs requests run: one batch row each.
         while self.waiting and budget and len(out) < self.policy.max_num_seqs and self.free_rows:
@@ -97,7 +107,7 @@ class Scheduler:
             if request.first_scheduled_at is None:
                 request.first_scheduled_at = time.monotonic()
             self.running.append(request)
-            out.append(_scheduled(request, n, admitted=True))
+            out.append(_scheduled(request, n, request.num_pending, admitted=True))
             budget -= n
         return out
 
@@ -212,24 +222,25 @@ class Scheduler:
         (their slots are never read, nor offered). Nothing for a request whose pages were
         dropped since it was scheduled (finished, preempted)."""
         request, page = scheduled.request, self.pages.page_size
-        if request.epoch != scheduled.epoch or request.status is not Status.RUNNING:
-            return
         before = scheduled.start
         if end is None:
-            end = scheduled.start + scheduled.num_tokens
+            end = before + scheduled.num_tokens
+        old_full, full = before // page, end // page
+        known = len(request.page_hashes) * page
+        if full == old_full and end - known < page and not (self._odd_chunks and any(
+                before // c != end // c for c in self._odd_chunks)):
+            # Most decode steps (checked first: it is the hot path): no page filled, no page
+            # to hash, no attention chunk left behind.
+            return
+        if request.epoch != scheduled.epoch or request.status is not Status.RUNNING:
+            return
         # Hashes depend on tokens only, so they survive preemption; only new pages hash, from
         # their own tokens (work per step independent of the context's length).
-        known = len(request.page_hashes) * page
         if end - known >= page:
             extend_page_hashes(request.page_hashes, request.tokens_between(known, end), page)
         # After a preemption the request may know more hashes than it has recomputed pages:
         # only pages that are full now may be offered (a half-written one must never be);
         # those full before this piece were offered when they filled.
-        old_full, full = before // page, end // page
-        if full == old_full and not any(
-                first_needed_page(before, page, c) != first_needed_page(end, page, c)
-                for c in self._chunk_sizes):
-            return  # most decode steps: no page filled, no attention chunk left behind
         for group, row in enumerate(request.pages):
             self.pages.register(group, row[old_full:full],
                                 request.page_hashes[old_full:full])
@@ -244,11 +255,11 @@ class Scheduler:
             row[old_first:first] = [NULL_PAGE] * (first - old_first)
 
 
-def _schedulable(request: Request) -> bool:
+def _schedulable(request: Request, pending: int) -> bool:
     """Whether a running request has a token to run now: not while its only pending token
     is one a step still picks for it that cannot be followed (it reached max_tokens), nor
     while that token is unknown and its grammar needs it for the next mask."""
-    if request.num_pending == 0:
+    if pending == 0:
         return False
     if request.num_in_flight:
         return request.may_continue and request.matcher is None

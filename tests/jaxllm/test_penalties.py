@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxllm.engine.batch import SlotPlan, penalty_rows
+from jaxllm.engine.batch import SlotPlan, StepPlan, penalty_rows
 from jaxllm.layout import SeqPiece
 from jaxllm.penalties import (
     init_state,
@@ -31,7 +31,10 @@ def build_rows(pieces, penalties, num_rows, num_seqs):
     starts = np.zeros(num_seqs + 1, np.int64)
     starts[1: len(pieces) + 1] = np.cumsum([len(c.tokens) for c in pieces])
     starts[len(pieces) + 1:] = starts[len(pieces)]
-    return penalty_rows(plans, starts, num_rows, num_seqs, SLOTS)
+    positions = np.zeros(num_rows, np.int64)
+    positions[: starts[-1]] = np.concatenate(
+        [c.num_cached + np.arange(len(c.tokens)) for c in pieces])
+    return penalty_rows(StepPlan.of(plans), positions, starts, num_rows, num_seqs, SLOTS)
 
 
 def reference(logits, prompt, output, presence, frequency, repetition):

@@ -4,6 +4,8 @@ under memory pressure, with aborts and failed steps; greedy ones equal HF's."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -199,17 +201,21 @@ def test_the_persistent_block_table_is_what_each_pieces_pages_say(scout_whole_ca
     pieces' own pages, through admissions, chunked prefill, preemption and finishes."""
     hf, model = scout_whole_cache
     engine = Engine(model, num_pages=20, max_num_batched_tokens=32)
-    build, checked = engine.batch.inputs, []
+    step_plan, build, checked, pages = engine._step_plan, engine.batch.inputs, [], []
 
-    def both(plans, masks=None, *, bound=False):
-        fast = build(plans, masks, bound=bound)
-        slow = build(plans, masks, bound=False)
+    def plan(scheduled):
+        pages[:] = [[list(row) for row in s.request.pages] for s in scheduled]
+        return step_plan(scheduled)
+
+    def both(plan, masks=None):
+        fast = build(plan, masks)
+        slow = build(dataclasses.replace(plan, pages=list(pages)), masks)
         for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow), strict=True):
             np.testing.assert_array_equal(a, b)
-        checked.append(bound)
+        checked.append(plan.pages is None)
         return fast
 
-    engine.batch.inputs = both
+    engine._step_plan, engine.batch.inputs = plan, both
     prompts = _prompts([37, 50, 12, 33, 20, 44], seed=5)
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20))
     assert engine.scheduler.num_preemptions > 0 and all(checked) and len(checked) > 20

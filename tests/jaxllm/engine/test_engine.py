@@ -142,11 +142,12 @@ def test_every_layer_reads_the_one_page_size(scout, monkeypatch):
     assert engine.runner.cache[0][0].shape[:2] == (41, 8)  # 40 pages and the null page
     steps = []
     build = engine.batch.inputs
-    monkeypatch.setattr(engine.batch, "inputs", lambda plans, masks=None, bound=False: (
-        steps.append(([[list(row) for row in p.piece.pages] for p in plans],
-                      build(plans, masks, bound=bound))) or steps[-1][1]))
     prompt = _prompts([21], seed=9)[0]
-    engine.submit(engine.prepare(prompt, GREEDY_20))
+    request = engine.prepare(prompt, GREEDY_20)
+    monkeypatch.setattr(engine.batch, "inputs", lambda plan, masks=None: (
+        steps.append(([[list(row) for row in request.pages]], build(plan, masks)))
+        or steps[-1][1]))
+    engine.submit(request)
     out = engine.step()[0].new_token_ids  # the whole prompt in one step: 3 pages of 8
     (rows,), step = steps[0]
     for group, row in enumerate(rows):
