@@ -210,25 +210,24 @@ def _check_tables(tables: np.ndarray, held: np.ndarray, cached: np.ndarray, ends
     ``held [G, S]`` pages per row; positions ``cached..ends - 1``)."""
     page = cache.page_size
     need = -(-ends // page)  # ``pages_for``
+    # Whole-step operations over every group at once (a handful of numpy calls per step).
+    if (short := np.argwhere(held < need)).size:
+        g, s = short[0]
+        raise ValueError(f"sequence {s}: {held[g, s]} pages for {ends[s]} tokens (page "
+                         f"size {page}, at most {width} pages per sequence)")
+    if tables.min() < 0 or tables.max() > cache.num_pages:
+        g, s = np.argwhere((tables.min(axis=2) < 0) | (tables.max(axis=2) > cache.num_pages))[0]
+        raise ValueError(f"sequence {s}: page ids must be in [0, {cache.num_pages}], got "
+                         f"{tables[g, s].min()}..{tables[g, s].max()}")
+    chunks = np.array([c or 0 for c in group_chunk], np.int64)[:, None]  # 0: a global group
+    every = np.maximum(chunks, 1)
+    first = np.where(chunks > 0, cached[None] // every * every // page, 0)  # [G, S]
     columns = np.arange(width)
-    for g, chunk in enumerate(group_chunk):
-        short = np.flatnonzero(held[g] < need)
-        if short.size:
-            s = short[0]
-            raise ValueError(f"sequence {s}: {held[g, s]} pages for {ends[s]} tokens (page "
-                             f"size {page}, at most {width} pages per sequence)")
-        if tables[g].size and (tables[g].min() < 0 or tables[g].max() > cache.num_pages):
-            s = int(np.flatnonzero((tables[g].min(axis=1) < 0)
-                                   | (tables[g].max(axis=1) > cache.num_pages))[0])
-            raise ValueError(f"sequence {s}: page ids must be in [0, {cache.num_pages}], got "
-                             f"{tables[g, s].min()}..{tables[g, s].max()}")
-        first = np.zeros_like(cached) if chunk is None else cached // chunk * chunk // page
-        needed = (columns >= first[:, None]) & (columns < need[:, None])
-        dropped = np.flatnonzero(np.any(needed & (tables[g] == NULL_PAGE), axis=1))
-        if dropped.size:
-            s = dropped[0]
-            raise ValueError(f"sequence {s}: layer group {g} has dropped a page that positions "
-                             f"{cached[s]}..{ends[s] - 1} still need")
+    needed = (columns >= first[..., None]) & (columns < need[None, :, None])
+    if (dropped := np.argwhere(np.any(needed & (tables == NULL_PAGE), axis=2))).size:
+        g, s = dropped[0]
+        raise ValueError(f"sequence {s}: layer group {g} has dropped a page that positions "
+                         f"{cached[s]}..{ends[s] - 1} still need")
 
 
 def contiguous_pages(group: int, seq: int, batch: int, width: int) -> range:
