@@ -15,8 +15,11 @@ plain temperature, a presence penalty), with async scheduling off ("sync") and o
    the engine's own last step inputs (the program alone); printed: engine tokens/s, the
    program's, their ratio, and host ms per step on the critical path (engine - program). On a
    CPU the "device" shares the cores with the host, so this ratio understates what a GPU gets.
-3. **Server** (``--server``, default on): the bundled model behind ``python -m jaxllm.serve``,
-   that many streaming clients at once (SSE): output tokens/s and mean inter-token latency.
+3. **Server** (``--server``, default on), that many streaming clients at once (SSE, in this
+   process; the server in another): output tokens/s, mean inter-token latency, and with the
+   stand-in device the device's busy fraction, against the device alone. First the server on
+   the stand-in device (T = 8 and 2 ms; the server's own work, detokenization and SSE, shares
+   the interpreter with the engine), then on the bundled model's real step.
 """
 
 from __future__ import annotations
@@ -155,14 +158,105 @@ def model_table(model, sizes, steps: int) -> list[str]:
     return rows
 
 
-def server_table(sizes, output_len: int) -> list[str]:
+def serve_stand_in(ms: float, port: int, async_scheduling: bool, seqs: int,
+                   stats: str) -> int:
+    """The server on the bundled model with the stand-in device (run by ``--serve-stand-in``
+    in a process of its own); SIGUSR1 writes the device's busy seconds to ``stats``."""
+    import signal
+
+    import uvicorn
+
+    from jaxllm.serve.__main__ import build_state, parse_args
+    from jaxllm.serve.app import build_app
+
+    argv = ["--model", str(BUNDLED), "--port", str(port), "--max-num-seqs", str(seqs),
+            "--num-kv-pages", str(seqs * 64 + 64), "--skip-warmup"]
+    if not async_scheduling:
+        argv.append("--no-async-scheduling")
+    state = build_state(parse_args(argv))
+    device = StandInDevice(ms)
+    state.engine.engine.runner.run = device.run
+
+    def report(*_):  # written whole, then renamed: the reader never sees half of it
+        Path(stats + ".part").write_text(f"{device.busy!r}")
+        Path(stats + ".part").replace(stats)
+
+    signal.signal(signal.SIGUSR1, report)
+    uvicorn.run(build_app(state), host="127.0.0.1", port=port, log_level="warning")
+    return 0
+
+
+async def _clients(url: str, clients: int, output_len: int) -> tuple[list[dict], float]:
     sys.path.insert(0, str(REPO / "scripts"))
     import httpx
     from bench_serving import one_request
 
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+        done = await asyncio.gather(*(
+            one_request(client, url, "tiny-llama4", [5 + i % 50, 6], output_len, {})
+            for i in range(clients)))
+        return done, time.perf_counter() - start
+
+
+def _served(done: list[dict], seconds: float) -> tuple[int, float, int]:
+    """(output tokens, mean inter-token latency in ms, failed requests)."""
+    ok = [d for d in done if "error" not in d]
+    itl = float(np.mean([x for d in ok for x in d["itl"]])) * 1e3 if ok else float("nan")
+    return sum(d["tokens"] for d in ok), itl, len(done) - len(ok)
+
+
+def _device_busy(proc: subprocess.Popen, stats: Path) -> float:
+    """The stand-in server's device-busy seconds so far (``serve_stand_in``)."""
+    import os
+    import signal
+
+    stats.unlink(missing_ok=True)
+    os.kill(proc.pid, signal.SIGUSR1)
+    while not stats.exists():
+        time.sleep(0.01)
+    return float(stats.read_text())
+
+
+def stand_in_server_table(sizes, output_len: int) -> list[str]:
     from jaxllm.testing import free_port, wait_healthy
 
-    rows = ["| clients | mode | output tok/s | mean ITL ms |", "|---|---|---|---|"]
+    rows = ["| T ms | clients | mode | output tok/s | device busy | mean ITL ms | "
+            "device alone tok/s | ratio | failed |", "|---|---|---|---|---|---|---|---|---|"]
+    for ms in (8.0, 2.0):
+        for clients in sizes:
+            for mode in (False, True):
+                port = free_port()
+                with tempfile.TemporaryDirectory() as tmp, \
+                        tempfile.TemporaryFile() as log:
+                    stats = Path(tmp) / "busy"
+                    cmd = [sys.executable, __file__, "--serve-stand-in", f"{ms},{port},"
+                           f"{int(mode)},{clients},{stats}"]
+                    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                    try:
+                        wait_healthy(proc, port, timeout=600)
+                        url = f"http://127.0.0.1:{port}/v1/completions"
+
+                        asyncio.run(_clients(url, clients, 8))  # settles the server
+                        before = _device_busy(proc, stats)
+                        done, seconds = asyncio.run(_clients(url, clients, output_len))
+                        device = _device_busy(proc, stats) - before
+                    finally:
+                        proc.terminate()
+                        proc.wait(timeout=30)
+                tokens, itl, failed = _served(done, seconds)
+                alone = clients / (ms / 1e3)
+                rows.append(f"| {ms:g} | {clients} | {'async' if mode else 'sync'} | "
+                            f"{tokens / seconds:,.0f} | {device / seconds:.3f} | {itl:.2f} | "
+                            f"{alone:,.0f} | {tokens / seconds / alone:.3f} | {failed} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
+def server_table(sizes, output_len: int) -> list[str]:
+    from jaxllm.testing import free_port, wait_healthy
+
+    rows = ["| clients | mode | output tok/s | mean ITL ms | failed |", "|---|---|---|---|---|"]
     for mode in ("sync", "async"):
         port = free_port()
         # Warmed up: a shape first seen while timing would compile inside the timed run.
@@ -176,21 +270,11 @@ def server_table(sizes, output_len: int) -> list[str]:
                 wait_healthy(proc, port, timeout=1800)  # warm-up compiles every shape
                 url = f"http://127.0.0.1:{port}/v1/completions"
                 for clients in sizes:
-                    async def load(clients=clients, url=url):
-                        async with httpx.AsyncClient(timeout=600) as client:
-                            await one_request(client, url, "tiny-llama4", [5, 6], 4, {})
-                            start = time.perf_counter()
-                            done = await asyncio.gather(*(
-                                one_request(client, url, "tiny-llama4", [5 + i % 50, 6], output_len,
-                                            {}) for i in range(clients)))
-                            return done, time.perf_counter() - start
-
-                    asyncio.run(load())  # settles the server
-                    done, seconds = asyncio.run(load())
-                    ok = [d for d in done if "error" not in d]
-                    itl = np.mean([x for d in ok for x in d["itl"]]) * 1e3
-                    tokens = sum(d["tokens"] for d in ok)
-                    rows.append(f"| {clients} | {mode} | {tokens / seconds:,.0f} | {itl:.1f} |")
+                    asyncio.run(_clients(url, clients, 8))  # settles the server
+                    done, seconds = asyncio.run(_clients(url, clients, output_len))
+                    tokens, itl, failed = _served(done, seconds)
+                    rows.append(f"| {clients} | {mode} | {tokens / seconds:,.0f} | {itl:.1f} | "
+                                f"{failed} |")
                     print(rows[-1], flush=True)
             finally:
                 proc.terminate()
@@ -205,7 +289,12 @@ def main() -> int:
     p.add_argument("--server", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--server-sizes", default="8,64")
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--stand-in-server-sizes", default="8,64,256")
+    p.add_argument("--serve-stand-in", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.serve_stand_in:  # the server process of ``stand_in_server_table``
+        ms, port, mode, seqs, stats = args.serve_stand_in.split(",")
+        return serve_stand_in(float(ms), int(port), bool(int(mode)), int(seqs), stats)
     sizes = [int(s) for s in args.sizes.split(",")]
     model = load_model(BUNDLED, max_num_seqs=max(sizes))
     print("## Stand-in device step (fixed T ms, the interpreter free)")
@@ -213,7 +302,10 @@ def main() -> int:
     print("\n## Bundled model, the real compiled step")
     model_table(model, sizes, args.steps)
     if args.server:
-        print("\n## Through the server (streaming clients)")
+        print("\n## Through the server on the stand-in device (streaming clients)")
+        stand_in_server_table([int(s) for s in args.stand_in_server_sizes.split(",")],
+                              args.output_len)
+        print("\n## Through the server on the bundled model (streaming clients)")
         server_table([int(s) for s in args.server_sizes.split(",")], args.output_len)
     return 0
 

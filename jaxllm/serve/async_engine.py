@@ -122,10 +122,18 @@ class AsyncEngine:
                 self._inbox.put(("abort", request.request_id))
 
     def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, out_queue = stream
-            loop.call_soon_threadsafe(out_queue.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items) -> None:
+        """Hands ``(request id, output or error)`` pairs to their streams: one wake-up of each
+        event loop for them all (a step's outputs, not one cross-thread call per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _run(self) -> None:
         try:
@@ -165,8 +173,8 @@ class AsyncEngine:
                 # Unhealthy before the failed requests hear of it: a client that asks
                 # /health on its 500 must see the 503.
                 self._failure = self._failure or giving_up
-            for rid in e.request_ids:
-                self._deliver(rid, EngineError(f"{e}; this request was stopped"))
+            self._deliver_all([(rid, EngineError(f"{e}; this request was stopped"))
+                               for rid in e.request_ids])
             if giving_up is not None:
                 self._give_up(giving_up)
             elif self.metrics is not None:
@@ -180,8 +188,7 @@ class AsyncEngine:
         self._consecutive_failures = 0
         if self.metrics is not None:
             self.metrics.on_step(self.engine, outputs, time.perf_counter() - start)
-        for out in outputs:
-            self._deliver(out.request_id, out)
+        self._deliver_all([(out.request_id, out) for out in outputs])
 
     def _count_failure(self) -> None:
         self._consecutive_failures += 1
@@ -192,8 +199,8 @@ class AsyncEngine:
         """Marks the engine unable to serve and fails every request waiting on it."""
         self._failure = self._failure or reason
         log.error("the engine cannot serve any more (/health answers 503): %s", reason)
-        for rid in self._streams.copy():
-            self._deliver(rid, EngineDead(f"the engine cannot serve: {reason}"))
+        self._deliver_all([(rid, EngineDead(f"the engine cannot serve: {reason}"))
+                           for rid in self._streams.copy()])
 
     def _handle(self, item) -> None:
         kind, payload = item
@@ -206,3 +213,8 @@ class AsyncEngine:
             self.engine.abort(payload)
             if self.metrics is not None:
                 self.metrics.refresh(self.engine)
+
+
+def _put_all(batch) -> None:
+    for out_queue, item in batch:
+        out_queue.put_nowait(item)

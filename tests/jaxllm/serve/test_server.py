@@ -351,3 +351,40 @@ def test_penalties_change_a_repetitive_continuation_like_the_reference(server):
         logit_bias={"77": 8.0}, extra_body={"repetition_penalty": 1.7}).choices[0]
     want = hf_penalised(hf, chat_ids, 10, bias, presence=1.5, repetition=1.7)
     assert chat.message.content == codec.decode(want[:-1] if want[-1] == 2 else want)
+
+
+def test_async_scheduling_off_gives_the_same_texts_stop_strings_included(server):
+    """The server's answers with ``--no-async-scheduling`` equal the default (async) ones:
+    seeded sampling with a stop string found in its text, streamed and not, n > 1, stop ids
+    and logprobs (the engine half of the comparison is ``test_async_scheduling.py``)."""
+    _, ckpt, _, client = server
+    sampled = dict(model="tiny", prompt=PROMPT, max_tokens=20, temperature=1.0, top_p=0.9,
+                   seed=11, extra_body={"ignore_eos": True})
+    words = client.completions.create(**sampled).choices[0].text.split()
+    stop = words[len(words) // 2]
+    cases = [
+        dict(sampled, stop=[stop]),
+        dict(sampled, stop=[stop, words[1]], n=2, seed=12),
+        dict(sampled, seed=13, logprobs=2, extra_body={"ignore_eos": True,
+                                                       "stop_token_ids": [5, 9]}),
+        dict(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stop=[words[2]]),
+    ]
+
+    def answers(c: openai.OpenAI) -> list:
+        out = []
+        for kwargs in cases:
+            whole = c.completions.create(**kwargs)
+            out.append([(ch.text, ch.finish_reason, ch.logprobs and ch.logprobs.token_logprobs)
+                        for ch in whole.choices])
+            if kwargs.get("n", 1) == 1:  # streamed too: the chunks add up to the same text
+                chunks = list(c.completions.create(**kwargs, stream=True))
+                out.append("".join(ch.choices[0].text for ch in chunks if ch.choices))
+        return out
+
+    expected = answers(client)
+    assert expected[0][0][1] == "stop" and stop not in expected[0][0][0]
+    args = ["--model", str(ckpt), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4",
+            "--block-size", "8", "--api-key", KEY, "--seed", "0", "--no-async-scheduling"]
+    with hf_models.serving(args) as base:
+        sync = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+        assert answers(sync) == expected
