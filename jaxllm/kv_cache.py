@@ -19,6 +19,7 @@ hybrid cache all layers form one group and every layer has its own slab (g = lay
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -57,9 +58,11 @@ class LayerGroups:
         return max(self.layer_slab) + 1
 
 
+@functools.lru_cache(maxsize=64)
 def layer_groups(config: Llama4Config, hybrid: bool) -> LayerGroups:
     """One group of every layer, or (``hybrid``) global and chunked layers in separate groups
-    of ``gcd(#global, #chunked)`` layers each."""
+    of ``gcd(#global, #chunked)`` layers each. Worked out once per (config, hybrid): every
+    part that asks (engine, runner, memory plan, AOT cases) gets the same object."""
     n = config.num_layers
     chunks = [config.chunk_size(i) for i in range(n)]
     if not hybrid or len(set(chunks)) == 1:
