@@ -18,6 +18,8 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.pages import PageAllocator, PageRow, extend_page_hashes
 from jaxllm.engine.request import Request, Status
@@ -127,14 +129,19 @@ class Scheduler:
     def pages_held_by_group(self) -> list[int]:
         """Pages each layer group holds for running requests (prefix-cache pages that no
         request holds are free)."""
-        held = [0] * self.pages.num_groups
-        for request in self.running:
-            for group, row in enumerate(request.pages):
-                # O(1) per row, not a scan of a 1M-token table every step: a row's null
-                # entries are exactly the pages before its chunk's first needed one
-                # (``computed`` drops them after every step; admission starts there).
-                held[group] += len(row) - first_needed_page(
-                    request.num_computed, self.pages.page_size, self.pages.group_chunk[group])
+        # O(1) per request, not a scan of a 1M-token table every step: a row's null entries
+        # are exactly the pages before its chunk's first needed one (``settle`` drops them
+        # after every step; admission starts there); every group's row is as long as the
+        # others (``_grow``).
+        rows = [(len(r.pages[0]), r.num_computed) for r in self.running if r.pages]
+        if not rows:
+            return [0] * self.pages.num_groups
+        lengths, computed = np.array(rows, np.int64).T
+        page = self.pages.page_size
+        held = []
+        for chunk in self.pages.group_chunk:
+            first = 0 if chunk is None else computed // chunk * chunk // page
+            held.append(int(np.sum(lengths - first)))
         return held
 
     def finish(self, request: Request, reason: str) -> None:
