@@ -210,7 +210,11 @@ def _check_tables(tables: np.ndarray, held: np.ndarray, cached: np.ndarray, ends
     ``held [G, S]`` pages per row; positions ``cached..ends - 1``)."""
     page = cache.page_size
     need = -(-ends // page)  # ``pages_for``
-    # Whole-step operations over every group at once (a handful of numpy calls per step).
+    # Whole-step operations over every group at once (a handful of numpy calls per step),
+    # over the columns some row holds or needs: a table is ``max_model_len / page`` wide
+    # (62,500 columns at 1M tokens) and past its pages a row is ``NULL_PAGE``.
+    width = int(max(held.max(), need.max()))
+    tables = tables[:, :, :width]
     if (short := np.argwhere(held < need)).size:
         g, s = short[0]
         raise ValueError(f"sequence {s}: {held[g, s]} pages for {ends[s]} tokens (page "

@@ -33,12 +33,15 @@ PAGE, CHUNK = 16, 8192
 GROUP_CHUNK = (None, CHUNK, CHUNK, CHUNK)  # Scout: 12 global layers, 36 chunked, 4 groups
 
 
-def setup(length: int, seqs: int) -> tuple[Scheduler, BucketPolicy, list[Request]]:
-    """A scheduler whose ``seqs`` requests of ``length`` prompt tokens are all in the cache
-    (as after their prefill), each about to decode."""
+def setup(length: int, seqs: int, prompt: int | None = None
+          ) -> tuple[Scheduler, BucketPolicy, list[Request]]:
+    """A scheduler whose ``seqs`` requests of ``prompt`` (default ``length``) prompt tokens
+    are all in the cache (as after their prefill), each about to decode, under a
+    max_model_len of ``length``."""
     # Pages per sequence: its whole length in the global group, a chunk (and the pages the
     # step's rows reach past it) in each chunked group.
-    pages_per_seq = -(-(length + 64) // PAGE) + 3 * (2 * CHUNK // PAGE)
+    prompt = length if prompt is None else prompt
+    pages_per_seq = -(-(prompt + 64) // PAGE) + 3 * (2 * CHUNK // PAGE)
     cache = CacheConfig(page_size=PAGE, dtype=jnp.bfloat16, num_pages=seqs * pages_per_seq,
                         hybrid=True)
     policy = BucketPolicy(max_model_len=length + 64, max_num_seqs=seqs,
@@ -48,8 +51,8 @@ def setup(length: int, seqs: int) -> tuple[Scheduler, BucketPolicy, list[Request
     rng = np.random.default_rng(0)
     requests = []
     for i in range(seqs):
-        prompt = rng.integers(3, 200_000, length).tolist()
-        request = Request(f"r{i}", prompt, dataclasses.replace(GREEDY, max_tokens=64, seed=i))
+        request = Request(f"r{i}", rng.integers(3, 200_000, prompt).tolist(),
+                          dataclasses.replace(GREEDY, max_tokens=64, seed=i))
         scheduler.add(request)
         requests.append(request)
     # Admit and "prefill" every request through the scheduler's own bookkeeping, one chunk
@@ -91,12 +94,17 @@ def main() -> int:
     parser.add_argument("--seqs", type=int, default=8)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 1_000_000])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--prompt", type=int, default=None,
+                        help="prompt tokens per sequence (default: the context); e.g. 100 "
+                        "with --seqs 256: many short sequences under a long max_model_len")
     args = parser.parse_args()
-    print(f"{args.seqs} sequences decoding; page {PAGE}, chunk {CHUNK}, 4 layer groups")
+    print(f"{args.seqs} sequences decoding; page {PAGE}, chunk {CHUNK}, 4 layer groups"
+          + (f"; prompts of {args.prompt} tokens, the context is max_model_len"
+             if args.prompt else ""))
     print(f"{'context':>9} {'tables MiB':>10} {'host ms/step':>13} {'copy ms':>8} "
           f"{'host/copy':>9}")
     for length in args.lengths:
-        scheduler, policy, requests = setup(length, args.seqs)
+        scheduler, policy, requests = setup(length, args.seqs, args.prompt)
         batch = InputBatch(policy, GROUP_CHUNK, mask_words=1)
         bind(batch, requests)
         times, nbytes = [], 0

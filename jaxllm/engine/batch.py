@@ -83,6 +83,9 @@ class StepPlan:
         return out
 
 
+assert NULL_PAGE == 0  # a step's block tables start as zeros (``InputBatch.inputs``)
+
+
 class InputBatch:
     """Host buffers of ``num_rows`` batch rows (plus the padding row) for a step of
     ``policy``'s shapes."""
@@ -137,10 +140,14 @@ class InputBatch:
             if (bad := np.flatnonzero((rows[:live] < 0) | (rows[:live] >= self.num_rows))).size:
                 raise ValueError(f"sequence {bad[0]}: batch row {rows[bad[0]]} is outside "
                                  f"[0, {self.num_rows})")
+            # Only the columns some row holds are copied: past its pages a row is null.
+            held = np.array(plan.held, np.int64)
+            used = int(held.max())
+            tables = np.zeros((groups, slots, policy.pages_per_seq), np.int32)  # NULL_PAGE
+            tables[:, :, :used] = self.tables[:, rows, :used]
             batch = lay_out_step(plan.tokens, lengths, cached,
-                                 np.broadcast_to(np.array(plan.held, np.int64), (groups, live)),
-                                 self.tables[:, rows], policy.cache, num_rows=num_rows,
-                                 group_chunk=self.group_chunk)
+                                 np.broadcast_to(held, (groups, live)), tables, policy.cache,
+                                 num_rows=num_rows, group_chunk=self.group_chunk)
         else:
             batch = build_step(_pieces(plan), policy.cache, width=policy.pages_per_seq,
                                num_rows=num_rows, num_slots=slots,
