@@ -101,8 +101,9 @@ def _kernel(meta_ref, x_ref, w_ref, s_ref, o_ref, *, scheme: str, block_m: int, 
         scale = plgpu.load(s_ref.at[expert, j_safe], mask=j_ok, other=0.0)
         accs = (accs[0] * scale.astype(jnp.float32)[None, :],)
 
-    # Zero tiles (no K steps) store zeros; masked-off elements go to the spare row num_out_rows, so that
-    # none aliases a real element (interpret mode writes masked elements back as they were).
+    # Zero tiles (no K steps) store zeros. Masked-off elements go to the spare row
+    # num_out_rows, so that none aliases a real element (interpret mode writes masked
+    # elements back as they were).
     mask = row_ok[:, None] & j_ok[None, :]
     out_rows = jnp.where(mask, rows[:, None], num_out_rows)
     for acc, cols in zip(accs, halves, strict=True):

@@ -4,7 +4,6 @@ of its group by it; rows past the groups are zero."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
