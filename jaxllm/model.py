@@ -127,13 +127,31 @@ class MLP(nnx.Module):
     def __init__(self, dim: int, hidden: int, dtype, rngs: nnx.Rngs,
                  quant: QuantConfig | None = None, mesh: Mesh | None = None):
         ffn = q.ffn_axis(hidden, quant, mesh)
+        self.mesh = mesh
         self.gate = q.weight(rngs, (dim, hidden), ("embed", ffn), dtype, quant)
         self.up = q.weight(rngs, (dim, hidden), ("embed", ffn), dtype, quant)
         self.down = q.weight(rngs, (hidden, dim), (ffn, "embed"), dtype, quant)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(q.matmul(x, self.gate[...])) * q.matmul(x, self.up[...])
-        return q.matmul(h, self.down[...])
+        weights = (self.gate[...], self.up[...], self.down[...])
+        mesh = self.mesh
+        if mesh is None or mesh.size == 1 or not q.uses_kernel(weights[0]):
+            return swiglu(x, *weights)
+        # A Pallas kernel is not partitioned by XLA: each device runs its ffn slice, and the
+        # down projection's partial sums are added across the devices that split its rows.
+        x_spec = logical_spec(("tokens", "embed"), x.shape, mesh)
+        specs = tuple(q.spec_of(w, mesh) for w in (self.gate, self.up, self.down))
+        fn = functools.partial(swiglu, sum_axes=shard_axes(q.leading_spec(specs[2])[:1]))
+        return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec, *specs), out_specs=x_spec,
+                             check_vma=False)(x, *weights)
+
+
+def swiglu(x: jax.Array, gate: jax.Array | q.QArray, up: jax.Array | q.QArray,
+           down: jax.Array | q.QArray, sum_axes: tuple[str, ...] = ()) -> jax.Array:
+    """``silu(x @ gate) * (x @ up) @ down``, summed over ``sum_axes`` (ffn split there)."""
+    h = jax.nn.silu(q.matmul(x, gate)) * q.matmul(x, up)
+    out = q.matmul(h, down)
+    return jax.lax.psum(out, sum_axes) if sum_axes else out
 
 
 class MoE(nnx.Module):
@@ -172,10 +190,12 @@ class MoE(nnx.Module):
             split = q.leading_spec(up_spec)
             fn = functools.partial(routed_experts, top_k=self.top_k, expert_axis=split[0],
                                    sum_axes=shard_axes(split), ffn_axis=split[2])
+            # check_vma=False: the int4 experts' pallas_call (on a GPU) has an out_shape
+            # without a varying-axes annotation.
             routed = jax.shard_map(
                 fn, mesh=mesh,
                 in_specs=(x_spec, PartitionSpec(), gate_spec, up_spec, down_spec),
-                out_specs=x_spec)(x, *weights)
+                out_specs=x_spec, check_vma=False)(x, *weights)
         return routed + self.shared(x)
 
 

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec
 
 from jaxllm.aot.target import CompileInfo, abstract, compile_for, gpu_mesh, inspect_compile
 
-KERNELS = ("flash_attention", "ragged_paged_attention")
+KERNELS = ("flash_attention", "ragged_paged_attention", "grouped_matmul")
 H, K, D, PAGE, CHUNK = 40, 8, 128, 16, 8192  # Scout and Maverick attention
 BF16 = jnp.bfloat16
 REPLICATED = PartitionSpec()
@@ -312,21 +312,19 @@ def engine_cases() -> list[Case]:
 
 
 def quantized_engine_cases() -> list[Case]:
-    """The same step with fp8 (W8A8), int8 and int4 experts, on 1 device and on model=8, and
-    fp8 with the fp8 KV cache."""
+    """The same step with fp8 (W8A8), int8 and int4 experts, on 1 device and on model=8, an
+    int4 prefill, and fp8 with the fp8 KV cache."""
     from jaxllm.models.quant import QuantConfig
 
     cases = []
     for scheme in ("fp8", "int8", "int4"):
         for devices in (1, 8):
-            case = engine_step_case(
+            cases.append(engine_step_case(
                 f"engine step {devices} dev decode b64 {scheme}", devices, 64, 64, 131072,
-                num_pages=32768, quant=QuantConfig(scheme))
-            if scheme == "int4":  # XLA does not fuse int4 x group scale into the GEMM
-                case = dataclasses.replace(case, known_gap=(
-                    "issue 18: int4 experts dequantize one expert at a time; a grouped int4 "
-                    "GEMM kernel is still to write"))
-            cases.append(case)
+                num_pages=32768, quant=QuantConfig(scheme)))
+    # int4 runs pallas_kernels.grouped_matmul: its prefill tiles are 64 rows, decode's 16.
+    cases.append(engine_step_case("engine step 1 dev prefill 2k int4", 1, 2048, 64, 131072,
+                                  num_pages=32768, quant=QuantConfig("int4")))
     cases.append(engine_step_case("engine step 1 dev prefill 2k fp8 + fp8 KV", 1, 2048, 64,
                                   131072, num_pages=32768, quant=QuantConfig("fp8"),
                                   kv_dtype=jnp.float8_e4m3fn))

@@ -71,7 +71,8 @@ def _kernel(meta_ref, x_ref, w_ref, s_ref, o_ref, *, scheme: str, block_m: int, 
     j_safe = jnp.minimum(j, wide - 1)
     kk = jnp.arange(block_k, dtype=jnp.int32)
     halves = (2 * j_safe, 2 * j_safe + 1) if scheme == "int4" else (j_safe,)
-    steps = jnp.where((nrows > 0) & (zero == 0), pl.cdiv(dim, block_k), 0)
+    steps = jnp.where((nrows > 0) & (zero == 0), jnp.int32(pl.cdiv(dim, block_k)),
+                      jnp.int32(0))
     x_rows = jnp.clip(rows, 0, num_out_rows - 1)
 
     def body(kb, accs):
@@ -96,7 +97,7 @@ def _kernel(meta_ref, x_ref, w_ref, s_ref, o_ref, *, scheme: str, block_m: int, 
         return tuple(out)
 
     accs = tuple(jnp.zeros((block_m, block_n), jnp.float32) for _ in halves)
-    accs = lax.fori_loop(0, steps, body, accs)
+    accs = lax.fori_loop(jnp.int32(0), steps, body, accs)
     if scheme == "int8":
         scale = plgpu.load(s_ref.at[expert, j_safe], mask=j_ok, other=0.0)
         accs = (accs[0] * scale.astype(jnp.float32)[None, :],)
