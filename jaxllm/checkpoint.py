@@ -97,12 +97,22 @@ def save_params(directory: Path, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_manifest(root: Path, dtype: str, shapes: Mapping[str, Mapping[str, list[int]]],
-                   quantization: Mapping[str, Any] | None = None) -> None:
-    """``quantization`` (``QuantConfig.to_json``) says which weights are stored quantized."""
-    manifest = {"format": FORMAT_VERSION, "dtype": dtype, "groups": shapes}
+                   quantization: Mapping[str, Any] | None = None,
+                   kv_scales: list[tuple[float, float]] | None = None) -> None:
+    """``quantization`` (``QuantConfig.to_json``) says which weights are stored quantized;
+    ``kv_scales`` are the per-layer (k_scale, v_scale) of an fp8 KV cache, if calibrated."""
+    manifest: dict[str, Any] = {"format": FORMAT_VERSION, "dtype": dtype, "groups": shapes}
     if quantization is not None:
         manifest["quantization"] = dict(quantization)
+    if kv_scales is not None:
+        manifest["kv_cache_scales"] = [[float(k), float(v)] for k, v in kv_scales]
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def kv_cache_scales(manifest: Mapping[str, Any]) -> tuple[tuple[float, float], ...] | None:
+    """The manifest's per-layer fp8 KV cache (k_scale, v_scale), None if not calibrated."""
+    scales = manifest.get("kv_cache_scales")
+    return None if scales is None else tuple((float(k), float(v)) for k, v in scales)
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

@@ -303,7 +303,10 @@ def convert(
             scheme, group_size, kinds = target
             quant = QuantConfig(scheme, kinds, group_size or quant_lib.DEFAULT_GROUP_SIZE)
             log(f"compressed-tensors checkpoint: {quant.describe()} for {', '.join(kinds)}")
-    _check_names(plan, source, config)
+    kv_names = []
+    if compressed is not None and compressed.kv_cache:
+        kv_names = [n for i in range(config.num_layers) for n in ct.kv_scale_names(i)]
+    _check_names(plan, source, config, kv_names)
     if source.skipped:
         log(f"skipping {len(source.skipped)} vision/projector tensors (--text-only)")
 
@@ -314,8 +317,12 @@ def convert(
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / name)
         _strip_quantization_config(tmp / "config.json")
+        kv_scales = ct.read_kv_scales(source, config.num_layers) if kv_names else None
+        if kv_scales is not None:
+            log(f"compressed-tensors checkpoint: calibrated FP8 KV cache scales for "
+                f"{len(kv_scales)} layers (used with --kv-cache-dtype fp8)")
         checkpoint.write_manifest(tmp, dtype, shapes,
-                                  None if quant is None else quant.to_json())
+                                  None if quant is None else quant.to_json(), kv_scales)
     return out_dir
 
 
@@ -371,8 +378,8 @@ def _entry_names(entry) -> list[str]:
 
 
 def _check_names(plan: list[tuple[str, list[Entry]]], source: SafetensorsSource,
-                 config: Llama4Config) -> None:
-    wanted = {n for _, entries in plan for e in entries for n in _entry_names(e)}
+                 config: Llama4Config, extra: list[str] = ()) -> None:
+    wanted = {n for _, entries in plan for e in entries for n in _entry_names(e)} | set(extra)
     present = set(source.location)
     if config.tie_word_embeddings:
         present.discard("lm_head.weight")  # tied: HF may or may not also store it

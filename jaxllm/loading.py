@@ -26,11 +26,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def abstract_model(
     config: Llama4Config, dtype: Any, mesh: Mesh | None = None,
-    quant: QuantConfig | None = None,
+    quant: QuantConfig | None = None, kv_scales: Any = None,
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's structure and parameter shapes, without allocating any weights."""
+    """The model's structure and parameter shapes, without allocating any weights
+    (``kv_scales``: per-layer fp8 KV cache scales, ``Llama4``'s)."""
     abstract = nnx.eval_shape(
-        lambda: Llama4(config, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh, quant=quant))
+        lambda: Llama4(config, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh, quant=quant,
+                       kv_scales=kv_scales))
     return nnx.split(abstract)
 
 
@@ -75,7 +77,9 @@ def load_model(
     A checkpoint converted with ``--quantization`` loads quantized. ``quantization`` (``fp8``,
     ``int8``, ``int4``) quantizes an unquantized one while it loads, one parameter group at a
     time, over ``quantization_scope`` (``experts``: routed and shared; ``ffn``: also the dense
-    FFN layers; ``jaxllm.models.quant``). ``kv_cache_dtype="fp8"`` keeps the KV cache in e4m3.
+    FFN layers; ``jaxllm.models.quant``). ``kv_cache_dtype="fp8"`` keeps the KV cache in e4m3,
+    with the checkpoint's calibrated ``k_scale`` / ``v_scale`` when it has them (compressed-
+    tensors' ``kv_cache_scheme``), else unit scales.
     """
     path = Path(path)
     manifest = checkpoint.read_manifest(path)
@@ -95,7 +99,8 @@ def load_model(
         config, dtype=kv_cache_dtype_of(kv_cache_dtype, dtype), max_model_len=max_model_len,
         page_size=page_size, hybrid=hybrid_kv_cache, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens)
-    graphdef, state = abstract_model(config, dtype, mesh, quant)
+    graphdef, state = abstract_model(config, dtype, mesh, quant,
+                                     checkpoint.kv_cache_scales(manifest))
     shardings, stored_shapes = _targets(config, state, mesh)
     transform = None
     stored = state

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.attention import paged_attention
 from jaxllm.config import Llama4Config, rope_inverse_frequencies
-from jaxllm.kv_cache import KVCache, LayerGroups, layer_groups, write_kv_pages
+from jaxllm.kv_cache import FP8_KV, KVCache, LayerGroups, layer_groups, write_kv_pages
 from jaxllm.layout import AttentionMetadata
 from jaxllm.models import quant as q
 from jaxllm.models.quant import QuantConfig
@@ -73,10 +73,16 @@ def temperature_scale(positions: jax.Array, floor_scale: float, attn_scale: floa
 
 
 class Attention(nnx.Module):
+    """Self-attention over the paged KV cache. ``kv_scale`` (k_scale, v_scale): the
+    checkpoint's calibrated per-tensor scales of an fp8 cache, which holds ``k / k_scale`` and
+    ``v / v_scale`` in e4m3 (1.0 without calibration, vLLM's default); a cache in the model
+    dtype ignores them."""
+
     def __init__(self, config: Llama4Config, layer: int, dtype, rngs: nnx.Rngs,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, kv_scale: tuple[float, float] = (1.0, 1.0)):
         c = config
         self.mesh = mesh
+        self.kv_scale = tuple(float(s) for s in kv_scale)
         D, H, K, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         self.config, self.layer = config, layer
         self.wq = _param(rngs, (D, H, d), ("embed", "heads", "head_dim"), dtype)
@@ -111,14 +117,27 @@ class Attention(nnx.Module):
             scale = temperature_scale(positions, c.floor_scale, c.attn_scale)
             q = (q.astype(jnp.float32) * scale[:, None, None]).astype(q.dtype)
 
+        k_scale, v_scale = self.kv_scale
+        scaled = cache[0].dtype == FP8_KV and (k_scale, v_scale) != (1.0, 1.0)
+        if scaled:  # q . (k_stored * k_scale) = (q * k_scale) . k_stored; V's scale after
+            k, v = _divided(k, k_scale), _divided(v, v_scale)
+            q = (q.astype(jnp.float32) * k_scale).astype(q.dtype)
         k_pages, v_pages = write_kv_pages(*cache, k, v, meta.slot_mapping)
         out = paged_attention(
             q, k_pages, v_pages, meta, chunk_size=c.chunk_size(layer), impl=attention_impl,
             mesh=self.mesh)
+        if scaled:
+            out = (out.astype(jnp.float32) * v_scale).astype(out.dtype)
         out = jnp.einsum("THd,HdD->TD", out, self.wo[...])
         if c.attention_bias:
             out = out + self.bo[...]
         return out, (k_pages, v_pages)
+
+
+def _divided(x: jax.Array, scale: float) -> jax.Array:
+    """``x / scale`` in float32: what an fp8 cache with that scale stores (``write_kv_pages``
+    saturates and rounds it)."""
+    return x.astype(jnp.float32) / scale
 
 
 class MLP(nnx.Module):
@@ -127,13 +146,31 @@ class MLP(nnx.Module):
     def __init__(self, dim: int, hidden: int, dtype, rngs: nnx.Rngs,
                  quant: QuantConfig | None = None, mesh: Mesh | None = None):
         ffn = q.ffn_axis(hidden, quant, mesh)
+        self.mesh = mesh
         self.gate = q.weight(rngs, (dim, hidden), ("embed", ffn), dtype, quant)
         self.up = q.weight(rngs, (dim, hidden), ("embed", ffn), dtype, quant)
         self.down = q.weight(rngs, (hidden, dim), (ffn, "embed"), dtype, quant)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(q.matmul(x, self.gate[...])) * q.matmul(x, self.up[...])
-        return q.matmul(h, self.down[...])
+        weights = (self.gate[...], self.up[...], self.down[...])
+        mesh = self.mesh
+        if mesh is None or mesh.size == 1 or not q.uses_kernel(weights[0]):
+            return swiglu(x, *weights)
+        # A Pallas kernel is not partitioned by XLA: each device runs its ffn slice, and the
+        # down projection's partial sums are added across the devices that split its rows.
+        x_spec = logical_spec(("tokens", "embed"), x.shape, mesh)
+        specs = tuple(q.spec_of(w, mesh) for w in (self.gate, self.up, self.down))
+        fn = functools.partial(swiglu, sum_axes=shard_axes(q.leading_spec(specs[2])[:1]))
+        return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec, *specs), out_specs=x_spec,
+                             check_vma=False)(x, *weights)
+
+
+def swiglu(x: jax.Array, gate: jax.Array | q.QArray, up: jax.Array | q.QArray,
+           down: jax.Array | q.QArray, sum_axes: tuple[str, ...] = ()) -> jax.Array:
+    """``silu(x @ gate) * (x @ up) @ down``, summed over ``sum_axes`` (ffn split there)."""
+    h = jax.nn.silu(q.matmul(x, gate)) * q.matmul(x, up)
+    out = q.matmul(h, down)
+    return jax.lax.psum(out, sum_axes) if sum_axes else out
 
 
 class MoE(nnx.Module):
@@ -172,10 +209,12 @@ class MoE(nnx.Module):
             split = q.leading_spec(up_spec)
             fn = functools.partial(routed_experts, top_k=self.top_k, expert_axis=split[0],
                                    sum_axes=shard_axes(split), ffn_axis=split[2])
+            # check_vma=False: the int4 experts' pallas_call (on a GPU) has an out_shape
+            # without a varying-axes annotation.
             routed = jax.shard_map(
                 fn, mesh=mesh,
                 in_specs=(x_spec, PartitionSpec(), gate_spec, up_spec, down_spec),
-                out_specs=x_spec)(x, *weights)
+                out_specs=x_spec, check_vma=False)(x, *weights)
         return routed + self.shared(x)
 
 
@@ -254,11 +293,12 @@ def vocab_parallel_lookup(table: jax.Array, tokens: jax.Array, vocab_axis: str |
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: Llama4Config, layer: int, dtype, rngs: nnx.Rngs,
-                 mesh: Mesh | None = None, quant: QuantConfig | None = None):
+                 mesh: Mesh | None = None, quant: QuantConfig | None = None,
+                 kv_scale: tuple[float, float] = (1.0, 1.0)):
         D = config.hidden_size
         self.mesh = mesh
         self.input_norm = RMSNorm(D, config.rms_norm_eps, dtype)
-        self.attn = Attention(config, layer, dtype, rngs, mesh)
+        self.attn = Attention(config, layer, dtype, rngs, mesh, kv_scale)
         self.post_attn_norm = RMSNorm(D, config.rms_norm_eps, dtype)
         if config.is_moe(layer):
             self.ffn = MoE(config, dtype, rngs, mesh, quant)
@@ -280,16 +320,22 @@ class Llama4(nnx.Module):
     are zero and padded logits are -inf, so they never win an argmax or get sampled.
     ``quant`` quantizes the feed-forward weights it covers (``jaxllm.models.quant``). A
     multimodal config adds the vision tower (``self.vision``, ``jaxllm.models.vision``), whose
-    projected features enter ``__call__`` as ``images``.
+    projected features enter ``__call__`` as ``images``. ``kv_scales`` are the per-layer
+    (k_scale, v_scale) of an fp8 KV cache (``Attention``), all 1.0 by default.
     """
 
     def __init__(self, config: Llama4Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs,
-                 mesh: Mesh | None = None, quant: QuantConfig | None = None):
+                 mesh: Mesh | None = None, quant: QuantConfig | None = None,
+                 kv_scales: tuple[tuple[float, float], ...] | None = None):
         V, D = padded_vocab_size(config.vocab_size, mesh), config.hidden_size
         self.config = config
         self.mesh = mesh
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), dtype)
-        self.layers = nnx.List([DecoderLayer(config, i, dtype, rngs, mesh, quant)
+        if kv_scales is None:
+            kv_scales = ((1.0, 1.0),) * config.num_layers
+        if len(kv_scales) != config.num_layers:
+            raise ValueError(f"{len(kv_scales)} KV cache scales for {config.num_layers} layers")
+        self.layers = nnx.List([DecoderLayer(config, i, dtype, rngs, mesh, quant, kv_scales[i])
                                 for i in range(config.num_layers)])
         self.norm = RMSNorm(D, config.rms_norm_eps, dtype)
         if not config.tie_word_embeddings:

@@ -26,6 +26,7 @@ from jaxllm.aot.cases import (  # noqa: E402
     engine_cases,
     is_pallas_kernel,
     kernel_cases,
+    plan_cases,
     run_case,
     spec_cases,
     vision_cases,
@@ -83,7 +84,8 @@ def print_result(result: Result, seconds: float, known_gap: str | None = None) -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cases = kernel_cases() + ([] if args.skip_engine
-                             else engine_cases() + spec_cases() + vision_cases())
+                             else engine_cases() + spec_cases() + vision_cases()
+                             + plan_cases())
     cases = [c for c in cases if args.only in c.name]
     results, failed, gaps = [], 0, 0
     for case in cases:

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec
 
 from jaxllm.aot.target import CompileInfo, abstract, compile_for, gpu_mesh, inspect_compile
 
-KERNELS = ("flash_attention", "ragged_paged_attention")
+KERNELS = ("flash_attention", "ragged_paged_attention", "grouped_matmul")
 H, K, D, PAGE, CHUNK = 40, 8, 128, 16, 8192  # Scout and Maverick attention
 BF16 = jnp.bfloat16
 REPLICATED = PartitionSpec()
@@ -224,7 +224,7 @@ def scout_config(num_layers: int = 4) -> Any:
 
 def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_len: int,
                      num_pages: int, num_layers: int = 4, quant: Any = None,
-                     kv_dtype: Any = BF16) -> Case:
+                     kv_dtype: Any = BF16, config: Any = None) -> Case:
     """The engine's sampling step (``jaxllm.engine.step.step_function``) of a Scout-shaped
     model in bf16 (its feed-forward weights quantized by ``quant``, a ``QuantConfig``),
     parameters and cache as abstract arrays with their real shardings; ``num_pages`` pages
@@ -233,7 +233,7 @@ def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_l
     from jaxllm.kv_cache import CacheConfig
     from jaxllm.sharding import MESH_AXES
 
-    config = scout_config(num_layers)
+    config = scout_config(num_layers) if config is None else config
     # The serving default: chunked-local layers in their own groups (hybrid page tables).
     cache = CacheConfig(page_size=PAGE, dtype=kv_dtype, num_pages=num_pages, hybrid=True)
     width = max_model_len // PAGE
@@ -271,9 +271,10 @@ def abstract_params(config: Any, dtype: Any, mesh: Any, quant: Any = None) -> tu
 
 
 def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any, rows: int,
-                  slots: int, width: int) -> tuple[Any, tuple]:
-    """The engine's step (``jaxllm.engine.step.step_function``, Pallas attention) and abstract
-    arguments for a step of ``rows`` rows and ``slots`` sequences."""
+                  slots: int, width: int, attention_impl: str = "pallas") -> tuple[Any, tuple]:
+    """The engine's step (``jaxllm.engine.step.step_function``, Pallas attention unless
+    ``attention_impl`` says otherwise) and abstract arguments for a step of ``rows`` rows and
+    ``slots`` sequences."""
     from jaxllm.engine.step import step_function, step_spec
     from jaxllm.kv_cache import kv_cache_sharding
     from jaxllm.penalties import PenaltyState, state_sharding
@@ -292,7 +293,7 @@ def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any
                                for dtype, sharding in zip((jnp.int32, jnp.bool_),
                                                           state_sharding(*shape, mesh),
                                                           strict=True)))
-    step = step_function(graphdef, "pallas", mesh, groups)
+    step = step_function(graphdef, attention_impl, mesh, groups)
     return step, (params, [(page, page)] * groups.num_slabs, penalties,
                   abstract(mesh, (slots,), jnp.int32), inputs)
 
@@ -312,25 +313,57 @@ def engine_cases() -> list[Case]:
 
 
 def quantized_engine_cases() -> list[Case]:
-    """The same step with fp8 (W8A8), int8 and int4 experts, on 1 device and on model=8, and
-    fp8 with the fp8 KV cache."""
+    """The same step with fp8 (W8A8), int8 and int4 experts, on 1 device and on model=8, an
+    int4 prefill, and fp8 with the fp8 KV cache."""
     from jaxllm.models.quant import QuantConfig
 
     cases = []
     for scheme in ("fp8", "int8", "int4"):
         for devices in (1, 8):
-            case = engine_step_case(
+            cases.append(engine_step_case(
                 f"engine step {devices} dev decode b64 {scheme}", devices, 64, 64, 131072,
-                num_pages=32768, quant=QuantConfig(scheme))
-            if scheme == "int4":  # XLA does not fuse int4 x group scale into the GEMM
-                case = dataclasses.replace(case, known_gap=(
-                    "issue 18: int4 experts dequantize one expert at a time; a grouped int4 "
-                    "GEMM kernel is still to write"))
-            cases.append(case)
+                num_pages=32768, quant=QuantConfig(scheme)))
+    # int4 runs pallas_kernels.grouped_matmul: its prefill tiles are 64 rows, decode's 16.
+    cases.append(engine_step_case("engine step 1 dev prefill 2k int4", 1, 2048, 64, 131072,
+                                  num_pages=32768, quant=QuantConfig("int4")))
     cases.append(engine_step_case("engine step 1 dev prefill 2k fp8 + fp8 KV", 1, 2048, 64,
                                   131072, num_pages=32768, quant=QuantConfig("fp8"),
                                   kv_dtype=jnp.float8_e4m3fn))
     return cases
+
+
+def maverick_config(num_layers: int = 4) -> Any:
+    """Llama 4 Maverick's text config with ``num_layers`` layers (dense and MoE alternating)."""
+    scout = scout_config(num_layers)
+    return dataclasses.replace(
+        scout, num_experts=128, moe_layers=tuple(range(1, num_layers, 2)), rope_scaling=None,
+        use_qk_norm=False)
+
+
+def plan_cases() -> list[Case]:
+    """The step the deployment plans (``tests/jaxllm/engine/test_memory.py``) size: the widest
+    token bucket (8192 rows, vLLM's H100 default) and 8 sequences, for Scout int4 (bf16 and
+    fp8 KV cache) and fp8 on one device and Maverick fp8 routed experts on model=8, 4 layers;
+    Scout int4 also at 8 layers (a step's temporaries do not grow with its layers: XLA reuses
+    one layer's buffers in the next). Their temporaries are the plan tests' step memory."""
+    from jaxllm.models.quant import QuantConfig
+
+    fp8 = jnp.float8_e4m3fn
+    cases = [
+        engine_step_case(f"plan step scout int4 1 dev 8k rows {layers} layers", 1, 8192, 8,
+                         131072, num_pages=8192, num_layers=layers, quant=QuantConfig("int4"))
+        for layers in (4, 8)]
+    cases += [
+        engine_step_case("plan step scout int4 fp8 KV 1 dev 8k rows 4 layers", 1, 8192, 8,
+                         131072, num_pages=8192, quant=QuantConfig("int4"), kv_dtype=fp8),
+        engine_step_case("plan step scout fp8 1 dev 8k rows 4 layers", 1, 8192, 8, 131072,
+                         num_pages=8192, quant=QuantConfig("fp8")),
+        engine_step_case("plan step maverick fp8 8 dev 8k rows 4 layers", 8, 8192, 8,
+                         1_000_000, num_pages=8192, quant=QuantConfig("fp8", ("routed",)),
+                         config=maverick_config(4)),
+    ]
+    # At 8192 rows a [rows, hidden] activation has a weight's dims: only temporaries count.
+    return [dataclasses.replace(c, no_buffer=(), max_temp_bytes=None) for c in cases]
 
 
 def verify_case(name: str, devices: int, slots: int, k: int, with_q: bool,

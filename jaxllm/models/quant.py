@@ -13,7 +13,8 @@ Schemes (``QuantConfig.scheme``), each a weight ``q [..., D, F]`` plus float32 `
   weight converted inside the dot and the scale applied after (exact for the same reason).
 - ``int4`` weight only: int4 weights, one scale per ``group_size`` in features and out channel
   (``scale [..., G, F]``), dequantized inside the matmul's fusion (no dequantized copy is a
-  parameter, so none lives in HBM between steps).
+  parameter, so none lives in HBM between steps); the routed experts' grouped GEMM on a GPU
+  is ``pallas_kernels.grouped_matmul``, which widens the packed nibbles in registers.
 
 Scope (``QuantConfig.targets``): the weights Meta quantizes, the routed and the shared experts
 (``"routed"``, ``"shared"``), by default; ``"dense"`` widens it to the dense FFN layers
@@ -36,6 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxllm.sharding import LOGICAL_AXIS_RULES, axis_size, logical_spec
+from pallas_kernels import grouped_matmul, targets_gpu
 
 SCHEMES = ("fp8", "int8", "int4")
 TARGETS = ("routed", "shared", "dense")
@@ -287,6 +289,10 @@ def matmul(x: jax.Array, w: jax.Array | QArray) -> jax.Array:
     """``x [T, D] @ w [D, F]`` for a plain or quantized weight, in ``x``'s dtype."""
     if not isinstance(w, QArray):
         return x @ w
+    if uses_kernel(w):  # one group of all the rows
+        rows = jnp.full((1,), x.shape[0], jnp.int32)
+        return grouped_matmul(x, w.q[None], w.scale[None], rows, scheme="int4",
+                              group_size=w.group_size)
 
     def dot(a, b):
         return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
@@ -305,6 +311,9 @@ def ragged_matmul(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array,
         return jax.lax.ragged_dot(x, w, group_sizes)
 
     if w.scheme == "int4":
+        if uses_kernel(w):
+            return grouped_matmul(x, w.q, w.scale, group_sizes, scheme="int4",
+                                  group_size=w.group_size)
         return _int4_by_expert(x, w, row_expert)
 
     def dot(a, b):
@@ -313,11 +322,24 @@ def ragged_matmul(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array,
     return _quantized_dot(x, w, dot, lambda: w.scale[row_expert], row_axis).astype(x.dtype)
 
 
+def uses_kernel(w: jax.Array | QArray) -> bool:
+    """Whether ``w``'s matmuls run ``pallas_kernels.grouped_matmul``: an int4 weight, in a
+    program for a GPU (XLA does not fuse int4's convert times group scale into a GEMM, so it
+    would write a bf16 copy), of a shape the kernel takes (an even number of out columns,
+    two a byte; a power-of-two group of at least 16 in features). Off the GPU the XLA
+    formulations below compute the same product."""
+    if not isinstance(w, QArray) or w.scheme != "int4" or not targets_gpu():
+        return False
+    group = w.group_size
+    return w.q.shape[-1] % 2 == 0 and group >= 16 and group & (group - 1) == 0
+
+
 def _int4_by_expert(x: jax.Array, w: QArray, row_expert: jax.Array) -> jax.Array:
-    """The grouped int4 GEMM as a loop over the experts, each a dense dot of the rows (others
-    zeroed) with that expert's weight dequantized as the dot's operand: XLA's ragged_dot
-    lowering would first write a bf16 copy of every expert. The work is XLA's own lowering's
-    at decode sizes (it too multiplies every row by every expert)."""
+    """The grouped int4 GEMM off the GPU (and for shapes the kernel does not take): a loop
+    over the experts, each a dense dot of the rows (others zeroed) with that expert's weight
+    dequantized as the dot's operand: XLA's ragged_dot lowering would first write a bf16 copy
+    of every expert. The work is XLA's own lowering's at decode sizes (it too multiplies every
+    row by every expert)."""
 
     def one(e):
         expert = QArray(w.q[e], w.scale[e], w.scheme, w.group_size)

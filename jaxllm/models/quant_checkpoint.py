@@ -54,6 +54,7 @@ class CompressedConfig:
 
     schemes: tuple[Scheme, ...]
     ignore: tuple[str, ...]
+    kv_cache: bool = False  # per-layer static FP8 k_scale / v_scale (``kv_cache_scheme``)
 
     def scheme_of(self, module: str) -> Scheme | None:
         """The scheme of Linear ``module`` (its checkpoint name), None if not quantized."""
@@ -85,15 +86,51 @@ def read_config(hf_config: Mapping[str, Any]) -> CompressedConfig | None:
         raise QuantCheckpointError(
             f"quantization_config.quant_method={method!r}: jaxllm reads compressed-tensors "
             f"checkpoints (or quantizes a bf16 one with --quantization)")
-    if qc.get("kv_cache_scheme"):
-        raise QuantCheckpointError(
-            f"quantization_config.kv_cache_scheme={qc['kv_cache_scheme']!r}: checkpoints with "
-            f"calibrated KV cache scales are not read; use --kv-cache-dtype fp8 instead")
+    kv_cache = _kv_cache_scheme(qc.get("kv_cache_scheme"))
     schemes = tuple(_scheme(name, group, qc.get("format"))
                     for name, group in qc.get("config_groups", {}).items())
     if not schemes:
         raise QuantCheckpointError("quantization_config has no config_groups")
-    return CompressedConfig(schemes, tuple(qc.get("ignore") or ()))
+    return CompressedConfig(schemes, tuple(qc.get("ignore") or ()), kv_cache)
+
+
+KV_SCALE_NAMES = ("self_attn.k_scale", "self_attn.v_scale")
+
+
+def _kv_cache_scheme(kv: Mapping[str, Any] | None) -> bool:
+    """Whether the checkpoint stores KV cache scales: ``kv_cache_scheme`` must be what vLLM
+    serves, static symmetric FP8 (e4m3) with one scale per layer's K and V (``tensor``); each
+    attention module then holds ``k_scale`` and ``v_scale`` (compressed-tensors'
+    ``initialize_attn_qparams``)."""
+    if not kv:
+        return False
+    kind = (kv.get("type"), kv.get("num_bits"), kv.get("strategy", "tensor"))
+    if kind != ("float", 8, "tensor") or kv.get("dynamic") or not kv.get("symmetric", True):
+        raise QuantCheckpointError(
+            f"quantization_config.kv_cache_scheme={dict(kv)!r}: jaxllm reads static symmetric "
+            f"FP8 per-tensor KV cache scales (type float, num_bits 8, strategy tensor)")
+    return True
+
+
+def kv_scale_names(layer: int) -> tuple[str, str]:
+    """The text checkpoint names of layer ``layer``'s ``k_scale`` and ``v_scale``."""
+    return tuple(f"model.layers.{layer}.{name}" for name in KV_SCALE_NAMES)
+
+
+def read_kv_scales(source: Any, num_layers: int) -> list[tuple[float, float]]:
+    """Every layer's (k_scale, v_scale): one positive finite number each."""
+    scales = []
+    for layer in range(num_layers):
+        pair = []
+        for name in kv_scale_names(layer):
+            value = np.asarray(source.read(name), np.float32)
+            if value.size != 1 or not np.isfinite(value).all() or float(value.item()) <= 0:
+                raise QuantCheckpointError(
+                    f"tensor {name}: shape {list(value.shape)}, values {value.ravel()[:4]}; "
+                    f"expected one positive scale (per-tensor kv_cache_scheme)")
+            pair.append(float(value.item()))
+        scales.append((pair[0], pair[1]))
+    return scales
 
 
 def _scheme(name: str, group: Mapping[str, Any], default_format: str | None) -> Scheme:

@@ -2,9 +2,14 @@
 sharded over simulated devices (no weights allocated): the plan counts quantized weights and
 their scales, names the scheme per parameter group, and the deployments the issue names fit.
 
-The step's temporary memory is taken as ``STEP_TEMP`` here (the dry run on compile-only GPUs
-measures it from the compiled step: 605 MiB for a 2048-row prefill of a 4-layer Scout in
-bf16 on one H100, BENCHMARKS.md; four times the rows are given 4 GiB)."""
+The step's temporary memory is what the compiled step needs (``STEP_TEMP``): the widest step
+these plans run (8192 rows, 8 sequences) of each deployment, compiled for H100s without one
+(``JAX_PLATFORMS=cpu .venv312/bin/python scripts/compile_gpu.py --only "plan step"``, cases
+``jaxllm.aot.cases.plan_cases``, jax 0.11.2, 2026-12-03; BENCHMARKS.md), read from its
+``memory_analysis``. The compile has 4 layers: a step's temporaries do not grow with its
+layers (Scout int4: 788 MiB at 4 layers, 789 MiB at 8), so the 48-layer step needs the same;
+1 MiB of margin per deployment covers that difference. A real ``--dry-run`` compiles the
+step at the deployment's own shapes."""
 
 from __future__ import annotations
 
@@ -28,7 +33,14 @@ from jaxllm.models.quant import QuantConfig
 from jaxllm.sharding import make_mesh
 
 GIB = 2**30
-STEP_TEMP = 4 * GIB
+MIB = 2**20
+# Measured temporaries (MiB, per device) of the 8192-row step, plus 1 MiB: see the docstring.
+STEP_TEMP = {
+    ("scout", "int4", "auto"): 789 * MIB,
+    ("scout", "int4", "fp8"): 789 * MIB,
+    ("scout", "fp8", "auto"): 1349 * MIB,
+    ("maverick", "fp8", "auto"): 5467 * MIB,
+}
 H100 = target_memory_bytes("h100")  # 84,942,979,072 bytes
 H200 = 150_754_820_096  # total memory of an H200 (141 GB HBM3e) as CUDA reports it
 
@@ -38,6 +50,13 @@ def maverick_config():
     return dataclasses.replace(
         scout, num_experts=128, moe_layers=tuple(range(1, 48, 2)), rope_scaling=None,
         use_qk_norm=False)
+
+
+def _step_temp(config, quant, kv) -> int:
+    name = "maverick" if config.num_experts == 128 else "scout"
+    if quant is None:  # bf16 Maverick is refused on its weights alone: no temporaries needed
+        return 0
+    return STEP_TEMP[(name, quant.scheme, kv)]
 
 
 def _plan(config, devices, quant, max_model_len, kv="auto", device_bytes=H100):
@@ -55,7 +74,7 @@ def _plan(config, devices, quant, max_model_len, kv="auto", device_bytes=H100):
     weights = weights_bytes_per_device(params)
     plan = plan_kv_cache(config, policy, mesh=mesh, on_gpu=True,
                          device_bytes=lambda: device_bytes, weights_bytes=lambda: weights,
-                         step_temp_bytes=lambda: STEP_TEMP,
+                         step_temp_bytes=lambda: _step_temp(config, quant, kv),
                          penalty_bytes=penalty_bytes_per_device(config, policy, mesh))
     report = startup_report(config, policy, plan, weights, mesh, params=params)
     concurrency = float(report[-2].rsplit(": ", 1)[1].rstrip("x"))

@@ -91,6 +91,29 @@ def test_weight_only_logits_equal_hf_on_8_devices(compressed, scheme, group_size
     assert _rel(model.logits(ids), hf_models.hf_logits(hf, ids)) < WEIGHT_ONLY_TOL
 
 
+@pytest.mark.parametrize("mesh", [None, dict(data=2, model=4), dict(expert=4, model=2)])
+def test_int4_grouped_kernel_logits_equal_hf(compressed, monkeypatch, mesh):
+    """The GPU path of int4 experts (``pallas_kernels.grouped_matmul`` for the routed experts
+    and the shared expert, under ``shard_map`` on a mesh), run in interpret mode on the CPU."""
+
+    from pallas_kernels import grouped_matmul
+
+    monkeypatch.setattr(quant, "targets_gpu", lambda: True)
+    calls = []
+
+    def interpreted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return grouped_matmul(*args, **kwargs, interpret=True)
+
+    monkeypatch.setattr(quant, "grouped_matmul", interpreted)
+    hf, _, path = compressed("scout", "int4", 16)
+    model = jaxllm.load_model(path, mesh=None if mesh is None else make_mesh(**mesh))
+    ids = _ids()
+    assert _rel(model.logits(ids), hf_models.hf_logits(hf, ids)) < WEIGHT_ONLY_TOL
+    experts = hf.config.get_text_config().num_local_experts
+    assert {shape[0] for shape in calls} == {1, experts // (mesh or {}).get("expert", 1)}
+
+
 def test_scales_are_split_with_their_channels(compressed):
     _, _, path = compressed("scout", "int4", 8)
     model = jaxllm.load_model(path, mesh=make_mesh(expert=4, model=2))
