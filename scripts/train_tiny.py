@@ -19,7 +19,9 @@ import string
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +44,16 @@ from jaxllm.model import Llama4
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARS = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
+# Content is a string, or a list of parts (HF's Llama 4 convention): an image part becomes
+# the <|image|> placeholder that the processor expands (tokenizers with image tokens only).
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}{{ eos_token }}"
-    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}{% endif %}"
+    "{% else %}<|{{ m['role'] }}|>{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}<|image|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 SEQ_LEN = 24
 PAGE = 8
@@ -71,14 +79,16 @@ def question(a: int, b: int) -> str:
     return f"What is {a} + {b}?"
 
 
-def save_tokenizer(directory: Path):
+def save_tokenizer(directory: Path, extra_specials: tuple[str, ...] = ()):
+    """The character-level tokenizer and its config; ``extra_specials`` (the image tokens of
+    ``train_vision_tiny.py``) get the ids after the characters, so text ids never move."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS + list(extra_specials))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    tokenizer.add_special_tokens(SPECIALS)
+    tokenizer.add_special_tokens(SPECIALS + list(extra_specials))
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
@@ -99,53 +109,60 @@ def make_split(seed: int, held_out: int) -> tuple[np.ndarray, np.ndarray]:
     return pairs[order[held_out:]], pairs[order[:held_out]]
 
 
-def batches(tokenizer, pairs: np.ndarray, batch: int, rng: np.random.Generator):
+def batches(tokenizer, pairs: np.ndarray, batch: int, rng: np.random.Generator,
+            seq_len: int = SEQ_LEN):
     while True:
-        pick = pairs[rng.integers(0, len(pairs), batch)]
-        tokens = np.zeros((batch, SEQ_LEN), np.int32)
-        mask = np.zeros((batch, SEQ_LEN), np.float32)
-        for i, (a, b) in enumerate(pick):
-            ids, start = encode_example(tokenizer, int(a), int(b))
-            tokens[i, : len(ids)] = ids
-            mask[i, start : len(ids)] = 1.0  # learn the answer and the EOS after it
-        yield tokens, mask
+        yield sum_batch(tokenizer, pairs[rng.integers(0, len(pairs), batch)], seq_len)
 
 
-def train(config: Llama4Config, tokenizer, pairs, args) -> nnx.State:
-    model = Llama4(config, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
-    graphdef, params = nnx.split(model)
-    if args.resume:  # continue from an earlier run's checkpoint
-        params = jaxllm.load_model(args.resume, dtype="float32").params
-    # The batch's layout: each row a sequence at positions 0..SEQ_LEN-1, in its own pages.
-    width = pages_for(SEQ_LEN, PAGE)
+def sum_batch(tokenizer, pairs: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows of the conversations about ``pairs`` and the mask of what is learned."""
+    tokens = np.zeros((len(pairs), seq_len), np.int32)
+    mask = np.zeros((len(pairs), seq_len), np.float32)
+    for i, (a, b) in enumerate(pairs):
+        ids, start = encode_example(tokenizer, int(a), int(b))
+        tokens[i, : len(ids)] = ids
+        mask[i, start : len(ids)] = 1.0  # learn the answer and the EOS after it
+    return tokens, mask
+
+
+def batch_layout(batch: int, seq_len: int) -> tuple[CacheConfig, Any]:
+    """The cache and attention metadata of a training batch: each row a sequence at
+    positions 0..seq_len-1, in its own pages."""
+    width = pages_for(seq_len, PAGE)
     cache = CacheConfig(page_size=PAGE, dtype=jnp.float32,
-                        num_pages=contiguous_num_pages(1, args.batch, width))
-    chunks = [SeqPiece([contiguous_pages(0, b, args.batch, width)], 0, [0] * SEQ_LEN)
-              for b in range(args.batch)]
+                        num_pages=contiguous_num_pages(1, batch, width))
+    chunks = [SeqPiece([contiguous_pages(0, b, batch, width)], 0, [0] * seq_len)
+              for b in range(batch)]
     meta = jax.tree.map(jnp.asarray, build_step(
-        chunks, cache, width=width, num_rows=args.batch * SEQ_LEN, num_slots=args.batch).meta)
-    warmup = min(200, args.steps // 10)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps, args.lr / 20)
+        chunks, cache, width=width, num_rows=batch * seq_len, num_slots=batch).meta)
+    return cache, meta
+
+
+def answer_nll(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean next-token NLL over the masked positions of ``tokens [B, L]``; logits [B, L, V]."""
+    logits = logits[:, :-1]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1)[..., 0]
+    return jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:])
+
+
+def fit(loss_fn: Callable[..., jax.Array], params: Any, data: Iterator[tuple], steps: int,
+        lr: float) -> Any:
+    """``steps`` of AdamW (warm-up, cosine decay, clipping) on ``loss_fn(params, *batch)``."""
+    warmup = min(200, steps // 10)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr / 20)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                             optax.adamw(schedule, b2=0.98, weight_decay=0.01))
     opt_state = optimizer.init(params)
 
-    def loss_fn(params, tokens, mask):
-        module = nnx.merge(graphdef, params)
-        hidden, _ = module(tokens.reshape(-1), init_kv_cache(config, cache), meta)
-        logits = module.logits(hidden).reshape(*tokens.shape, -1)[:, :-1]
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1)[..., 0]
-        return jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:])
-
     @jax.jit
-    def step(params, opt_state, tokens, mask):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask)
+    def step(params, opt_state, *batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    data = batches(tokenizer, pairs, args.batch, np.random.default_rng(args.seed))
     start = time.perf_counter()
-    for i in range(1, args.steps + 1):
+    for i in range(1, steps + 1):
         params, opt_state, loss = step(params, opt_state, *next(data))
         if i % 250 == 0 or i in (1, 20):
             print(f"step {i:5d}  loss {float(loss):.4f}  {time.perf_counter() - start:6.0f} s",
@@ -153,15 +170,40 @@ def train(config: Llama4Config, tokenizer, pairs, args) -> nnx.State:
     return params
 
 
-def write_checkpoint(out: Path, params: nnx.State, tokenizer_dir: Path) -> None:
-    """Writes the jaxllm checkpoint into a temporary directory renamed into place."""
+def train(config: Llama4Config, tokenizer, pairs, args) -> nnx.State:
+    model = Llama4(config, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
+    graphdef, params = nnx.split(model)
+    if args.resume:  # continue from an earlier run's checkpoint
+        params = jaxllm.load_model(args.resume, dtype="float32").params
+    cache, meta = batch_layout(args.batch, SEQ_LEN)
+
+    def loss_fn(params, tokens, mask):
+        module = nnx.merge(graphdef, params)
+        # The reference attention: the blockwise one loops a data-dependent number of times,
+        # which reverse-mode differentiation cannot go through.
+        hidden, _ = module(tokens.reshape(-1), init_kv_cache(config, cache), meta,
+                           attention_impl="reference")
+        return answer_nll(module.logits(hidden).reshape(*tokens.shape, -1), tokens, mask)
+
+    data = batches(tokenizer, pairs, args.batch, np.random.default_rng(args.seed))
+    return fit(loss_fn, params, data, args.steps, args.lr)
+
+
+def write_checkpoint(out: Path, params: nnx.State, tokenizer_dir: Path,
+                     config: dict[str, Any] = CONFIG, files: dict[str, str] | None = None
+                     ) -> None:
+    """Writes the jaxllm checkpoint (and ``files``: name -> text) into a temporary directory
+    renamed into place."""
     with checkpoint.atomic_directory(out) as tmp:
         shapes = checkpoint.save_params(tmp, nnx.to_pure_dict(params))
-        (tmp / "config.json").write_text(json.dumps(CONFIG, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=1))
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy2(tokenizer_dir / name, tmp / name)
+        for name, text in (files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(text)
         checkpoint.write_manifest(tmp, "float32", shapes)
 
 
