@@ -22,6 +22,7 @@ from jaxllm.engine.pages import PageRow
 from jaxllm.engine.step import StepInputs
 from jaxllm.kv_cache import NULL_PAGE
 from jaxllm.layout import SeqPiece, build_step
+from jaxllm.multimodal.feeder import PieceImages, step_features
 from jaxllm.penalties import PenaltyRows, no_rows
 from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, seed_words
 
@@ -38,6 +39,7 @@ class SlotPlan:
     from_last: int = -1  # the last step's slot whose pick is this piece's last token
     targets: Sequence[int] = ()  # per row, the prompt token after it to score (-1: none)
     num_drafts: int = 0  # the piece's last tokens that are drafts to verify
+    images: PieceImages | None = None  # the image features its rows take
 
 
 class InputBatch:
@@ -45,8 +47,9 @@ class InputBatch:
     ``policy``'s shapes."""
 
     def __init__(self, policy: BucketPolicy, group_chunk: Sequence[int | None],
-                 mask_words: int, num_speculative: int = 0):
+                 mask_words: int, num_speculative: int = 0, feature_words: int = 0):
         self.policy, self.group_chunk, self.mask_words = policy, group_chunk, mask_words
+        self.feature_words = feature_words  # of an image feature row (0: no images)
         self.num_speculative = num_speculative  # the most drafts a piece may end in
         self.num_rows = policy.max_num_seqs
         self.pad_row = self.num_rows
@@ -105,9 +108,11 @@ class InputBatch:
             mask[index] = words
         sampling = SamplingArrays(*(buffer[rows] for buffer in self.sampling))
         drafts, num_drafts, verify_rows = self._drafts(plans, batch.logits_rows)
+        image_rows, image_features = step_features([p.images for p in plans], starts,
+                                                   num_rows, self.feature_words)
         return StepInputs(batch.tokens, from_last, batch.meta, batch.logits_rows, sampling,
                           self.seeds[rows], steps, penalty, mask, targets, drafts,
-                          num_drafts, verify_rows)
+                          num_drafts, verify_rows, image_rows, image_features)
 
     def _drafts(self, plans: Sequence[SlotPlan], last_rows: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
