@@ -190,8 +190,9 @@ def plan_kv_cache(
             f"nothing is left for the KV cache: {plan.utilization} x {plan.device_bytes} "
             f"bytes of device memory less {plan.weights_bytes} bytes of weights, "
             f"{plan.penalty_bytes} bytes of penalty state, {plan.step_temp_bytes} bytes of "
-            f"step temporaries and {plan.encoder_bytes or 0} bytes of image encoder per device; use more devices "
-            f"(--tensor-parallel-size), a smaller --dtype or --max-num-batched-tokens")
+            f"step temporaries and {plan.encoder_bytes or 0} bytes of image encoder per "
+            f"device; use more devices (--tensor-parallel-size), a smaller --dtype or "
+            f"--max-num-batched-tokens")
     if plan.num_pages < need:
         fits = longest_fitting_length(policy, groups, plan.num_pages)
         raise ValueError(
