@@ -30,8 +30,13 @@ class ImageInput:
     @property
     def placeholder(self) -> int:
         """The ``<|image|>`` id an image part becomes in a rendered prompt."""
-        assert self.tokens is not None
-        return self.tokens.image
+        return self._tokens().image
+
+    def _tokens(self) -> ImageTokens:
+        if self.tokens is None:
+            raise MediaError("this model's tokenizer has no image tokens (<|image|>, "
+                             "<|patch|>, ...): it cannot take images")
+        return self.tokens
 
     async def load(self, messages: list[ChatMessage]) -> list[ProcessedImage]:
         """The processed images of ``messages`` in prompt order ([] without image parts)."""
@@ -46,9 +51,6 @@ class ImageInput:
         if self.processor is None:
             raise MediaError("this model takes no images: its checkpoint has no vision tower "
                              "(a text-only model, or converted with --text-only)")
-        if self.tokens is None:
-            raise MediaError("this model's tokenizer has no image tokens (<|image|>, "
-                             "<|patch|>, ...): it cannot take images")
         if len(where) > self.max_images:
             raise MediaError(f"At most {self.max_images} image(s) may be provided in one "
                              f"prompt; this one has {len(where)} (--limit-mm-per-prompt)")
@@ -58,10 +60,10 @@ class ImageInput:
         """``ids`` with each ``<|image|>`` placeholder expanded into its image's tile layout
         (``jaxllm.multimodal.prompt``); a count of placeholders other than of images is a
         ``MediaError``."""
-        assert self.tokens is not None
+        tokens = self._tokens()
         try:
             return expand_prompt(ids, [im.grid for im in images], self.tokens_per_tile,
-                                 self.tokens)
+                                 tokens)
         except ValueError as e:
             raise MediaError(str(e)) from None
 
