@@ -88,6 +88,7 @@ def test_greedy_with_one_and_three_images_equals_hf(multimodal, budget):
         assert len(one[0]) > 2 * budget
 
 
+@pytest.mark.slow  # about a minute on a shared 2-core CPU
 def test_a_chunk_that_cuts_through_an_image_takes_its_rows(multimodal):
     """A piece boundary inside each tile's run of <|patch|> tokens, for several cut points."""
     hf, model = multimodal
@@ -120,6 +121,7 @@ def test_prefix_cache_keys_pages_by_image(multimodal):
     assert engine.images.num_encoded == 2  # the first image once, the other once
 
 
+@pytest.mark.slow  # about a minute on a shared 2-core CPU
 def test_preemption_and_an_encoder_cache_of_one_image(multimodal):
     """Too few pages for four image prompts and an encoder cache that holds one largest
     image: pieces wait for room, requests are preempted and recomputed (their images encoded
@@ -151,6 +153,7 @@ def test_requests_with_images_are_checked_at_admission(multimodal, tiny_model):
         text.prepare(ids[:40], GREEDY, images=[pixels])
 
 
+@pytest.mark.slow  # about a minute on a shared 2-core CPU
 def test_no_compilation_after_warmup_with_images(multimodal):
     _, model = multimodal
     engine = Engine(model, max_num_batched_tokens=32)
@@ -166,6 +169,7 @@ def test_no_compilation_after_warmup_with_images(multimodal):
     assert compiles == []
 
 
+@pytest.mark.slow  # about a minute on a shared 2-core CPU
 def test_greedy_with_images_on_eight_devices_equals_hf(tiny_model):
     hf, _, path = tiny_model("multimodal_scout")
     model = jaxllm.load_model(path, max_model_len=192, page_size=8, max_num_seqs=4,
