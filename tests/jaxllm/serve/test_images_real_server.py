@@ -151,3 +151,33 @@ def test_a_text_only_checkpoint_refuses_images(tiny_model):
         assert r.status_code == 400 and r.json()["object"] == "error"
         assert "this model takes no images" in r.json()["message"]
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def _hits(url: str) -> float:
+    import re
+
+    text = httpx.get(f"{url}/metrics").text
+    return float(re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} ([\d.e+]+)$", text,
+                           re.M).group(1))
+
+
+def test_prefix_cache_hits_the_same_image_and_misses_another(served):
+    _, _, url = served
+
+    def chat(png: bytes) -> dict:
+        body = _chat(_url(png))
+        body["temperature"] = 0
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first_png, other_png = _png(44, 30), _png(48, 30)  # two images not sent before
+    before = _hits(url)
+    first = chat(first_png)
+    assert _hits(url) == before
+    again = chat(first_png)
+    length = again["usage"]["prompt_tokens"]
+    assert again["choices"][0]["message"] == first["choices"][0]["message"]
+    assert _hits(url) == before + (length - 1) // 8 * 8  # every full page of the prompt
+    chat(other_png)  # the image starts in the first page: nothing before it to share
+    assert _hits(url) == before + (length - 1) // 8 * 8
