@@ -94,8 +94,12 @@ class Model:
         bucket = 1 << (tiles - 1).bit_length()
         padded = np.zeros((bucket, *want), np.float32)
         padded[:tiles] = pixels
-        fn = self.compiled(("encode_images", bucket), self._compile_encode)
-        return to_host(fn(self.params, padded))[:tiles]
+        return to_host(self.encoder(bucket)(self.params, padded))[:tiles]
+
+    def encoder(self, tiles: int) -> Any:
+        """The jitted vision tower for a bucket of ``tiles`` tiles: ``(params, pixels) ->
+        features``."""
+        return self.compiled(("encode_images", tiles), self._compile_encode)
 
     def require_vision(self) -> VisionConfig:
         """The vision config; raises ValueError (a 400 at the server) for a text-only model."""

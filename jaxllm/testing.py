@@ -250,17 +250,22 @@ CHAT_TEMPLATE = (
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
-def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
+def save_word_tokenizer(directory: Path, vocab_size: int, images: bool = False) -> None:
     """A whitespace word-level tokenizer over ``vocab_size`` ids (specials, then words
-    ``w7``, ``w8``, ...) with a chat template, saved as HF tokenizer files."""
+    ``w7``, ``w8``, ...) with a chat template, saved as HF tokenizer files. ``images``: the
+    ids of ``TINY_IMAGE_TOKENS`` are Llama 4's image special tokens instead of words."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
     vocab.update({f"w{i}": i for i in range(len(SPECIAL), vocab_size)})
+    named = TINY_IMAGE_TOKENS if images else {}
+    for name, i in named.items():
+        del vocab[f"w{i}"]
+        vocab[name] = i
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer.add_special_tokens(SPECIAL)
+    tokenizer.add_special_tokens(SPECIAL + list(named))
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
     config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",

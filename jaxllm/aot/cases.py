@@ -271,10 +271,12 @@ def abstract_params(config: Any, dtype: Any, mesh: Any, quant: Any = None) -> tu
 
 
 def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any, rows: int,
-                  slots: int, width: int, attention_impl: str = "pallas") -> tuple[Any, tuple]:
+                  slots: int, width: int, attention_impl: str = "pallas",
+                  image_dtype: Any = None) -> tuple[Any, tuple]:
     """The engine's step (``jaxllm.engine.step.step_function``, Pallas attention unless
     ``attention_impl`` says otherwise) and abstract arguments for a step of ``rows`` rows and
-    ``slots`` sequences."""
+    ``slots`` sequences (``image_dtype``: the variant that brings image features of that
+    dtype, for a model with a vision tower)."""
     from jaxllm.engine.step import step_function, step_spec
     from jaxllm.kv_cache import kv_cache_sharding
     from jaxllm.penalties import PenaltyState, state_sharding
@@ -285,7 +287,13 @@ def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any
     page = jax.ShapeDtypeStruct(cache.page_shape(config), cache.dtype,
                                 sharding=kv_cache_sharding(config, cache, mesh))
     vocab = padded_vocab_size(config.vocab_size, mesh)
-    spec = step_spec(rows, slots, groups.num_groups, width, mask_words(vocab))
+    words = 0
+    if image_dtype is not None:
+        from jaxllm.multimodal.feeder import feature_words
+
+        words = feature_words(config.hidden_size, image_dtype)
+    spec = step_spec(rows, slots, groups.num_groups, width, mask_words(vocab),
+                     feature_words=words, images=image_dtype is not None)
     inputs = jax.tree.map(lambda a: abstract(mesh, a.shape, a.dtype), spec)
     # The penalty state: a slot per sequence of the widest step, split over the vocabulary.
     shape = (slots, vocab)

@@ -40,7 +40,7 @@ def dry_run(args: argparse.Namespace) -> list[str]:
     import jax.numpy as jnp
 
     from jaxllm.aot.cases import abstract_params, abstract_step
-    from jaxllm.aot.target import TARGETS, compile_for, gpu_mesh
+    from jaxllm.aot.target import TARGETS, abstract, compile_for, gpu_mesh
     from jaxllm.loading import resolve_dtype
     from jaxllm.sharding import MESH_AXES
 
@@ -61,17 +61,38 @@ def dry_run(args: argparse.Namespace) -> list[str]:
     mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices), target=args.target)
     graphdef, params = abstract_params(config, dtype, mesh, quant)
     weights = weights_bytes_per_device(params)
+    vision = config.vision
 
     def step_temp_bytes() -> int:
         groups = policy.cache.groups(config)
         cache = policy.cache.with_pages(pages_for_sequence(policy, groups, policy.max_model_len))
         step, step_args = abstract_step(graphdef, params, config, cache, mesh,
                                         policy.token_buckets[-1], policy.batch_buckets[-1],
-                                        policy.pages_per_seq)
+                                        policy.pages_per_seq,
+                                        image_dtype=dtype if vision is not None else None)
         with tempfile.TemporaryDirectory() as dump:
             compiled = compile_for(step, mesh, *step_args, dump_dir=dump,
                                    donate_argnums=(1, 2, 3))
         return int(compiled.memory_analysis().temp_size_in_bytes)
+
+    def encoder_bytes() -> int:
+        """The encoder at the tile bucket of one largest image (16 tiles + the global one)
+        and the widest step's image features, as ``jaxllm.engine.runner.encoder_bytes``."""
+        from flax import nnx
+
+        from jaxllm.multimodal.feeder import MAX_IMAGE_TILES, feature_words
+
+        bucket = 1 << (MAX_IMAGE_TILES - 1).bit_length()
+
+        def encode(params, pixels):
+            return nnx.merge(graphdef, params).vision(pixels)
+
+        pixels = abstract(mesh, (bucket, vision.num_channels, vision.image_size,
+                                 vision.image_size), jnp.float32)
+        with tempfile.TemporaryDirectory() as dump:
+            memory = compile_for(encode, mesh, params, pixels, dump_dir=dump).memory_analysis()
+        features = policy.token_buckets[-1] * 4 * feature_words(config.hidden_size, dtype)
+        return int(memory.temp_size_in_bytes + memory.output_size_in_bytes + features)
 
     plan = plan_kv_cache(
         config, policy, mesh=mesh, num_pages=args.num_kv_pages,
@@ -79,7 +100,8 @@ def dry_run(args: argparse.Namespace) -> list[str]:
         gpu_memory_utilization=args.gpu_memory_utilization, on_gpu=True,
         device_bytes=lambda: target_memory_bytes(args.target), weights_bytes=lambda: weights,
         step_temp_bytes=step_temp_bytes,
-        penalty_bytes=penalty_bytes_per_device(config, policy, mesh))
+        penalty_bytes=penalty_bytes_per_device(config, policy, mesh),
+        encoder_bytes=encoder_bytes if vision is not None else None)
     scheme = "" if quant is None else f", {quant.describe()} for {'+'.join(quant.targets)}"
     head = (f"dry run: {config.num_layers} layers, {config.num_experts} experts, vocab "
             f"{config.vocab_size}, {jnp.dtype(dtype).name}{scheme}"

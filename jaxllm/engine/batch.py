@@ -22,6 +22,7 @@ from jaxllm.engine.pages import PageRow
 from jaxllm.engine.step import StepInputs
 from jaxllm.kv_cache import NULL_PAGE
 from jaxllm.layout import SeqPiece, build_step, lay_out_step
+from jaxllm.multimodal.feeder import PieceImages, step_features
 from jaxllm.penalties import PenaltyRows, no_rows
 from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, seed_words
 
@@ -38,6 +39,7 @@ class SlotPlan:
     from_last: int = -1  # the last step's slot whose pick is this piece's last token
     targets: Sequence[int] = ()  # per row, the prompt token after it to score (-1: none)
     num_drafts: int = 0  # the piece's last tokens that are drafts to verify
+    images: PieceImages | None = None  # the image features its rows take
 
 
 @dataclasses.dataclass(slots=True)
@@ -59,6 +61,7 @@ class StepPlan:
     num_drafts: list[int] = dataclasses.field(default_factory=list)
     targets: list[int] | None = None  # per flat row, when some slot scores its prompt
     pages: list[Sequence[Sequence[int]]] | None = None  # per slot, per layer group
+    images: list[PieceImages | None] | None = None  # per slot, when some slot takes images
 
     def __len__(self) -> int:
         return len(self.batch_rows)
@@ -80,6 +83,8 @@ class StepPlan:
         if any(p.targets for p in plans):
             out.targets = [t for p in plans
                            for t in (p.targets or [-1] * len(p.piece.tokens))]
+        if any(p.images is not None for p in plans):
+            out.images = [p.images for p in plans]
         return out
 
 
@@ -91,8 +96,9 @@ class InputBatch:
     ``policy``'s shapes."""
 
     def __init__(self, policy: BucketPolicy, group_chunk: Sequence[int | None],
-                 mask_words: int, num_speculative: int = 0):
+                 mask_words: int, num_speculative: int = 0, feature_words: int = 0):
         self.policy, self.group_chunk, self.mask_words = policy, group_chunk, mask_words
+        self.feature_words = feature_words  # of an image feature row (0: no images)
         self.num_speculative = num_speculative  # the most drafts a piece may end in
         self.num_rows = policy.max_num_seqs
         self.pad_row = self.num_rows
@@ -170,9 +176,11 @@ class InputBatch:
         sampling = SamplingArrays(*(buffer[rows] for buffer in self.sampling))
         drafts, num_drafts, verify_rows = self._drafts(plan, batch.tokens, lengths,
                                                        batch.logits_rows)
+        image_rows, image_features = step_features(plan.images or [None] * live, starts,
+                                                   num_rows, self.feature_words)
         return StepInputs(batch.tokens, from_last, batch.meta, batch.logits_rows, sampling,
                           self.seeds[rows], steps, penalty, mask, targets, drafts,
-                          num_drafts, verify_rows)
+                          num_drafts, verify_rows, image_rows, image_features)
 
     def _drafts(self, plan: StepPlan, tokens: np.ndarray, lengths: np.ndarray,
                 last_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ import logging
 import random
 import secrets
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,11 +35,12 @@ from jaxllm.engine.memory import (
 )
 from jaxllm.engine.pages import PageAllocator
 from jaxllm.engine.request import Request, admit
-from jaxllm.engine.runner import ModelRunner, PendingStep, step_temp_bytes
+from jaxllm.engine.runner import ModelRunner, PendingStep, encoder_bytes, step_temp_bytes
 from jaxllm.engine.scheduler import Scheduled, Scheduler
 from jaxllm.engine.speculation import Speculator
 from jaxllm.engine.step import Emitted, Sampled, Scored
 from jaxllm.layout import SeqPiece, pages_for
+from jaxllm.multimodal.feeder import MAX_IMAGE_TILES, ImageFeeder, PieceImages, request_images
 from jaxllm.sampling import SamplingParams
 from jaxllm.spec.config import SpeculativeConfig
 
@@ -125,7 +126,8 @@ class Engine:
                  gpu_memory_utilization: float | None = None,
                  max_num_batched_tokens: int | None = None, seed: int | None = None,
                  step_timeout: float | None = None, async_scheduling: bool = True,
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None,
+                 max_image_tiles: int = MAX_IMAGE_TILES, encoder_cache_rows: int | None = None):
         self.model = model
         self.async_scheduling = async_scheduling
         # The engine's configuration, derived once and handed whole to every part: the
@@ -136,13 +138,14 @@ class Engine:
         groups = base.cache.groups(model.config)
         probe = base.for_engine(max(base.pages_per_seq,
                                     pages_for_sequence(base, groups, base.max_model_len)))
+        images = lambda: encoder_bytes(model, probe, max_image_tiles)  # noqa: E731
         self.plan = plan_for_model(
-            model, base, lambda: step_temp_bytes(model, probe), num_pages=num_pages,
+            model, base, lambda: step_temp_bytes(model, probe), images, num_pages=num_pages,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization)
         if (agreed := agree_on_minimum(self.plan.num_pages)) != self.plan.num_pages:
             self.plan = plan_for_model(model, base, lambda: step_temp_bytes(model, probe),
-                                       num_pages=agreed)
+                                       images, num_pages=agreed)
         self.policy = base.for_engine(self.plan.num_pages)
         self.groups = groups
         self.pages = PageAllocator(self.policy.cache, groups.group_chunk)
@@ -151,7 +154,17 @@ class Engine:
         k = speculative.num_speculative_tokens if speculative else 0
         self.runner = ModelRunner(model, self.policy, k)
         self.executor = Executor(self.runner, step_timeout=step_timeout)
-        self.batch = InputBatch(self.policy, groups.group_chunk, self.runner.mask_words, k)
+        self.batch = InputBatch(self.policy, groups.group_chunk, self.runner.mask_words, k,
+                                self.runner.feature_words)
+        # Images (``jaxllm.multimodal.feeder``): encoded once each, kept in an encoder cache
+        # of at least one step's tokens (vLLM's default) and one largest image.
+        self.images: ImageFeeder | None = None
+        if (vision := model.config.vision) is not None:
+            rows = encoder_cache_rows or max(self.policy.max_num_batched_tokens,
+                                             max_image_tiles * vision.tokens_per_tile)
+            self.images = ImageFeeder(vision, self.executor.encode, rows, model.dtype,
+                                      max_image_tiles)
+            self.scheduler.images = self.images
         self.requests: dict[str, Request] = {}
         self._in_flight: LaunchedStep | FailedLaunch | None = None
         # Request id -> its sequence slot in the step in flight that picks its next token
@@ -165,9 +178,13 @@ class Engine:
         self._seeds = random.Random(seed if seed is not None else secrets.randbits(64))
 
     def prepare(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
-                request_id: str | None = None, *, ignore_eos: bool = False) -> Request:
-        """Checks a request and builds it, changing nothing: bad ids or lengths raise
-        ValueError here, before any device work (safe to call from another thread)."""
+                request_id: str | None = None, *, ignore_eos: bool = False,
+                images: Sequence[Any] = ()) -> Request:
+        """Checks a request and builds it, changing nothing: bad ids, lengths or images raise
+        ValueError here, before any device work (safe to call from another thread).
+        ``images``: the prompt's images in order (``ProcessedImage``s or tiles
+        ``[N, C, S, S]``), whose features its ``<|patch|>`` tokens take (the prompt is
+        expanded: ``jaxllm.multimodal.prompt.expand_prompt``)."""
         admitted = admit(prompt, sampling or SamplingParams(), self.policy,
                          vocab_size=self.model.config.vocab_size,
                          eos_token_ids=self.model.eos_token_ids,
@@ -178,8 +195,11 @@ class Engine:
                 raise ValueError("structured outputs need the model's tokenizer, and this "
                                  "engine has none")
             matcher = self.grammars.matcher(admitted.sampling.structured)
+        vision = self.model.config.vision
+        tiles = self.images.max_tiles if self.images is not None else MAX_IMAGE_TILES
         return Request(request_id or f"req-{next(self._ids)}", admitted.prompt,
-                       admitted.sampling, admitted.stop_ids, matcher=matcher)
+                       admitted.sampling, admitted.stop_ids, matcher=matcher,
+                       images=request_images(admitted.prompt, images, vision, tiles))
 
     def submit(self, request: Request) -> str:
         if request.request_id in self.requests:
@@ -189,9 +209,9 @@ class Engine:
         return request.request_id
 
     def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Checks and queues a request; returns its id."""
-        return self.submit(self.prepare(prompt, sampling, request_id))
+                    request_id: str | None = None, images: Sequence[Any] = ()) -> str:
+        """Checks and queues a request (``prepare``); returns its id."""
+        return self.submit(self.prepare(prompt, sampling, request_id, images=images))
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -288,6 +308,12 @@ class Engine:
             plan.num_drafts.append(len(drafts))
             if scores:
                 plan.targets += _prompt_targets(s) or [-1] * n
+            if request.images is not None:  # the image features its rows take
+                if plan.images is None:
+                    plan.images = [None] * index
+                plan.images.append(self.images.piece(request, start, n))
+            elif plan.images is not None:
+                plan.images.append(None)
         self._last_slot = slot_of
         return plan
 
@@ -383,6 +409,8 @@ class Engine:
         lines = startup_report(self.model.config, self.policy, self.plan,
                                weights_bytes_per_device(self.model.params), self.model.mesh,
                                params=self.model.params)
+        if self.images is not None:
+            lines.append(self.images.describe())
         return lines + ([self.speculator.describe()] if self.speculator is not None else [])
 
     def recover(self, failed: Sequence[Request] = ()) -> int:
@@ -407,7 +435,8 @@ class Engine:
     def warmup(self, progress: bool = True) -> int:
         """Compiles the step program for every (token bucket, batch bucket) pair, so serving
         never compiles, and the verifying one for every pair a step with drafts can have;
-        returns how many. Writes only into pages no request holds."""
+        with a vision tower also each one's variant with image features and the encoder for
+        every tile bucket. Returns how many. Writes only into pages no request holds."""
         from tqdm import tqdm
 
         policy, page = self.policy, self.policy.page_size
@@ -435,9 +464,18 @@ class Engine:
                 n = seqs if rows > seqs else seqs - 1
                 if n >= 1 and policy.batch_bucket(n) == seqs:
                     runs.append(plans(rows, n, self.speculator.k))
+        compiled = 0
+        if self.images is not None:
+            compiled += self.images.warmup()
+            # Image rows of none of the step's tokens: the variant's shapes are what counts.
+            width = self.model.config.hidden_size
+            none = PieceImages(np.zeros(0, np.int32), np.zeros((1, width), self.model.dtype))
+            runs += [[dataclasses.replace(p, images=dataclasses.replace(
+                none, rows=np.full(len(p.piece.tokens), -1, np.int32))) for p in run]
+                for run in runs]
         for run in tqdm(runs, desc="warmup", unit="program", disable=not progress):
             self.executor.run(self.batch.inputs(run)).result()
-        return len(runs)
+        return compiled + len(runs)
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  sampling: SamplingParams | None = None) -> list[list[int]]:

@@ -3,8 +3,9 @@
 
 Across processes, process 0 (the leader) runs the server, the scheduler and the sampler
 bookkeeping; every other process (a follower) only runs steps (``follow``). For each step the
-leader broadcasts a fixed-size header (a command and the step's token and batch buckets), then
-the step's host arrays (``StepInputs``), whose shapes those buckets fix, in one message:
+leader broadcasts a fixed-size header (a command, the step's token and batch buckets and
+whether it brings image features), then the step's host arrays (``StepInputs``), whose
+shapes those fix, in one message (an image's tiles go the same way before its encoder runs):
 every process runs
 the same compiled program on the same inputs, and none compiles a shape another did not.
 
@@ -40,6 +41,7 @@ class Command(enum.IntEnum):
     STEP = 1  # receive a step's inputs and run it
     RESET = 2  # re-create the KV cache (after a failed step)
     STOP = 3  # leave ``follow``
+    ENCODE = 4  # receive an image's tiles and run the vision tower on them
 
 
 class Executor:
@@ -71,6 +73,18 @@ class Executor:
             pending = self.runner.run(inputs)
         return GuardedStep(pending, self._guard)
 
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """``ModelRunner.encode``, in every process (the tower's weights span the mesh): the
+        tiles, padded to their power-of-two bucket, are broadcast first."""
+        if not self.distributed:
+            return self.runner.encode(pixels)
+        tiles = len(pixels)
+        padded = np.zeros((1 << (tiles - 1).bit_length(), *pixels.shape[1:]), np.float32)
+        padded[:tiles] = pixels
+        with self._guard("an image encoding"):
+            self._send(Command.ENCODE, padded)
+            return self.runner.encode(padded)[:tiles]
+
     def reset_cache(self) -> None:
         """``ModelRunner.reset_cache`` (KV cache and penalty state), in every process."""
         with self._guard("a KV cache reset"):
@@ -90,20 +104,26 @@ class Executor:
         if self.leader:
             raise RuntimeError("process 0 leads: it runs steps, it does not follow")
         while True:
-            header = multihost_utils.broadcast_one_to_all(np.zeros(3, np.int32))
-            command, rows, slots = (int(v) for v in header)
+            header = multihost_utils.broadcast_one_to_all(np.zeros(4, np.int32))
+            command, rows, slots, images = (int(v) for v in header)
             if command == Command.STOP:
                 return
             if command == Command.RESET:
                 self.runner.reset_cache()
             elif command == Command.STEP:
-                template = self.runner.empty_inputs(rows, slots)
+                template = self.runner.empty_inputs(rows, slots, bool(images))
                 message = multihost_utils.broadcast_one_to_all(pack(template))
                 self.runner.run(unpack(message, template)).result()
+            elif command == Command.ENCODE:
+                vision = self.runner.model.require_vision()
+                side = vision.image_size
+                tiles = multihost_utils.broadcast_one_to_all(
+                    np.zeros((rows, vision.num_channels, side, side), np.float32))
+                self.runner.encode(np.asarray(tiles))
             else:
                 raise RuntimeError(f"unknown command {command} from the leader")
 
-    def _send(self, command: Command, inputs: StepInputs | None = None) -> None:
+    def _send(self, command: Command, inputs: StepInputs | np.ndarray | None = None) -> None:
         if not self.distributed:
             return
         if not self.leader:
@@ -111,11 +131,18 @@ class Executor:
                                "runs steps")
         if self._stopped and command != Command.STOP:
             raise RuntimeError("the followers were stopped")
-        rows, slots = (0, 0) if inputs is None else (inputs.tokens.shape[0],
-                                                     inputs.logits_rows.shape[0])
+        if inputs is None:
+            header = [command, 0, 0, 0]
+        elif isinstance(inputs, np.ndarray):  # an image's tiles
+            header = [command, len(inputs), 0, 0]
+        else:
+            header = [command, inputs.tokens.shape[0], inputs.logits_rows.shape[0],
+                      int(inputs.has_images)]
         try:
-            multihost_utils.broadcast_one_to_all(np.array([command, rows, slots], np.int32))
-            if inputs is not None:
+            multihost_utils.broadcast_one_to_all(np.array(header, np.int32))
+            if isinstance(inputs, np.ndarray):
+                multihost_utils.broadcast_one_to_all(inputs)
+            elif inputs is not None:
                 multihost_utils.broadcast_one_to_all(pack(inputs))
         except Exception as error:
             self._fail(f"broadcasting {command.name} to the followers failed "

@@ -81,13 +81,13 @@ def weights_bytes_per_device(params: Any) -> int:
 
 
 WEIGHT_GROUPS = ("embed", "attention", "router", "routed experts", "shared expert", "dense ffn",
-                 "norms", "lm_head")
+                 "norms", "lm_head", "vision")
 _SCHEME_OF_DTYPE = {"float8_e4m3fn": "fp8", "int8": "int8", "int4": "int4"}
 
 
 def _weight_group(path: tuple[str, ...], ndim: int) -> str:
     """The group of weight ``path`` (a quantized weight's path without ``q`` / ``scale``)."""
-    if path[0] in ("embed", "lm_head"):
+    if path[0] in ("embed", "lm_head", "vision"):
         return path[0]
     if "attn" in path:
         return "attention"
@@ -134,6 +134,9 @@ class KVPlan:
     weights_bytes: int | None = None
     step_temp_bytes: int | None = None
     penalty_bytes: int | None = None
+    # Images: the encoder's temporaries and output at its widest tile bucket, and the step's
+    # image features (``image_encoder_bytes``); 0 without a vision tower.
+    encoder_bytes: int | None = None
 
     @property
     def kv_bytes(self) -> int:
@@ -153,11 +156,13 @@ def plan_kv_cache(
     weights_bytes: Callable[[], int],
     step_temp_bytes: Callable[[], int],
     penalty_bytes: int = 0,
+    encoder_bytes: Callable[[], int] | None = None,
 ) -> KVPlan:
     """Pages for the KV cache: ``num_pages`` if given, else what ``kv_cache_memory_bytes``
     holds, else the device's ``gpu_memory_utilization`` share less the weights, the penalty
-    state (``penalty_bytes``) and the step's temporary memory (``step_temp_bytes()``,
-    measured on the compiled step). Raises
+    state (``penalty_bytes``), the step's temporary memory (``step_temp_bytes()``,
+    measured on the compiled step) and, with a vision tower, the encoder's
+    (``encoder_bytes()``, measured on the compiled encoder, and the step's features). Raises
     ValueError, naming both numbers and the longest max_model_len that fits, when one
     sequence of ``max_model_len`` does not fit. Bytes are per device of ``mesh``."""
     groups = policy.cache.groups(config)
@@ -173,18 +178,21 @@ def plan_kv_cache(
         if not 0 < utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={utilization} must be in (0, 1]")
         device, weights, temp = device_bytes(), weights_bytes(), step_temp_bytes()
-        pages = max(0, int(device * utilization) - weights - penalty_bytes - temp) // page_bytes
+        encoder = encoder_bytes() if encoder_bytes is not None else 0
+        pages = max(0, int(device * utilization) - weights - penalty_bytes - temp
+                    - encoder) // page_bytes
         if not on_gpu:  # RAM is shared: never take more than max_num_seqs sequences can use
             pages = min(pages, policy.max_num_seqs * need)
         plan = KVPlan(pages, page_bytes, "--gpu-memory-utilization", device, utilization,
-                      weights, temp, penalty_bytes)
+                      weights, temp, penalty_bytes, encoder)
     if plan.device_bytes is not None and plan.kv_bytes == 0:
         raise ValueError(
             f"nothing is left for the KV cache: {plan.utilization} x {plan.device_bytes} "
             f"bytes of device memory less {plan.weights_bytes} bytes of weights, "
-            f"{plan.penalty_bytes} bytes of penalty state and {plan.step_temp_bytes} bytes of "
-            f"step temporaries per device; use more devices "
-            f"(--tensor-parallel-size), a smaller --dtype or --max-num-batched-tokens")
+            f"{plan.penalty_bytes} bytes of penalty state, {plan.step_temp_bytes} bytes of "
+            f"step temporaries and {plan.encoder_bytes or 0} bytes of image encoder per "
+            f"device; use more devices (--tensor-parallel-size), a smaller --dtype or "
+            f"--max-num-batched-tokens")
     if plan.num_pages < need:
         fits = longest_fitting_length(policy, groups, plan.num_pages)
         raise ValueError(
@@ -196,9 +204,9 @@ def plan_kv_cache(
 
 
 def plan_for_model(model: Model, policy: BucketPolicy, step_temp_bytes: Callable[[], int],
-                   **flags) -> KVPlan:
+                   encoder_bytes: Callable[[], int] | None = None, **flags) -> KVPlan:
     """``plan_kv_cache`` for a loaded model on this machine's devices."""
-    return plan_kv_cache(model.config, policy, mesh=model.mesh,
+    return plan_kv_cache(model.config, policy, mesh=model.mesh, encoder_bytes=encoder_bytes,
                          on_gpu=jax.default_backend() == "gpu",
                          device_bytes=device_memory_bytes,
                          weights_bytes=lambda: weights_bytes_per_device(model.params),
@@ -254,5 +262,7 @@ def startup_report(config: Llama4Config, policy: BucketPolicy, plan: KVPlan,
             f"budget: {plan.utilization:.2f} x {plan.device_bytes / gib:.2f} GiB device memory"
             f" - {plan.weights_bytes / gib:.3f} GiB weights - {(plan.penalty_bytes or 0) / gib:.3f}"
             f" GiB penalty state - {plan.step_temp_bytes / gib:.3f} GiB step temporaries"
-            f" (compiled)")
+            f" (compiled)" + (f" - {plan.encoder_bytes / gib:.3f} GiB image encoder (compiled"
+                              f" temporaries and output, step features)"
+                              if plan.encoder_bytes else ""))
     return lines

@@ -182,11 +182,13 @@ class PageAllocator:
             if self.refs[page] == 0:
                 self.free[page] = None
 
-    def match_prefix(self, tokens: Sequence[int]) -> list[list[int]]:
+    def match_prefix(self, tokens: Sequence[int], images: Sequence[ImageSpan] = ()
+                     ) -> list[list[int]]:
         """Takes (adds a reference to) the cached pages of the longest prefix of ``tokens``
-        that every group can resume from: global groups need every page of it, chunked
-        groups the pages of its last chunk. Returns each group's table row."""
-        hashes = page_hashes(tokens, self.page_size)
+        (whose ``images`` are hashed into the pages they overlap) that every group can resume
+        from: global groups need every page of it, chunked groups the pages of its last
+        chunk. Returns each group's table row."""
+        hashes = page_hashes(tokens, self.page_size, images=images)
         length = 0  # pages every global group has
         while length < len(hashes) and all(
                 (g, hashes[length]) in self.by_hash

@@ -109,6 +109,8 @@ class Request:
     # Bumped whenever its pages are dropped: a step scheduled before then must not offer
     # the pages it wrote to the prefix cache.
     epoch: int = 0
+    # Its prompt's images (``jaxllm.multimodal.feeder.RequestImages``), or None.
+    images: Any = None
 
     @property
     def max_tokens(self) -> int:

@@ -28,6 +28,7 @@ from jaxllm.engine.step import (
 )
 from jaxllm.kv_cache import init_kv_cache, kv_cache_sharding
 from jaxllm.layout import SeqPiece, build_step
+from jaxllm.multimodal.feeder import feature_words
 from jaxllm.penalties import PenaltyState, init_state, state_sharding
 from jaxllm.sampling import mask_words
 from jaxllm.sharding import to_host
@@ -66,6 +67,9 @@ class ModelRunner:
         config, cache = model.config, policy.cache
         self.groups = groups = cache.groups(config)
         self.mask_words = mask_words(model.padded_vocab)
+        # 4-byte words of one image feature row in the step's inputs (0: no vision tower).
+        self.feature_words = (feature_words(config.hidden_size, model.dtype)
+                              if config.vision is not None else 0)
         sharding = kv_cache_sharding(config, cache, model.mesh)
         self._new_cache = jax.jit(
             lambda: init_kv_cache(config, cache, model.mesh),
@@ -97,14 +101,19 @@ class ModelRunner:
                 in_shardings=(model.param_shardings, None, None, rep, rep))
         return self._programs[key]
 
-    def spec(self, rows: int, slots: int) -> StepInputs:
+    def spec(self, rows: int, slots: int, images: bool = False) -> StepInputs:
         return step_spec(rows, slots, self.groups.num_groups, self.policy.pages_per_seq,
-                         self.mask_words, self.num_speculative)
+                         self.mask_words, self.num_speculative, self.feature_words, images)
 
-    def empty_inputs(self, rows: int, slots: int) -> StepInputs:
-        """Zeroed inputs of a step of ``rows`` rows and ``slots`` sequence slots: the shapes
-        a follower receives a step into."""
-        return zeros_like_spec(self.spec(rows, slots))
+    def empty_inputs(self, rows: int, slots: int, images: bool = False) -> StepInputs:
+        """Zeroed inputs of a step of ``rows`` rows and ``slots`` sequence slots (with image
+        features: ``images``): the shapes a follower receives a step into."""
+        return zeros_like_spec(self.spec(rows, slots, images))
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """Projected features ``[N, tokens_per_tile, E]`` of tiles ``[N, C, S, S]``
+        (``Model.encode_images``: a program per power-of-two tile count)."""
+        return self.model.encode_images(pixels)
 
     def run(self, inputs: StepInputs) -> PendingStep:
         """Dispatches the compiled step on ``inputs`` (the scoring one when a row has a
@@ -176,8 +185,12 @@ def step_temp_bytes(model: Model, policy: BucketPolicy) -> int:
                                    (np.int32, np.bool_),
                                    state_sharding(*shape, model.mesh), strict=True)))
         last = jax.ShapeDtypeStruct((policy.max_num_seqs,), np.int32)
+        # With a vision tower the widest step is the one that brings image features.
+        vision = config.vision is not None
         spec = step_spec(policy.token_buckets[-1], policy.batch_buckets[-1],
-                         groups.num_groups, policy.pages_per_seq, mask_words(model.padded_vocab))
+                         groups.num_groups, policy.pages_per_seq, mask_words(model.padded_vocab),
+                         feature_words=feature_words(config.hidden_size, model.dtype)
+                         if vision else 0, images=vision)
         fn = step_function(model.graphdef, model.attention_impl, model.mesh, groups)
         rep = model.replicated()
         compiled = jax.jit(fn, donate_argnums=(1, 2, 3),
@@ -186,6 +199,26 @@ def step_temp_bytes(model: Model, policy: BucketPolicy) -> int:
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     return model.compiled(("step_temp_bytes", policy), measure)
+
+
+def encoder_bytes(model: Model, policy: BucketPolicy, max_tiles: int) -> int:
+    """Device memory of images per device: the encoder's temporaries and output at the tile
+    bucket of ``max_tiles`` (read from the compiled program, nothing allocated) and the
+    widest step's image features; 0 without a vision tower."""
+    vision = model.config.vision
+    if vision is None:
+        return 0
+
+    def measure() -> int:
+        bucket = 1 << (max_tiles - 1).bit_length()
+        pixels = jax.ShapeDtypeStruct((bucket, vision.num_channels, vision.image_size,
+                                       vision.image_size), np.float32)
+        memory = model.encoder(bucket).lower(model.params, pixels).compile().memory_analysis()
+        features = (policy.token_buckets[-1] * 4
+                    * feature_words(model.config.hidden_size, model.dtype))
+        return int(memory.temp_size_in_bytes + memory.output_size_in_bytes + features)
+
+    return model.compiled(("encoder_bytes", policy, max_tiles), measure)
 
 
 def _check_finite(picked: Sampled | Emitted) -> Sampled | Emitted:

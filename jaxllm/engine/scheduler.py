@@ -65,6 +65,10 @@ class Scheduler:
                                   if c is not None and c % pages.page_size})
         # Batch rows (``jaxllm.engine.batch``): at most max_num_seqs requests run.
         self.free_rows = list(range(policy.max_num_seqs - 1, -1, -1))
+        # Images (``jaxllm.multimodal.feeder.ImageFeeder``): ``fit(request, start, n)`` says
+        # how many of a piece's tokens may run (its images encoded and held), ``release``
+        # lets a request's images go when its pages do.
+        self.images = None
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -84,11 +88,11 @@ class Scheduler:
             pending = request.num_pending
             if not _schedulable(request, pending):
                 continue
-            n = min(pending, budget)
+            n = self._fit(request, min(pending, budget))
             # Pages to hold them already (most decode steps), else grown, preempting.
             pages = request.pages
-            if ((not pages or request.num_computed + n > len(pages[0]) * page)
-                    and not self._reserve(request, n, out)):
+            if n == 0 or ((not pages or request.num_computed + n > len(pages[0]) * page)
+                          and not self._reserve(request, n, out)):
                 continue
             out.append(_scheduled(request, n, pending))
             budget -= n
@@ -99,8 +103,8 @@ class Scheduler:
                 break
             if not request.pages:
                 self._take_cached_prefix(request)
-            n = min(request.num_pending, budget)
-            if not self._grow(request, n):
+            n = self._fit(request, min(request.num_pending, budget))
+            if n == 0 or not self._grow(request, n):
                 self._drop_pages(request)  # retry whole when pages are free again
                 break
             self.waiting.popleft()
@@ -112,6 +116,12 @@ class Scheduler:
             out.append(_scheduled(request, n, request.num_pending, admitted=True))
             budget -= n
         return out
+
+    def _fit(self, request: Request, n: int) -> int:
+        """``n``, or fewer when an image the piece reaches has no room in the encoder cache."""
+        if self.images is None or request.images is None:
+            return n
+        return self.images.fit(request, request.num_computed, n)
 
     def speculate(self, scheduled: Scheduled, drafts: Sequence[int]) -> Scheduled:
         """A decode piece with ``drafts`` after its token, counted as computed like it, when
@@ -155,6 +165,8 @@ class Scheduler:
     def _drop_pages(self, request: Request) -> None:
         """Gives back the request's pages and batch row: it starts again from nothing."""
         self.pages.release(request.held_pages)
+        if self.images is not None:
+            self.images.release(request)
         request.pages, request.num_computed = [], 0
         request.epoch += 1
         if request.batch_row is not None:
@@ -169,6 +181,8 @@ class Scheduler:
         preempted = sum(r.status is Status.RUNNING for r in requests)
         self.num_preemptions += preempted
         for request in requests:
+            if self.images is not None:
+                self.images.release(request)
             request.pages, request.num_computed, request.status = [], 0, Status.WAITING
             request.batch_row, request.num_in_flight = None, 0
             request.epoch += 1
@@ -183,7 +197,8 @@ class Scheduler:
             return
         # At least the last token is computed, so the step yields logits for it.
         usable = request.tokens[: len(request.tokens) - 1]
-        request.pages = [PageRow(row) for row in self.pages.match_prefix(usable)]
+        spans = request.images.spans if request.images is not None else ()
+        request.pages = [PageRow(row) for row in self.pages.match_prefix(usable, spans)]
         request.num_computed = len(request.pages[0]) * self.pages.page_size
         if request.num_cached_prompt == 0 and not request.output:
             request.num_cached_prompt = request.num_computed
@@ -244,7 +259,8 @@ class Scheduler:
         # Hashes depend on tokens only, so they survive preemption; only new pages hash, from
         # their own tokens (work per step independent of the context's length).
         if end - known >= page:
-            extend_page_hashes(request.page_hashes, request.tokens_between(known, end), page)
+            extend_page_hashes(request.page_hashes, request.tokens_between(known, end), page,
+                               request.images.spans if request.images is not None else ())
         # After a preemption the request may know more hashes than it has recomputed pages:
         # only pages that are full now may be offered (a half-written one must never be);
         # those full before this piece were offered when they filled.

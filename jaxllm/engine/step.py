@@ -27,6 +27,8 @@ from jax.sharding import Mesh
 
 from jaxllm.kv_cache import LayerGroups
 from jaxllm.layout import AttentionMetadata
+from jaxllm.models.vision import ImageEmbeds
+from jaxllm.multimodal.feeder import unpack_features
 from jaxllm.penalties import PenaltyRows, PenaltyState, no_rows, penalize
 from jaxllm.sampling import (
     GREEDY,
@@ -66,6 +68,16 @@ class StepInputs(NamedTuple):
     # [S, k + 1] int32: the flat row scored at each position (the last token's row, then each
     # draft's); positions past num_drafts repeat the piece's last row.
     verify_rows: np.ndarray
+    # Images (``jaxllm.multimodal.feeder``): the feature row each flat row takes in place of
+    # its text embedding (-1: none), and the step's features as 4-byte words ([0, W] in a
+    # step without images, else [T, W]; W = ``feature_words``).
+    image_rows: np.ndarray  # [T] int32
+    image_features: np.ndarray  # [0 or T, W] uint32
+
+    @property
+    def has_images(self) -> bool:
+        """Whether the step brings image features (the image variant of its program)."""
+        return self.image_features.shape[0] > 0
 
     @property
     def scores(self) -> bool:
@@ -83,9 +95,11 @@ class StepInputs(NamedTuple):
 
 
 def step_spec(rows: int, slots: int, num_groups: int, width: int, mask_words: int,
-              num_speculative: int = 0) -> StepInputs:
+              num_speculative: int = 0, feature_words: int = 0,
+              images: bool = False) -> StepInputs:
     """The abstract ``StepInputs`` (``jax.ShapeDtypeStruct`` leaves) of a step of ``rows``
-    rows and ``slots`` sequence slots, ``num_speculative`` drafts a sequence at most: the one
+    rows and ``slots`` sequence slots, ``num_speculative`` drafts a sequence at most, image
+    features of ``feature_words`` words a row (``images``: the step brings some): the one
     statement of every input's shape and dtype."""
     i32 = functools.partial(jax.ShapeDtypeStruct, dtype=np.int32)
     meta = AttentionMetadata(i32((rows,)), i32((num_groups, rows)),
@@ -99,7 +113,8 @@ def step_spec(rows: int, slots: int, num_groups: int, width: int, mask_words: in
                       jax.ShapeDtypeStruct((slots, 2), np.uint32), i32((slots,)),
                       penalty_rows, i32((slots, mask_words)), i32((rows,)),
                       i32((slots, num_speculative)), i32((slots,)),
-                      i32((slots, num_speculative + 1)))
+                      i32((slots, num_speculative + 1)), i32((rows,)),
+                      jax.ShapeDtypeStruct((rows if images else 0, feature_words), np.uint32))
 
 
 def zeros_like_spec(spec: StepInputs) -> StepInputs:
@@ -175,8 +190,12 @@ def step_function(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None
         module = nnx.merge(graphdef, params)
         fed = last_tokens[jnp.maximum(inputs.from_last, 0)]
         tokens = jnp.where(inputs.from_last >= 0, fed, inputs.tokens)
+        images = None
+        if inputs.image_features.shape[0]:  # static: the image variant of the program
+            images = ImageEmbeds(unpack_features(inputs.image_features, module.embed[...].dtype),
+                                 inputs.image_rows)
         hidden, cache = module(tokens, cache, inputs.meta, attention_impl=attention_impl,
-                               groups=groups)
+                               groups=groups, images=images)
         if speculative:
             picked, penalties = verify_pick(module, hidden, inputs, tokens, mesh, penalties,
                                              TOP_LOGPROBS)

@@ -6,12 +6,10 @@ plan: ``bytes_per_row``). A request holds the images it needs from the moment it
 scheduled until it finishes or is preempted (``release``); an entry no running request
 holds stays cached and is evicted, least recently used first, only when room is needed.
 
-How it plugs into the engine step (once the step contract of issue 17 lands): the scheduler
-asks ``can_hold`` before scheduling a prefill chunk that reaches an image not yet cached
-(and cuts the chunk before that image otherwise); the runner encodes the missing images
-(``Model.encode_images``, bucketed by tile count) and ``put``s them; the step's
-``ImageEmbeds`` gathers the chunk's feature rows from ``get``; ``release`` on finish,
-abort and preemption.
+The engine's side (``jaxllm.multimodal.feeder``): the scheduler's hook encodes an image a
+piece reaches and ``put``s it, or cuts the piece before it when ``can_hold`` says no; a
+piece's features come from ``get``; ``drop`` once a request's pieces have passed an image,
+``release`` on finish, abort and preemption.
 """
 
 from __future__ import annotations
@@ -89,6 +87,15 @@ class EncoderCache:
             holders = self._holders.get(image_hash)
             if holders is not None:
                 holders.discard(request_id)
+
+    def drop(self, image_hash: bytes, request_id: str) -> None:
+        """``request_id`` holds ``image_hash`` no more (it has passed the image's tokens)."""
+        holders = self._holders.get(image_hash)
+        if holders is not None:
+            holders.discard(request_id)
+        held = self._held_by.get(request_id)
+        if held is not None:
+            held.discard(image_hash)
 
     def _hold(self, image_hash: bytes, request_id: str) -> None:
         self._holders.setdefault(image_hash, set()).add(request_id)

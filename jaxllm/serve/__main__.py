@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from jaxllm.config import VisionConfig
@@ -182,12 +182,14 @@ def build_state(args: argparse.Namespace) -> ServerState:
         engine.grammars = GrammarCompiler.for_tokenizer(
             codec.tokenizer, engine.model.eos_token_ids, engine.model.config.vocab_size)
     return ServerState(AsyncEngine(engine, metrics), codec, name, metrics, args.api_key,
-                       args.max_request_bytes, image_input(args, engine.model.config.vision))
+                       args.max_request_bytes,
+                       image_input(args, engine.model.config.vision, codec))
 
 
-def image_input(args: argparse.Namespace, vision: VisionConfig | None) -> ImageInput:
-    """What the server accepts as images, from the flags and the model's vision tower
-    (None: images are refused)."""
+def image_input(args: argparse.Namespace, vision: VisionConfig | None,
+                codec: Any = None) -> ImageInput:
+    """What the server accepts as images, from the flags, the model's vision tower (None:
+    images are refused) and the tokenizer's image tokens (``codec``, a ``TextCodec``)."""
     from jaxllm.multimodal.media import MediaLimits
     from jaxllm.multimodal.processor import ProcessorConfig
     from jaxllm.serve.images import ImageInput, parse_mm_limit
@@ -202,7 +204,16 @@ def image_input(args: argparse.Namespace, vision: VisionConfig | None) -> ImageI
                          fetch_timeout_s=args.media_fetch_timeout)
     processor = None if vision is None else ProcessorConfig.from_dir(
         args.model, tile_size=vision.image_size)
-    return ImageInput(processor, limits, parse_mm_limit(args.limit_mm_per_prompt))
+    tokens = None
+    if vision is not None and codec is not None:
+        from jaxllm.multimodal.prompt import ImageTokens
+
+        try:
+            tokens = ImageTokens.from_vocab(codec.tokenizer.token_to_id)
+        except ValueError as e:
+            log.warning("images are refused: %s", e)
+    return ImageInput(processor, limits, parse_mm_limit(args.limit_mm_per_prompt), tokens,
+                      0 if vision is None else vision.tokens_per_tile)
 
 
 def follow(args: argparse.Namespace) -> int:

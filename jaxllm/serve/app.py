@@ -54,12 +54,6 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
 
 
-# Images are checked and processed, but the engine's step does not take their features yet:
-# that waits for the step contract of issue 17 (see jaxllm/multimodal/encoder_cache.py).
-NO_IMAGE_STEP = ("image input is not served yet: the image was read and checked, but the "
-                 "serving engine does not run the vision tower yet (jaxllm.generate() does)")
-
-
 class ApiError(Exception):
     def __init__(self, message: str, status: int = 400, kind: str = "BadRequestError"):
         super().__init__(message)
@@ -166,20 +160,29 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(req: CompletionRequest, raw: Request):
         _check_model(state, req.model)
         prompts = await _completion_prompts(state, req.prompt)
+        images = await state.images.load_urls(req.image_urls())
+        if images:
+            if len(prompts) != 1:
+                raise ApiError(f"multi_modal_data images go with one prompt; this request "
+                               f"has {len(prompts)}")
+            prompts = [state.images.expand(prompts[0], images)]
         shaping = CompletionShaping(token_text_fn(state.codec), req,
                                     state.codec.decode if state.codec else lambda _: "")
-        return await _serve(state, req, prompts, raw, shaping)
+        return await _serve(state, req, prompts, raw, shaping, images)
 
     @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         _check_model(state, req.model)
         codec = _need_codec(state)
-        if await state.images.load(req.messages):
-            raise ApiError(NO_IMAGE_STEP)
+        images = await state.images.load(req.messages)
         tools = req.tool_dicts() if req.tool_mode != "none" else None
-        ids = await _encode_chat(codec, req.messages, req.add_generation_prompt, tools)
+        placeholder = codec.token_text(state.images.placeholder) if images else ""
+        ids = await _encode_chat(codec, req.messages, req.add_generation_prompt, tools,
+                                 placeholder)
+        if images:
+            ids = state.images.expand(ids, images)
         shaping = ChatShaping(token_text_fn(state.codec), req, _callable_tools(req))
-        return await _serve(state, req, [ids], raw, shaping)
+        return await _serve(state, req, [ids], raw, shaping, images)
 
     _document_errors_as_400(app)
     return app
@@ -282,9 +285,11 @@ async def _encode(codec: TextCodec, text: str, field: str,
 
 async def _encode_chat(codec: TextCodec, messages: list[ChatMessage],
                        add_generation_prompt: bool,
-                       tools: list[dict[str, Any]] | None = None) -> list[int]:
+                       tools: list[dict[str, Any]] | None = None,
+                       image_placeholder: str = "") -> list[int]:
     rendered = [{**m.model_dump(exclude_none=True, exclude={"content"}),
-                 **({} if m.content is None else {"content": m.text()})} for m in messages]
+                 **({} if m.content is None else {"content": m.text(image_placeholder)})}
+                for m in messages]
     for i, m in enumerate(rendered):
         if "content" in m:
             _check_unicode(m["content"], f"messages.{i}.content")
@@ -314,8 +319,10 @@ async def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
     return out
 
 
-def _prepare(state: ServerState, req: _Sampling, prompts: list[list[int]]) -> list[Choice]:
-    """Every choice's engine request, all checked before any is submitted."""
+def _prepare(state: ServerState, req: _Sampling, prompts: list[list[int]],
+             images: list | None = None) -> list[Choice]:
+    """Every choice's engine request, all checked before any is submitted; ``images`` are
+    the (one) prompt's."""
     base = uuid.uuid4().hex[:16]
     choices = []
     try:
@@ -325,7 +332,8 @@ def _prepare(state: ServerState, req: _Sampling, prompts: list[list[int]]) -> li
                 index = p * req.n + j
                 sampling = req.sampling(req.token_limit, seed_offset=index)
                 engine_request = state.engine.prepare(
-                    ids, sampling, f"{base}-{index}", ignore_eos=req.ignore_eos)
+                    ids, sampling, f"{base}-{index}", ignore_eos=req.ignore_eos,
+                    images=images or ())
                 choices.append(Choice(index, engine_request, stops, state.codec,
                                       include_stop=req.include_stop_str_in_output,
                                       skip_special=req.skip_special_tokens))
@@ -360,10 +368,10 @@ async def _run_choice(state: ServerState, choice: Choice) -> AsyncIterator[None]
 
 
 async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], raw: Request,
-                 shaping: Shaping):
+                 shaping: Shaping, images: list | None = None):
     state.engine.check_serving()  # a 503 before a stream's status line, never a hang
     # On a worker thread: compiling a request's grammar (structured outputs) can take a while.
-    choices = await asyncio.to_thread(_prepare, state, req, prompts)
+    choices = await asyncio.to_thread(_prepare, state, req, prompts, images)
     head = {"id": f"{shaping.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": state.model_name}
     usage_of = lambda: _usage(prompts, req.n, choices)  # noqa: E731

@@ -75,10 +75,11 @@ class AsyncEngine:
         return self.engine.model.config.vocab_size
 
     def prepare(self, prompt: list[int], sampling: SamplingParams, request_id: str, *,
-                ignore_eos: bool = False) -> Request:
-        """One checked engine request (``Engine.prepare``: a ValueError names what is wrong);
-        the routes submit it with ``generate``."""
-        return self.engine.prepare(prompt, sampling, request_id, ignore_eos=ignore_eos)
+                ignore_eos: bool = False, images=()) -> Request:
+        """One checked engine request (``Engine.prepare``: a ValueError names what is wrong;
+        ``images``: the prompt's, in order); the routes submit it with ``generate``."""
+        return self.engine.prepare(prompt, sampling, request_id, ignore_eos=ignore_eos,
+                                   images=images)
 
     @property
     def alive(self) -> bool:

@@ -10,6 +10,7 @@ import json
 
 from jaxllm.multimodal.media import MediaError, MediaLimits, decode_image, image_bytes
 from jaxllm.multimodal.processor import ProcessedImage, ProcessorConfig, process_image
+from jaxllm.multimodal.prompt import ImageTokens, expand_prompt
 from jaxllm.serve.protocol import ChatMessage
 
 
@@ -21,11 +22,30 @@ class ImageInput:
     processor: ProcessorConfig | None = None
     limits: MediaLimits = MediaLimits()
     max_images: int = 1  # per prompt (vLLM's default)
+    # The tokenizer's image special tokens (None: it has none, and images are refused) and
+    # the <|patch|> tokens per tile (the vision tower's).
+    tokens: ImageTokens | None = None
+    tokens_per_tile: int = 0
+
+    @property
+    def placeholder(self) -> int:
+        """The ``<|image|>`` id an image part becomes in a rendered prompt."""
+        return self._tokens().image
+
+    def _tokens(self) -> ImageTokens:
+        if self.tokens is None:
+            raise MediaError("this model's tokenizer has no image tokens (<|image|>, "
+                             "<|patch|>, ...): it cannot take images")
+        return self.tokens
 
     async def load(self, messages: list[ChatMessage]) -> list[ProcessedImage]:
         """The processed images of ``messages`` in prompt order ([] without image parts)."""
         where = [(f"messages.{i}.content", url) for i, m in enumerate(messages)
                  for url in m.image_urls()]
+        return await self.load_urls(where)
+
+    async def load_urls(self, where: list[tuple[str, str]]) -> list[ProcessedImage]:
+        """The processed images of (field, URL) pairs, in order."""
         if not where:
             return []
         if self.processor is None:
@@ -35,6 +55,17 @@ class ImageInput:
             raise MediaError(f"At most {self.max_images} image(s) may be provided in one "
                              f"prompt; this one has {len(where)} (--limit-mm-per-prompt)")
         return list(await asyncio.gather(*(self._one(field, url) for field, url in where)))
+
+    def expand(self, ids: list[int], images: list[ProcessedImage]) -> list[int]:
+        """``ids`` with each ``<|image|>`` placeholder expanded into its image's tile layout
+        (``jaxllm.multimodal.prompt``); a count of placeholders other than of images is a
+        ``MediaError``."""
+        tokens = self._tokens()
+        try:
+            return expand_prompt(ids, [im.grid for im in images], self.tokens_per_tile,
+                                 tokens)
+        except ValueError as e:
+            raise MediaError(str(e)) from None
 
     async def _one(self, field: str, url: str) -> ProcessedImage:
         def run() -> ProcessedImage:

@@ -263,6 +263,24 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
     echo: bool = False  # the prompt comes back before the completion (and its logprobs)
+    # Images of the prompt, whose ``<|image|>`` placeholders take them in order (vLLM's
+    # offline ``multi_modal_data`` form): {"image": URL or [URL, ...]}, data: or http(s).
+    multi_modal_data: dict[str, str | list[str]] | None = None
+
+    @model_validator(mode="after")
+    def _check_multi_modal_data(self):
+        unknown = sorted(set(self.multi_modal_data or {}) - {"image"})
+        if unknown:
+            raise ValueError(f"multi_modal_data: modality {unknown} is not supported (only "
+                             f"'image')")
+        return self
+
+    def image_urls(self) -> list[tuple[str, str]]:
+        """(field, URL) of each image in ``multi_modal_data``, in order."""
+        urls = (self.multi_modal_data or {}).get("image") or []
+        if isinstance(urls, str):
+            return [("multi_modal_data.image", urls)]
+        return [(f"multi_modal_data.image.{i}", u) for i, u in enumerate(urls)]
 
     @model_validator(mode="after")
     def _check_echo(self):
@@ -336,10 +354,12 @@ class ChatMessage(BaseModel):
             return []
         return [p.image_url.url for p in self.content if p.image_url is not None]
 
-    def text(self) -> str | None:
-        """The content as one string (text parts joined)."""
+    def text(self, image_placeholder: str = "") -> str | None:
+        """The content as one string: text parts joined, each image part as
+        ``image_placeholder`` (the tokenizer's ``<|image|>``, expanded after tokenizing)."""
         if isinstance(self.content, list):
-            return "".join(p.text or "" for p in self.content)
+            return "".join(image_placeholder if p.image_url is not None else p.text or ""
+                           for p in self.content)
         return self.content
 
 

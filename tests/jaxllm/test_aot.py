@@ -217,3 +217,42 @@ def test_the_vision_encoder_compiles_at_scout_shapes_without_gathering_weights()
         assert result.problems == [], (case.name, result.problems)
         if "8 dev" in case.name:
             assert any(op.startswith("all-reduce") for op, _ in result.info.collectives)
+
+
+@needs_gpu_compiler
+def test_dry_run_of_a_multimodal_scout_counts_the_vision_tower(tmp_path):
+    """A 4-layer Scout with the released vision_config on 8 compile-only H100s: the report
+    has the vision weights as a group (about 0.8 B bf16 parameters over 8 devices) and
+    subtracts the image encoder's compiled memory from the budget."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from jaxllm.aot.cases import SCOUT_VISION, scout_config
+
+    config = scout_config(4)
+    text = {"model_type": "llama4_text", "vocab_size": config.vocab_size, "hidden_size": 5120,
+            "num_hidden_layers": 4, "num_attention_heads": 40, "num_key_value_heads": 8,
+            "head_dim": 128, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+            "num_local_experts": 16, "num_experts_per_tok": 1, "attention_chunk_size": 8192,
+            "rope_theta": 500000.0, "use_qk_norm": True, "max_position_embeddings": 131072}
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama4", "text_config": text, "image_token_index": 200092,
+        "vision_config": dict(SCOUT_VISION, model_type="llama4_vision_model",
+                              num_channels=3)}))
+    cmd = [sys.executable, "-m", "jaxllm.serve", "--model", str(tmp_path), "--dry-run",
+           "--target", "h100", "--tensor-parallel-size", "8", "--max-num-batched-tokens",
+           "1024"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    vision = float(re.search(r"vision bfloat16 ([\d.]+) GiB", out.stdout).group(1))
+    # Patch embedding, 34 layers of attention and MLP, adapter and projector, from the config.
+    v = SCOUT_VISION
+    d, f = v["hidden_size"], v["intermediate_size"]
+    layer = 4 * d * d + 2 * d * f
+    params = 34 * layer + 588 * d + f * 4096 + 4096 * 4096 + 4096 * 5120
+    assert vision == pytest.approx(params * 2 / 8 / 2**30, rel=0.05)
+    budget = re.search(r"- ([\d.]+) GiB step temporaries \(compiled\) - ([\d.]+) GiB image "
+                       r"encoder", out.stdout)
+    assert budget is not None and float(budget.group(2)) > 0, out.stdout

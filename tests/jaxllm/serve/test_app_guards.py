@@ -34,7 +34,7 @@ class ServingEngine(FakeEngine):
         self.model = SimpleNamespace(config=SimpleNamespace(vocab_size=256))
         self.explode = False
 
-    def prepare(self, prompt, sampling, request_id, *, ignore_eos=False) -> Request:
+    def prepare(self, prompt, sampling, request_id, *, ignore_eos=False, images=()) -> Request:
         if self.explode:
             raise RuntimeError("a bug")
         return Request(request_id, list(prompt), dataclasses.replace(

@@ -12,7 +12,7 @@ from PIL import Image
 
 from jaxllm.multimodal.media import MediaLimits
 from jaxllm.multimodal.processor import ProcessorConfig
-from jaxllm.serve.app import NO_IMAGE_STEP, ServerState, build_app
+from jaxllm.serve.app import ServerState, build_app
 from jaxllm.serve.async_engine import AsyncEngine
 from jaxllm.serve.images import ImageInput, parse_mm_limit
 from jaxllm.serve.metrics import Metrics
@@ -63,7 +63,7 @@ def _big_png() -> bytes:
     (_chat("http://example.com/a.png"), "host 'example.com' is not allowed "
                                         "(--allowed-media-domains: none)"),
     (_chat("ftp://example.com/a.png"), "scheme 'ftp'"),
-    (_chat(_url(_png())), NO_IMAGE_STEP),
+    (_chat(_url(_png())), "this model's tokenizer has no image tokens"),
 ])
 def test_each_bad_image_is_a_400_naming_the_problem(app, body, needle):
     assert needle in _error(_call(app, "POST", "/v1/chat/completions", json=body), 400)
