@@ -153,6 +153,7 @@ def test_preemption_under_memory_pressure(scout):
         assert spec[f"req-{i}"]["tokens"] == hf_biased_greedy(hf, p, 20)
 
 
+@pytest.mark.slow  # 46 s on CI's cores: the plain engine's no-compile test stays in the suite
 def test_no_compilation_after_warmup(scout):
     _, model = scout
     engine = Engine(model, max_num_batched_tokens=32, speculative=NGRAM)

@@ -353,6 +353,7 @@ def test_penalties_change_a_repetitive_continuation_like_the_reference(server):
     assert chat.message.content == codec.decode(want[:-1] if want[-1] == 2 else want)
 
 
+@pytest.mark.slow  # a second server: ~85 s; the engine-level on/off tests stay in the suite
 def test_async_scheduling_off_gives_the_same_texts_stop_strings_included(server):
     """The server's answers with ``--no-async-scheduling`` equal the default (async) ones:
     seeded sampling with a stop string found in its text, streamed and not, n > 1, stop ids
