@@ -224,12 +224,14 @@ def scout_config(num_layers: int = 4) -> Any:
 
 def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_len: int,
                      num_pages: int, num_layers: int = 4, quant: Any = None,
-                     kv_dtype: Any = BF16, config: Any = None) -> Case:
+                     kv_dtype: Any = BF16, config: Any = None, num_speculative: int = 0
+                     ) -> Case:
     """The engine's sampling step (``jaxllm.engine.step.step_function``) of a Scout-shaped
     model in bf16 (its feed-forward weights quantized by ``quant``, a ``QuantConfig``),
     parameters and cache as abstract arrays with their real shardings; ``num_pages`` pages
-    of cache (plus the null page) of ``kv_dtype``. A quantized step must produce no bf16
-    copy of one expert's weight, nor have room for a copy of a layer's routed experts."""
+    of cache (plus the null page) of ``kv_dtype``; with ``num_speculative`` the verifying
+    step of that many drafts a sequence. A quantized step must produce no bf16 copy of one
+    expert's weight, nor have room for a copy of a layer's routed experts."""
     from jaxllm.kv_cache import CacheConfig
     from jaxllm.sharding import MESH_AXES
 
@@ -242,7 +244,7 @@ def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_l
         mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices))
         graphdef, params = abstract_params(config, BF16, mesh, quant)
         sample_step, args = abstract_step(graphdef, params, config, cache, mesh, rows, slots,
-                                          width)
+                                          width, num_speculative=num_speculative)
         return sample_step, mesh, args, (1, 2, 3)
 
     expert = (config.hidden_size, config.intermediate_size // devices)
@@ -272,11 +274,12 @@ def abstract_params(config: Any, dtype: Any, mesh: Any, quant: Any = None) -> tu
 
 def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any, rows: int,
                   slots: int, width: int, attention_impl: str = "pallas",
-                  image_dtype: Any = None) -> tuple[Any, tuple]:
+                  image_dtype: Any = None, num_speculative: int = 0) -> tuple[Any, tuple]:
     """The engine's step (``jaxllm.engine.step.step_function``, Pallas attention unless
     ``attention_impl`` says otherwise) and abstract arguments for a step of ``rows`` rows and
     ``slots`` sequences (``image_dtype``: the variant that brings image features of that
-    dtype, for a model with a vision tower)."""
+    dtype, for a model with a vision tower; ``num_speculative``: the verifying step of that
+    many drafts a sequence)."""
     from jaxllm.engine.step import step_function, step_spec
     from jaxllm.kv_cache import kv_cache_sharding
     from jaxllm.penalties import PenaltyState, state_sharding
@@ -293,7 +296,8 @@ def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any
 
         words = feature_words(config.hidden_size, image_dtype)
     spec = step_spec(rows, slots, groups.num_groups, width, mask_words(vocab),
-                     feature_words=words, images=image_dtype is not None)
+                     num_speculative=num_speculative, feature_words=words,
+                     images=image_dtype is not None)
     inputs = jax.tree.map(lambda a: abstract(mesh, a.shape, a.dtype), spec)
     # The penalty state: a slot per sequence of the widest step, split over the vocabulary.
     shape = (slots, vocab)
@@ -301,7 +305,8 @@ def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any
                                for dtype, sharding in zip((jnp.int32, jnp.bool_),
                                                           state_sharding(*shape, mesh),
                                                           strict=True)))
-    step = step_function(graphdef, attention_impl, mesh, groups)
+    step = step_function(graphdef, attention_impl, mesh, groups,
+                         speculative=num_speculative > 0)
     return step, (params, [(page, page)] * groups.num_slabs, penalties,
                   abstract(mesh, (slots,), jnp.int32), inputs)
 
@@ -403,10 +408,13 @@ def verify_case(name: str, devices: int, slots: int, k: int, with_q: bool,
 
 
 def spec_cases() -> list[Case]:
-    """Verification of 3 drafts for 64 sequences (point mass and with q) and EAGLE-3 drafting
-    of 3 tokens for them, on 1 and 8 devices."""
+    """Verification of 3 drafts for 64 sequences (point mass and with q), the whole
+    verifying engine step of a 4-layer Scout around it (64 sequences x 4 rows, max_model_len
+    128k), and EAGLE-3 drafting of 3 tokens for them, on 1 and 8 devices."""
     verify = [verify_case(f"verify {d} dev s64 k3 {'q' if q else 'point mass'}", d, 64, 3, q)
               for d in (1, 8) for q in (False, True)]
+    verify += [engine_step_case(f"engine verify step {d} dev b64 k3", d, 64 * 4, 64, 131072,
+                                num_pages=32768, num_speculative=3) for d in (1, 8)]
     return verify + [eagle_draft_case(f"eagle3 draft {d} dev s64 k3", d, 64, 3, 131072,
                                       num_pages=32768) for d in (1, 8)]
 

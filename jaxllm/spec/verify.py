@@ -44,16 +44,24 @@ def filtered_distribution(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     logit_bias, min_tokens, penalties and the token mask already applied): ``logits / T``
     with every token top-k, top-p or min-p filters out at -inf, in vocabulary order, so their
     softmax is the distribution the ordinary sampler draws from. Greedy rows come back
-    unscaled (verification only takes their argmax); only batches with a filtering row sort."""
+    unscaled (verification only takes their argmax); only batches with a filtering row sort.
+
+    The filters keep a prefix of the (stable) descending sort, so a token is kept iff it
+    sorts no later than the prefix's last: ``(-logit, id)`` at most that token's. The test is
+    elementwise in vocabulary order, so on a vocabulary-sharded mesh nothing but the sort
+    itself (as the ordinary sampler's) crosses devices: no scatter back from sorted order."""
     samples = s.temperature > 0
     filters = samples & ((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0))
     scaled = logits / jnp.where(samples, s.temperature, 1.0)[:, None]
 
     def filtered(_):
         masked, order = filtered_logits(logits, s)
-        rows = jnp.arange(logits.shape[0])[:, None]
-        out = jnp.full_like(masked, -jnp.inf).at[rows, order].set(masked)
-        return jnp.where(filters[:, None], out, scaled)
+        last = jnp.maximum(jnp.sum(masked > -jnp.inf, axis=-1), 1) - 1  # kept prefix's end
+        last_id = jnp.take_along_axis(order, last[:, None], axis=-1)
+        cut = jnp.take_along_axis(logits, last_id, axis=-1)
+        ids = jnp.arange(logits.shape[-1])[None, :]
+        keep = (logits > cut) | ((logits == cut) & (ids <= last_id))
+        return jnp.where(filters[:, None] & ~keep, -jnp.inf, scaled)
 
     return jax.lax.cond(jnp.any(filters), filtered, lambda _: scaled, None)
 

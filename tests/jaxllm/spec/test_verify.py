@@ -234,3 +234,19 @@ def test_filtered_distribution_is_the_samplers_definition():
     np.testing.assert_allclose(np.asarray(filtered_distribution(logits[:2], unfiltered)),
                                np.broadcast_to(LOGITS[perm] / 0.5, (2, len(LOGITS))),
                                rtol=1e-6)
+
+
+def test_filtered_distribution_breaks_ties_at_the_cut_as_the_sort_does():
+    """Logits with ties across the top-k cut keep the k lowest ids among the tied tokens,
+    as a stable descending sort (numpy's, here) ranks them, so the kept set is the ordinary
+    sampler's and not every token tied with the last one kept."""
+    from jaxllm.spec.verify import filtered_distribution
+
+    logits = np.asarray([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0, 2.0]] * 3, np.float32)
+    params = [SamplingParams(temperature=1.0, top_k=k) for k in (2, 3, 5)]
+    out = np.asarray(filtered_distribution(jnp.asarray(logits),
+                                           SamplingArrays.from_params(params)))
+    for row, p in zip(out, params, strict=True):
+        kept = np.argsort(-logits[0], kind="stable")[: p.top_k]
+        assert sorted(np.flatnonzero(np.isfinite(row)).tolist()) == sorted(kept.tolist())
+        np.testing.assert_array_equal(row[kept], logits[0][kept])
