@@ -1,7 +1,9 @@
 """EAGLE-3 speculative decoding in the engine, with tiny heads written in the published
 checkpoint layout: greedy outputs equal the engine's without speculation and HF's greedy,
 token for token (near max_model_len, across attention chunks, with stops and max_tokens
-inside an accepted run, under preemption, sync and async); no compile after warm-up.
+inside an accepted run, under preemption, sync and async, on an 8-device mesh); sampled
+outputs keep the sampler's distribution (chi-square); no compile after warm-up; the host's
+draft protocol and the memory plan; the bundled model's trained head gets drafts accepted.
 
 A random head's drafts are almost never accepted, so most tests use a head that always
 drafts token 17 (its final norm is zero: every draft logit ties and the argmax is draft id
@@ -10,12 +12,15 @@ accepted drafts, whose stops and caps the tests put where they want."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from scipy import stats
 
 import jaxllm
 from jaxllm import SamplingParams
@@ -262,3 +267,80 @@ def test_the_plan_and_the_report_count_the_head(scout, heads):
     [line] = [x for x in engine.report() if x.startswith("speculative decoding")]
     assert f"eagle3, 3 draft tokens from the EAGLE-3 head {heads['random']}" in line
     assert "target layers [0, 1, 3]" in line
+
+
+POSITIONS = 3  # output positions whose distributions are compared
+
+
+@pytest.mark.slow  # 800 seeded runs per setting: minutes on 2 cores
+def test_sampled_distribution_equals_the_samplers(scout, heads):
+    """Each of the first positions' token frequencies over many seeds, with and without the
+    constant head's drafts: a chi-square test of homogeneity (and drafts were accepted)."""
+    _, model = scout
+    sampling = SamplingParams(temperature=0.7, max_tokens=POSITIONS,
+                              logit_bias=((17, 3.0), (40, 2.0)))
+    prompt = [17, 40, 17, 40, 5, 17, 40, 17, 40, 9, 17, 17, 40, 40, 17]
+    n = 400
+
+    def requests(first_seed):
+        return [(prompt, dataclasses.replace(sampling, seed=first_seed + i)) for i in range(n)]
+
+    plain = _run(Engine(model, max_num_batched_tokens=64), requests(1000))
+    engine = Engine(model, max_num_batched_tokens=64, speculative=eagle(heads["constant"]))
+    spec = _run(engine, requests(5000))
+    assert engine.speculator.stats.num_drafts > n // 2
+    assert engine.speculator.stats.num_accepted_tokens > 0
+    for j in range(POSITIONS):
+        a = [r["tokens"][j] for r in plain.values() if len(r["tokens"]) > j]
+        b = [r["tokens"][j] for r in spec.values() if len(r["tokens"]) > j]
+        ids = sorted(set(a) | set(b))
+        table = np.array([[a.count(t) for t in ids], [b.count(t) for t in ids]])
+        common = table.sum(0) >= 10
+        table = np.concatenate([table[:, common], table[:, ~common].sum(1, keepdims=True)],
+                               axis=1)
+        table = table[:, table.sum(0) > 0]
+        if table.shape[1] < 2:
+            continue
+        assert stats.chi2_contingency(table).pvalue > 1e-3, (j, table)
+
+
+BUNDLED = Path(__file__).resolve().parents[3] / "checkpoints"
+
+
+@pytest.mark.slow  # 40 s on 2 shared cores
+@pytest.mark.skipif(not (BUNDLED / "tiny-llama4-eagle3" / "config.json").exists(),
+                    reason="no trained head (scripts/train_eagle_tiny.py)")
+def test_the_trained_head_gets_drafts_accepted_on_the_bundled_model():
+    """The bundled model's head (scripts/train_eagle_tiny.py) over chat questions it was not
+    trained on: the answers are the target's greedy ones, and most drafts are accepted."""
+    from jaxllm.serve.tokenizer import TextCodec
+
+    target = BUNDLED / "tiny-llama4"
+    model = jaxllm.load_model(target, max_model_len=64)
+    codec = TextCodec.from_dir(target)
+    questions = [f"What is {a} + {b}?" for a, b in ((12, 35), (99, 99), (7, 80), (50, 50))]
+    prompts = [codec.encode(codec.render_chat([{"role": "user", "content": q}]),
+                            add_special_tokens=False) for q in questions]
+    sampling = SamplingParams(temperature=0.0, max_tokens=8)
+    plain = Engine(model).generate(prompts, sampling)
+    engine = Engine(model, speculative=eagle(BUNDLED / "tiny-llama4-eagle3"))
+    assert engine.generate(prompts, sampling) == plain
+    assert [codec.decode(o) for o in plain] == ["47", "198", "87", "100"]
+    assert engine.speculator.stats.acceptance_length > 1.5
+
+
+@pytest.mark.slow  # a minute on 2 shared cores
+def test_greedy_with_the_vocabulary_split_over_8_devices(tiny_model, heads):
+    """On a model=8 mesh: the target's vocabulary padded and split, the head's parameters
+    and KV slab sharded by their logical axes, its argmax per vocabulary shard."""
+    from jaxllm.sharding import make_mesh
+
+    hf, _, path = tiny_model("scout")
+    model = jaxllm.load_model(path, max_model_len=80, page_size=8, max_num_seqs=4,
+                              mesh=make_mesh(model=8))
+    engine = Engine(model, max_num_batched_tokens=32, speculative=eagle(heads["constant"]))
+    prompts = [_repeating(n, p, seed) for n, p, seed in ((21, 5, 40), (9, 3, 41))]
+    spec = _run(engine, [(p, BIASED) for p in prompts])
+    for i, p in enumerate(prompts):
+        assert spec[f"req-{i}"]["tokens"] == hf_biased_greedy(hf, p, 24)
+    assert engine.speculator.stats.num_accepted_tokens > 0
