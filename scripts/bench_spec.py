@@ -1,15 +1,18 @@
-"""n-gram speculative decoding on the bundled model: tokens per step and end-to-end tokens/s.
+"""Speculative decoding on the bundled model (n-gram, EAGLE-3): tokens per step and tokens/s.
 
-    python scripts/bench_spec.py [--requests 64] [--k 3] [--max-new-tokens 8]
+    python scripts/bench_spec.py [--requests 64] [--k 3] [--max-new-tokens 8] [--head DIR]
 
 For each prompt set of the bundled model's own task (chat-formatted two-digit sums: repeated
 digit operands, and sums with zero, whose answer repeats the prompt) and each concurrency
 (1, 4, 16 requests in flight, a new one submitted as one finishes), runs the same greedy
 requests through a warmed-up engine without speculation (async scheduling on) and with
-n-gram drafts (``--speculative-config`` ngram, prompt lookup 1..3). Columns: output tokens,
+n-gram drafts (``--speculative-config`` ngram, prompt lookup 1..3) and with the EAGLE-3
+head ``--head`` (default ``checkpoints/tiny-llama4-eagle3``, ``scripts/train_eagle_tiny.py``;
+left out when it does not exist). Columns: output tokens,
 engine steps (programs dispatched), output tokens per step, sequence-steps that verified drafts,
 vLLM's mean acceptance length (1 + accepted / sequence-steps with drafts), and output tokens
-per second of wall time (compilation excluded). The two runs' outputs are checked equal.
+per second of wall time (compilation excluded). Every run's outputs are checked equal to
+the run without speculation.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from jaxllm.spec.config import SpeculativeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "checkpoints" / "tiny-llama4"
+HEAD = REPO / "checkpoints" / "tiny-llama4-eagle3"
 CONCURRENCY = (1, 4, 16)
 
 
@@ -87,6 +91,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--head", type=Path, default=HEAD, help="an EAGLE-3 head's directory")
     args = parser.parse_args()
     model = jaxllm.load_model(BUNDLED, max_model_len=64, max_num_seqs=max(CONCURRENCY))
     codec = TextCodec.from_dir(BUNDLED)
@@ -94,11 +99,16 @@ def main() -> int:
                               prompt_lookup_min=1, prompt_lookup_max=3)
     engines = {"none": Engine(model, num_pages=512), "ngram": Engine(model, num_pages=512,
                                                                      speculative=ngram)}
+    if (args.head / "config.json").exists():
+        eagle = SpeculativeConfig(method="eagle3", model=str(args.head),
+                                  num_speculative_tokens=args.k)
+        engines["eagle3"] = Engine(model, num_pages=512, speculative=eagle)
     for engine in engines.values():
         engine.warmup(progress=False)
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
     print(f"# bundled model {BUNDLED.name}, {jax.devices()[0].platform}, {args.requests} greedy "
-          f"requests per row, k={args.k}, prompt lookup 1..3")
+          f"requests per row, k={args.k}, prompt lookup 1..3"
+          + (f", EAGLE-3 head {args.head.name}" if "eagle3" in engines else ""))
     print(f"{'prompts':<16} {'conc':>4} {'method':>6} {'tokens':>6} {'steps':>5} "
           f"{'tok/step':>8} {'drafted':>10} {'AL':>5} {'tok/s':>8}")
     for name, prompts in prompt_sets(codec, args.requests).items():
@@ -115,9 +125,10 @@ def main() -> int:
                 al = f"{1 + accepted / drafts:5.2f}" if drafts else "    -"
                 print(f"{name:<16} {concurrency:>4} {method:>6} {tokens:>6} {steps:>5} "
                       f"{tokens / steps:>8.3f} {drafts:>10} {al} {tokens / seconds:>8.1f}")
-            if results["none"] != results["ngram"]:
-                raise SystemExit(f"{name}, concurrency {concurrency}: outputs differ with "
-                                 "n-gram speculation")
+            for method, outputs in results.items():
+                if outputs != results["none"]:
+                    raise SystemExit(f"{name}, concurrency {concurrency}: outputs differ with "
+                                     f"{method} speculation")
     return 0
 
 

@@ -63,6 +63,21 @@ def dry_run(args: argparse.Namespace) -> list[str]:
     weights = weights_bytes_per_device(params)
     vision = config.vision
 
+    # An EAGLE-3 head (``--speculative-config``): its weights and its KV in every page.
+    head_bytes, head_line = {}, []
+    if args.speculative_config is not None:
+        from jaxllm.spec.config import SpeculativeConfig
+        from jaxllm.spec.eagle import head_plan_bytes
+
+        spec = SpeculativeConfig.from_json(args.speculative_config)
+        if spec.method == "eagle3":
+            head_weights, page_bytes = head_plan_bytes(spec.model, dtype, policy.cache.dtype,
+                                                       policy.page_size, mesh)
+            head_bytes = dict(extra_weights_bytes=head_weights, extra_page_bytes=page_bytes)
+            head_line = [f"EAGLE-3 head {spec.model}: {head_weights / 2**20:.3f} MiB per "
+                         f"device, {page_bytes} bytes per page for its KV cache (counted "
+                         "above; its drafting step's temporaries are not)"]
+
     def step_temp_bytes() -> int:
         groups = policy.cache.groups(config)
         cache = policy.cache.with_pages(pages_for_sequence(policy, groups, policy.max_model_len))
@@ -101,7 +116,7 @@ def dry_run(args: argparse.Namespace) -> list[str]:
         device_bytes=lambda: target_memory_bytes(args.target), weights_bytes=lambda: weights,
         step_temp_bytes=step_temp_bytes,
         penalty_bytes=penalty_bytes_per_device(config, policy, mesh),
-        encoder_bytes=encoder_bytes if vision is not None else None)
+        encoder_bytes=encoder_bytes if vision is not None else None, **head_bytes)
     scheme = "" if quant is None else f", {quant.describe()} for {'+'.join(quant.targets)}"
     head = (f"dry run: {config.num_layers} layers, {config.num_experts} experts, vocab "
             f"{config.vocab_size}, {jnp.dtype(dtype).name}{scheme}"
@@ -109,4 +124,5 @@ def dry_run(args: argparse.Namespace) -> list[str]:
             f"(compile-only), max_model_len {policy.max_model_len}, "
             f"max_num_batched_tokens {policy.max_num_batched_tokens}, "
             f"max_num_seqs {policy.max_num_seqs}; {len(policy.step_shapes())} step programs")
-    return [head, *startup_report(config, policy, plan, weights, mesh, params=params)]
+    return [head, *startup_report(config, policy, plan, weights, mesh, params=params),
+            *head_line]

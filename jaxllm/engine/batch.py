@@ -40,6 +40,7 @@ class SlotPlan:
     targets: Sequence[int] = ()  # per row, the prompt token after it to score (-1: none)
     num_drafts: int = 0  # the piece's last tokens that are drafts to verify
     images: PieceImages | None = None  # the image features its rows take
+    next_token: int = -1  # the token after its last row, when known (a prompt chunk)
 
 
 @dataclasses.dataclass(slots=True)
@@ -59,6 +60,7 @@ class StepPlan:
     num_prompt: list[int] = dataclasses.field(default_factory=list)
     from_last: list[int] = dataclasses.field(default_factory=list)
     num_drafts: list[int] = dataclasses.field(default_factory=list)
+    next_tokens: list[int] = dataclasses.field(default_factory=list)  # -1: the step picks it
     targets: list[int] | None = None  # per flat row, when some slot scores its prompt
     pages: list[Sequence[Sequence[int]]] | None = None  # per slot, per layer group
     images: list[PieceImages | None] | None = None  # per slot, when some slot takes images
@@ -80,6 +82,7 @@ class StepPlan:
             out.num_prompt.append(p.num_prompt)
             out.from_last.append(p.from_last)
             out.num_drafts.append(p.num_drafts)
+            out.next_tokens.append(p.next_token)
         if any(p.targets for p in plans):
             out.targets = [t for p in plans
                            for t in (p.targets or [-1] * len(p.piece.tokens))]
@@ -176,11 +179,13 @@ class InputBatch:
         sampling = SamplingArrays(*(buffer[rows] for buffer in self.sampling))
         drafts, num_drafts, verify_rows = self._drafts(plan, batch.tokens, lengths,
                                                        batch.logits_rows)
+        next_tokens = np.full(slots, -1, np.int32)
+        next_tokens[:live] = plan.next_tokens
         image_rows, image_features = step_features(plan.images or [None] * live, starts,
                                                    num_rows, self.feature_words)
         return StepInputs(batch.tokens, from_last, batch.meta, batch.logits_rows, sampling,
                           self.seeds[rows], steps, penalty, mask, targets, drafts,
-                          num_drafts, verify_rows, image_rows, image_features)
+                          num_drafts, verify_rows, next_tokens, image_rows, image_features)
 
     def _drafts(self, plan: StepPlan, tokens: np.ndarray, lengths: np.ndarray,
                 last_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -43,6 +43,7 @@ from jaxllm.layout import SeqPiece, pages_for
 from jaxllm.multimodal.feeder import MAX_IMAGE_TILES, ImageFeeder, PieceImages, request_images
 from jaxllm.sampling import SamplingParams
 from jaxllm.spec.config import SpeculativeConfig
+from jaxllm.spec.eagle import EagleDrafter
 
 if TYPE_CHECKING:
     from jaxllm.structured import GrammarCompiler
@@ -117,8 +118,9 @@ class Engine:
     (``jaxllm.engine.memory.plan_kv_cache``). Across processes every process builds the
     engine (the same plan: the smallest any process makes); process 0 steps it and the others
     ``executor.follow()`` (``jaxllm.engine.executor``), each step bounded by ``step_timeout``.
-    With ``speculative`` (method ngram), decode pieces bring drafts that the step verifies
-    (``jaxllm.engine.speculation``).
+    With ``speculative``, decode pieces bring drafts that the step verifies
+    (``jaxllm.engine.speculation``): n-gram drafts, or (method eagle3) the drafts an EAGLE-3
+    head made in the step before (``jaxllm.spec.eagle.EagleDrafter``).
     """
 
     def __init__(self, model: Model, *, num_pages: int | None = None,
@@ -139,20 +141,27 @@ class Engine:
         probe = base.for_engine(max(base.pages_per_seq,
                                     pages_for_sequence(base, groups, base.max_model_len)))
         images = lambda: encoder_bytes(model, probe, max_image_tiles)  # noqa: E731
+        k = speculative.num_speculative_tokens if speculative else 0
+        # An EAGLE-3 head: its weights, and its KV slab in every page (``EagleDrafter``).
+        drafter = None
+        if speculative is not None and speculative.method == "eagle3":
+            drafter = EagleDrafter.load(speculative.model, model, k)
+        head = dict(extra_page_bytes=drafter.bytes_per_page(),
+                    extra_weights_bytes=drafter.weights_bytes()) if drafter else {}
         self.plan = plan_for_model(
             model, base, lambda: step_temp_bytes(model, probe), images, num_pages=num_pages,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
-            gpu_memory_utilization=gpu_memory_utilization)
+            gpu_memory_utilization=gpu_memory_utilization, **head)
         if (agreed := agree_on_minimum(self.plan.num_pages)) != self.plan.num_pages:
             self.plan = plan_for_model(model, base, lambda: step_temp_bytes(model, probe),
-                                       images, num_pages=agreed)
+                                       images, num_pages=agreed, **head)
         self.policy = base.for_engine(self.plan.num_pages)
         self.groups = groups
         self.pages = PageAllocator(self.policy.cache, groups.group_chunk)
         self.scheduler = Scheduler(self.policy, self.pages)
-        self.speculator = Speculator(speculative, self.policy) if speculative else None
-        k = speculative.num_speculative_tokens if speculative else 0
-        self.runner = ModelRunner(model, self.policy, k)
+        self.speculator = (Speculator(speculative, self.policy, drafter,
+                                      model.config.vocab_size) if speculative else None)
+        self.runner = ModelRunner(model, self.policy, k, drafter)
         self.executor = Executor(self.runner, step_timeout=step_timeout)
         self.batch = InputBatch(self.policy, groups.group_chunk, self.runner.mask_words, k,
                                 self.runner.feature_words)
@@ -250,6 +259,7 @@ class Engine:
             raise self._failed(current.scheduled, error) from error
         outputs = self._bookkeeping(current.scheduled, sampled, scored)
         if self.speculator is not None:
+            self.speculator.remember(current.scheduled, sampled.drafts)
             self.speculator.observe(self.scheduler.running)
         return outputs
 
@@ -286,7 +296,8 @@ class Engine:
             start, n, drafts = s.start, s.num_tokens, s.drafts
             end = start + n - len(drafts)
             num_prompt = len(request.prompt)
-            known = min(end, num_prompt + len(request.output))
+            num_known = num_prompt + len(request.output)
+            known = min(end, num_known)
             if known < end:  # the one token in flight
                 plan.tokens += request.tokens_between(start, known)
                 plan.tokens.append(0)
@@ -306,6 +317,9 @@ class Engine:
             plan.penalized.append(request.sampling.has_penalties)
             plan.num_prompt.append(num_prompt)
             plan.num_drafts.append(len(drafts))
+            # A prompt chunk short of its end: the token after it (an EAGLE-3 head reads it).
+            plan.next_tokens.append(request.tokens_between(end, end + 1)[0]
+                                    if not s.samples and end < num_known else -1)
             if scores:
                 plan.targets += _prompt_targets(s) or [-1] * n
             if request.images is not None:  # the image features its rows take

@@ -157,16 +157,20 @@ def plan_kv_cache(
     step_temp_bytes: Callable[[], int],
     penalty_bytes: int = 0,
     encoder_bytes: Callable[[], int] | None = None,
+    extra_page_bytes: int = 0,
+    extra_weights_bytes: int = 0,
 ) -> KVPlan:
     """Pages for the KV cache: ``num_pages`` if given, else what ``kv_cache_memory_bytes``
     holds, else the device's ``gpu_memory_utilization`` share less the weights, the penalty
     state (``penalty_bytes``), the step's temporary memory (``step_temp_bytes()``,
     measured on the compiled step) and, with a vision tower, the encoder's
-    (``encoder_bytes()``, measured on the compiled encoder, and the step's features). Raises
+    (``encoder_bytes()``, measured on the compiled encoder, and the step's features). An
+    EAGLE-3 head adds ``extra_page_bytes`` to every page (its KV slab) and
+    ``extra_weights_bytes`` to the weights. Raises
     ValueError, naming both numbers and the longest max_model_len that fits, when one
     sequence of ``max_model_len`` does not fit. Bytes are per device of ``mesh``."""
     groups = policy.cache.groups(config)
-    page_bytes = policy.cache.bytes_per_page(config, mesh)
+    page_bytes = policy.cache.bytes_per_page(config, mesh) + extra_page_bytes
     need = pages_for_sequence(policy, groups, policy.max_model_len)
     if num_pages is not None:
         plan = KVPlan(num_pages, page_bytes, "--num-kv-pages")
@@ -177,7 +181,8 @@ def plan_kv_cache(
         utilization = default if gpu_memory_utilization is None else gpu_memory_utilization
         if not 0 < utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={utilization} must be in (0, 1]")
-        device, weights, temp = device_bytes(), weights_bytes(), step_temp_bytes()
+        device, temp = device_bytes(), step_temp_bytes()
+        weights = weights_bytes() + extra_weights_bytes
         encoder = encoder_bytes() if encoder_bytes is not None else 0
         pages = max(0, int(device * utilization) - weights - penalty_bytes - temp
                     - encoder) // page_bytes

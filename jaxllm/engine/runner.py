@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -33,21 +34,28 @@ from jaxllm.penalties import PenaltyState, init_state, state_sharding
 from jaxllm.sampling import mask_words
 from jaxllm.sharding import to_host
 
+if TYPE_CHECKING:
+    from jaxllm.spec.eagle import EagleDrafter
+
 
 @dataclasses.dataclass
 class PendingStep:
     """A dispatched step: its outputs are device arrays until ``result`` reads them."""
 
-    outputs: tuple
+    outputs: tuple  # (picked, scored or None, EAGLE-3 drafts or None)
     num_seqs: int
     num_rows: int
+    verifying: bool = False
 
     def result(self) -> tuple[Sampled | Emitted, Scored | None]:
-        """The picks of the live sequence slots (``Emitted`` for a verifying step), checked
-        finite, and (for a scoring step) the scores of the live rows; waits for the device.
-        The outputs are replicated, so every process reads its own copy."""
-        picked, scored = self.outputs
-        kind = Emitted if len(picked) == len(Emitted._fields) else Sampled
+        """The picks of the live sequence slots (``Emitted`` for a verifying step; with an
+        EAGLE-3 head, each slot's drafts for its next step), checked finite, and (for a
+        scoring step) the scores of the live rows; waits for the device. The outputs are
+        replicated, so every process reads its own copy."""
+        picked, scored, drafts = self.outputs
+        kind = Emitted if self.verifying else Sampled
+        if drafts is not None:
+            picked = (*picked, drafts)
         sampled = _check_finite(kind(*(to_host(a)[: self.num_seqs] for a in picked)))
         if scored is None:
             return sampled, None
@@ -58,12 +66,16 @@ class ModelRunner:
     """Holds the paged KV cache, the sampler's penalty state (``jaxllm.penalties``, one slot
     per batch row) and the last step's picks, and runs steps on them."""
 
-    def __init__(self, model: Model, policy: BucketPolicy, num_speculative: int = 0):
+    def __init__(self, model: Model, policy: BucketPolicy, num_speculative: int = 0,
+                 drafter: EagleDrafter | None = None):
         """``policy`` is the engine's configuration, its cache sized (``for_engine``);
-        ``num_speculative``: the most drafts a sequence brings to a step (0: none)."""
+        ``num_speculative``: the most drafts a sequence brings to a step (0: none);
+        ``drafter``: an EAGLE-3 head that drafts them in the step (its KV cache is the
+        cache's last slab)."""
         self.model = model
         self.policy = policy
         self.num_speculative = num_speculative
+        self.drafter = drafter
         config, cache = model.config, policy.cache
         self.groups = groups = cache.groups(config)
         self.mask_words = mask_words(model.padded_vocab)
@@ -71,9 +83,16 @@ class ModelRunner:
         self.feature_words = (feature_words(config.hidden_size, model.dtype)
                               if config.vision is not None else 0)
         sharding = kv_cache_sharding(config, cache, model.mesh)
-        self._new_cache = jax.jit(
-            lambda: init_kv_cache(config, cache, model.mesh),
-            out_shardings=[(sharding, sharding)] * groups.num_slabs)
+        slabs = [(sharding, sharding)] * groups.num_slabs
+        if drafter is None:
+            self._new_cache = jax.jit(lambda: init_kv_cache(config, cache, model.mesh),
+                                      out_shardings=slabs)
+        else:
+            head = drafter.cache_sharding(cache.num_pages)
+            self._new_cache = jax.jit(
+                lambda: [*init_kv_cache(config, cache, model.mesh),
+                         drafter.init_cache(cache.num_pages)],
+                out_shardings=[*slabs, (head, head)])
         self.num_penalty_slots = policy.max_num_seqs
         shape = (self.num_penalty_slots, model.padded_vocab)
         self._new_penalties = jax.jit(lambda: init_state(*shape),
@@ -94,11 +113,12 @@ class ModelRunner:
         if key not in self._programs:
             model = self.model
             fn = step_function(model.graphdef, model.attention_impl, model.mesh, self.groups,
-                               scores=scores, speculative=speculative)
+                               scores=scores, speculative=speculative, drafter=self.drafter)
             rep = model.replicated()
+            head = self.drafter.param_shardings if self.drafter is not None else None
             self._programs[key] = jax.jit(
                 fn, donate_argnums=(1, 2, 3),
-                in_shardings=(model.param_shardings, None, None, rep, rep))
+                in_shardings=(model.param_shardings, None, None, rep, rep, head))
         return self._programs[key]
 
     def spec(self, rows: int, slots: int, images: bool = False) -> StepInputs:
@@ -119,13 +139,15 @@ class ModelRunner:
         """Dispatches the compiled step on ``inputs`` (the scoring one when a row has a
         target; the verifying one when a sequence brings drafts) and returns without
         waiting for it."""
-        program = self.program(inputs.scores, inputs.speculates)
+        speculative = inputs.speculates
+        program = self.program(inputs.scores, speculative)
+        head = self.drafter.params if self.drafter is not None else None
         outputs = program(self.model.params, self.cache, self.penalties, self.last_tokens,
-                          inputs)
-        picked, scored, self.cache, self.penalties, self.last_tokens = outputs
+                          inputs, head)
+        picked, scored, self.cache, self.penalties, self.last_tokens, drafts = outputs
         num_seqs = inputs.num_seqs
-        return PendingStep((picked, scored), num_seqs,
-                           int(inputs.meta.query_start_loc[num_seqs]))
+        return PendingStep((picked, scored, drafts), num_seqs,
+                           int(inputs.meta.query_start_loc[num_seqs]), speculative)
 
     def reset_cache(self) -> None:
         """Re-creates the KV cache, the penalty state and the last picks, zeroed. After a

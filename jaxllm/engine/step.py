@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,9 @@ from jaxllm.sampling import (
     seed_keys,
 )
 from jaxllm.spec.verify_step import verify_pick
+
+if TYPE_CHECKING:
+    from jaxllm.spec.eagle import EagleDrafter
 
 TOP_LOGPROBS = 20  # the most the OpenAI API asks for
 SCORE_BLOCK = 256  # rows whose full-vocabulary log-probabilities exist at once
@@ -68,6 +71,10 @@ class StepInputs(NamedTuple):
     # [S, k + 1] int32: the flat row scored at each position (the last token's row, then each
     # draft's); positions past num_drafts repeat the piece's last row.
     verify_rows: np.ndarray
+    # [S] int32: the token after a slot's last row when the host knows it (a prompt chunk
+    # short of the prompt's end), else -1 (the step picks it). An EAGLE-3 head pairs each
+    # row with the token after it (``jaxllm.spec.eagle``).
+    next_tokens: np.ndarray
     # Images (``jaxllm.multimodal.feeder``): the feature row each flat row takes in place of
     # its text embedding (-1: none), and the step's features as 4-byte words ([0, W] in a
     # step without images, else [T, W]; W = ``feature_words``).
@@ -113,7 +120,7 @@ def step_spec(rows: int, slots: int, num_groups: int, width: int, mask_words: in
                       jax.ShapeDtypeStruct((slots, 2), np.uint32), i32((slots,)),
                       penalty_rows, i32((slots, mask_words)), i32((rows,)),
                       i32((slots, num_speculative)), i32((slots,)),
-                      i32((slots, num_speculative + 1)), i32((rows,)),
+                      i32((slots, num_speculative + 1)), i32((slots,)), i32((rows,)),
                       jax.ShapeDtypeStruct((rows if images else 0, feature_words), np.uint32))
 
 
@@ -129,6 +136,7 @@ class Sampled(NamedTuple):
     logprobs: np.ndarray  # [S] float32
     top_ids: np.ndarray  # [S, TOP_LOGPROBS] int32
     top_logprobs: np.ndarray  # [S, TOP_LOGPROBS] float32
+    drafts: np.ndarray | None = None  # [S, k] int32: EAGLE-3's drafts for the next step
 
 
 class Emitted(NamedTuple):
@@ -140,6 +148,7 @@ class Emitted(NamedTuple):
     top_ids: np.ndarray  # [S, k + 1, TOP_LOGPROBS] int32
     top_logprobs: np.ndarray  # [S, k + 1, TOP_LOGPROBS] float32
     num_accepted: np.ndarray  # [S] int32
+    drafts: np.ndarray | None = None  # [S, k] int32: EAGLE-3's drafts for the next step
 
 
 class Scored(NamedTuple):
@@ -175,18 +184,24 @@ def pick(logits: jax.Array, inputs: StepInputs, tokens: jax.Array, mesh: Mesh | 
 
 def step_function(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None,
                   groups: LayerGroups, *, scores: bool = False,
-                  speculative: bool = False) -> Callable:
+                  speculative: bool = False, drafter: EagleDrafter | None = None) -> Callable:
     """The step as a pure function, for the runner's jit and for compiling it ahead of time:
 
-    ``(params, cache, penalties, last_tokens [N], inputs) -> (picked, scored, cache,
-    penalties, last_tokens)``; ``picked`` is (tokens, logprobs, top ids, top logprobs) per
-    sequence slot, ``last_tokens`` the picks padded to N for the next step's ``from_last``.
-    With ``scores``, ``scored`` holds per row the log-probability of ``inputs.targets`` and
-    the top alternatives, computed ``SCORE_BLOCK`` rows at a time (memory independent of the
-    step's width); without, it is None.
-    """
+    ``(params, cache, penalties, last_tokens [N], inputs, head_params) -> (picked, scored,
+    cache, penalties, last_tokens, drafts)``; ``picked`` is (tokens, logprobs, top ids, top
+    logprobs) per sequence slot, ``last_tokens`` the picks padded to N for the next step's
+    ``from_last``. With ``scores``, ``scored`` holds per row the log-probability of
+    ``inputs.targets`` and the top alternatives, computed ``SCORE_BLOCK`` rows at a time
+    (memory independent of the step's width); without, it is None.
 
-    def run(params, cache, penalties, last_tokens, inputs: StepInputs):
+    With an EAGLE-3 ``drafter`` the cache's last slab is the head's, ``head_params`` its
+    parameters: the target also returns the head's features, and after the picks the head
+    runs over the step's rows and drafts ``[S, k]`` for the next step (``drafts``; None
+    without a drafter).
+    """
+    aux_layers = drafter.aux_layers if drafter is not None else ()
+
+    def run(params, cache, penalties, last_tokens, inputs: StepInputs, head_params=None):
         module = nnx.merge(graphdef, params)
         fed = last_tokens[jnp.maximum(inputs.from_last, 0)]
         tokens = jnp.where(inputs.from_last >= 0, fed, inputs.tokens)
@@ -194,20 +209,31 @@ def step_function(graphdef: nnx.GraphDef, attention_impl: str, mesh: Mesh | None
         if inputs.image_features.shape[0]:  # static: the image variant of the program
             images = ImageEmbeds(unpack_features(inputs.image_features, module.embed[...].dtype),
                                  inputs.image_rows)
-        hidden, cache = module(tokens, cache, inputs.meta, attention_impl=attention_impl,
-                               groups=groups, images=images)
+        target_cache = cache if drafter is None else cache[:-1]
+        hidden, target_cache, features = module.forward(
+            tokens, target_cache, inputs.meta, attention_impl=attention_impl, groups=groups,
+            images=images, aux_layers=aux_layers)
         if speculative:
             picked, penalties = verify_pick(module, hidden, inputs, tokens, mesh, penalties,
                                              TOP_LOGPROBS)
-            final = jnp.take_along_axis(picked[0], picked[-1][:, None], axis=1)[:, 0]
+            accepted = picked[-1][:, None]
+            final = jnp.take_along_axis(picked[0], accepted, axis=1)[:, 0]
+            last_row = jnp.take_along_axis(inputs.verify_rows, accepted, axis=1)[:, 0]
         else:
             picked, penalties = pick(module.logits(hidden[inputs.logits_rows]), inputs,
                                      tokens, mesh, penalties)
-            final = picked[0]
+            final, last_row = picked[0], inputs.logits_rows
         slots = final.shape[0]
         last = jnp.zeros_like(last_tokens).at[:slots].set(final[: last_tokens.shape[0]])
         scored = _score(module, hidden, inputs.targets) if scores else None
-        return picked, scored, cache, penalties, last
+        drafts = None
+        if drafter is not None:
+            after = jnp.where(inputs.next_tokens >= 0, inputs.next_tokens, final)
+            drafts, head_cache = drafter.run(head_params, module, cache[-1], inputs.meta,
+                                             tokens, features, after, last_row,
+                                             attention_impl=attention_impl)
+            target_cache = [*target_cache, head_cache]
+        return picked, scored, target_cache, penalties, last, drafts
 
     return run
 

@@ -191,7 +191,8 @@ class Eagle3Head(nnx.Module):
         self.norm = RMSNorm(D, c.rms_norm_eps, dtype)
         self.lm_head = _param(rngs, (D, self.draft_vocab), ("embed", "vocab"), dtype)
         if has_vocab_map:  # d2t: target id minus draft id, per draft id
-            self.d2t = nnx.Variable(jnp.zeros((self.draft_vocab,), jnp.int32))
+            self.d2t = nnx.Variable(jnp.zeros((self.draft_vocab,), jnp.int32),
+                                   logical_axes=(None,))
 
     def combine(self, aux: jax.Array) -> jax.Array:
         """``[T, 3 D_t]`` (the three auxiliary hidden states, concatenated) -> ``[T, D]``."""

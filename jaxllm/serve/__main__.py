@@ -41,8 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(by default the next step is dispatched first, hiding the host's work)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="speculative decoding, vLLM's JSON: e.g. '{\"method\": \"ngram\", "
-                   "\"num_speculative_tokens\": 3, \"prompt_lookup_max\": 3}' (method "
-                   "eagle3 is refused: not wired into the engine yet)")
+                   "\"num_speculative_tokens\": 3, \"prompt_lookup_max\": 3}', or an EAGLE-3 "
+                   "head: '{\"method\": \"eagle3\", \"model\": \"HEAD_DIR\", "
+                   "\"num_speculative_tokens\": 3}'")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="rows of one engine step (default: 8192 on a GPU, 512 on CPU; longer "
                    "prompts are prefilled in chunks)")
@@ -121,9 +122,6 @@ def build_engine(args: argparse.Namespace) -> Engine:
 
     speculative = (None if args.speculative_config is None
                    else SpeculativeConfig.from_json(args.speculative_config))
-    if speculative is not None and speculative.method != "ngram":
-        raise ValueError(f"speculative-config method={speculative.method!r} is not wired into "
-                         "the engine yet; only method='ngram' is")
     cache_dir = (compile_cache.default_cache_dir() if args.compilation_cache_dir is None
                  else args.compilation_cache_dir)
     cache_dir = compile_cache.enable(cache_dir)

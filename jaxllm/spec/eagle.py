@@ -16,14 +16,26 @@ Glossary: T flat rows, S sequence slots, k drafts, W block-table width.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
 
+from jaxllm.kv_cache import FP8_KV, KV_CACHE_AXES
 from jaxllm.layout import AttentionMetadata, slot_of
-from jaxllm.models.eagle3 import Eagle3Head
+from jaxllm.model import embed_lookup
+from jaxllm.models.eagle3 import Eagle3Config, Eagle3Head, load_eagle3
 from jaxllm.sampling import greedy
+from jaxllm.sharding import named_sharding, param_shardings
+
+if TYPE_CHECKING:
+    from jaxllm.api import Model
 
 
 def draft(
@@ -85,3 +97,157 @@ def _pick(head: Eagle3Head, normed: jax.Array) -> jax.Array:
     """The head's most likely next token, in target vocabulary ids (argmax per vocabulary
     shard on a mesh, as the sampler's greedy pick)."""
     return head.to_target(greedy(head.logits(normed), head.mesh))
+
+
+def head_rows(meta: AttentionMetadata, tokens: jax.Array, after: jax.Array,
+              last_row: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """What the head reads at each of a step's rows: the token after it (the next row's
+    token, or ``after [S]`` at its slot's last kept row ``last_row [S]``) and whether the row
+    is kept (rows past ``last_row``: rejected drafts; and padding rows write no KV)."""
+    rows = jnp.arange(tokens.shape[0])
+    starts = meta.query_start_loc
+    slot = jnp.clip(jnp.searchsorted(starts[1:], rows, side="right"), 0, last_row.shape[0] - 1)
+    end = last_row[slot]
+    following = jnp.where(rows == end, after[slot], jnp.roll(tokens, -1))
+    return following, (rows < starts[meta.num_seqs]) & (rows <= end)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EagleDrafter:
+    """An EAGLE-3 head bound to its target, for the engine's step.
+
+    Its KV cache is one more slab of the target's page pool: page id i of the global layer
+    group (group 0) also holds the head's keys and values of the positions it holds, so the
+    head's cache grows, is shared through the prefix cache, dropped and recomputed with that
+    group's pages, at ``bytes_per_page`` more per page. Its position p pairs the target's
+    features at p with the token at p + 1 (``head_rows``): a prefix-cache hit ending at a
+    page boundary takes the head's last key from a sequence whose next token may differ,
+    which changes drafts (never outputs: verification decides those)."""
+
+    path: str
+    config: Eagle3Config
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    param_shardings: Any
+    aux_layers: tuple[int, ...]
+    k: int
+    page_size: int
+    cache_dtype: Any
+    mesh: Mesh | None
+    own_embedding: bool
+
+    @classmethod
+    def load(cls, path: str, model: Model, k: int) -> EagleDrafter:
+        """The head at ``path`` in the target ``model``'s dtype and mesh, checked against
+        the target (vocabulary, feature width, auxiliary layers, a global layer group)."""
+        target = model.config
+        head = load_eagle3(path, dtype=model.dtype, mesh=model.mesh)
+        c = head.config
+        if c.vocab_size != target.vocab_size:
+            raise ValueError(f"the EAGLE-3 head at {path} has vocab_size={c.vocab_size}, the "
+                             f"target model has {target.vocab_size}: the head was trained for "
+                             "another model (retrain it for this one)")
+        if c.target_hidden_size != target.hidden_size:
+            raise ValueError(f"the EAGLE-3 head at {path} reads target features of width "
+                             f"{c.target_hidden_size}, the target's hidden size is "
+                             f"{target.hidden_size}")
+        own_embedding = hasattr(head, "embed")
+        if not own_embedding and c.hidden_size != target.hidden_size:
+            raise ValueError(f"the EAGLE-3 head at {path} has no embed_tokens and hidden size "
+                             f"{c.hidden_size}: it cannot share the target's embedding of "
+                             f"width {target.hidden_size}")
+        groups = model.bucket_policy.cache.groups(target)
+        if groups.group_chunk[0] is not None:
+            raise ValueError("EAGLE-3 keeps its KV cache in a global layer group's pages, and "
+                             "every layer of this model is chunked-local")
+        aux = c.aux_layers(target.num_layers)
+        if len(set(aux)) != len(aux):
+            raise ValueError(f"the EAGLE-3 head at {path} reads target layers {list(aux)}: "
+                             "they must be distinct (set eagle_aux_hidden_state_layer_ids "
+                             f"for a {target.num_layers}-layer target)")
+        graphdef, params = nnx.split(head)
+        shardings = param_shardings(params, model.mesh)
+        params = jax.device_put(params, shardings)
+        cache = model.bucket_policy.cache
+        dtype = model.dtype if jnp.dtype(cache.dtype) == FP8_KV else cache.dtype
+        return cls(str(path), c, graphdef, params, shardings,
+                   aux, k, cache.page_size, dtype, model.mesh,
+                   own_embedding)
+
+    def page_shape(self, num_pages: int) -> tuple[int, int, int, int]:
+        """``[P, p, K, d]`` of the head's key (or value) slab: the target's pages and the
+        null page."""
+        c = self.config
+        return (num_pages + 1, self.page_size, c.num_kv_heads, c.head_dim)
+
+    def cache_sharding(self, num_pages: int) -> jax.sharding.Sharding:
+        return named_sharding(KV_CACHE_AXES, self.page_shape(num_pages), self.mesh)
+
+    def init_cache(self, num_pages: int) -> tuple[jax.Array, jax.Array]:
+        """The head's zeroed slab (keys, values)."""
+        shape = self.page_shape(num_pages)
+        return (jnp.zeros(shape, self.cache_dtype), jnp.zeros(shape, self.cache_dtype))
+
+    def bytes_per_page(self) -> int:
+        """Bytes the head adds to each page id, on one device."""
+        return head_page_bytes(self.config, self.page_size, self.cache_dtype, self.mesh)
+
+    def weights_bytes(self) -> int:
+        """The head's parameters on one device."""
+        return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+                   for a in jax.tree.leaves(self.params))
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"EAGLE-3 head {self.path} (hidden {c.hidden_size}, {c.num_heads} heads, "
+                f"vocabulary {c.draft_vocab_size} of {c.vocab_size}, target layers "
+                f"{list(self.aux_layers)}): {self.weights_bytes() / 2**20:.3f} MiB, "
+                f"{self.bytes_per_page()} bytes per page for its KV cache")
+
+    def run(self, head_params: nnx.State, module: Any, cache: tuple[jax.Array, jax.Array],
+            meta: AttentionMetadata, tokens: jax.Array, features: jax.Array,
+            after: jax.Array, last_row: jax.Array, *, attention_impl: str
+            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Inside the step: the head over the step's rows (``tokens`` as the target ran them,
+        ``features`` its auxiliary hidden states, ``after`` the token after each slot's last
+        kept row ``last_row``), in the global group's pages; returns the drafts ``[S, k]``
+        for each slot's next step and the head's cache."""
+        head = nnx.merge(self.graphdef, head_params)
+        if self.own_embedding:
+            embed = head.embed_tokens
+        else:
+            table = module.embed[...]
+            embed = lambda ids: embed_lookup(table, ids, self.mesh)  # noqa: E731
+        group = meta.for_group(0)
+        following, kept = head_rows(group, tokens, after, last_row)
+        return draft(head, embed, cache, group, following, features, kept, last_row,
+                     k=self.k, page_size=self.page_size, attention_impl=attention_impl)
+
+
+def head_page_bytes(config: Eagle3Config, page_size: int, cache_dtype: Any,
+                    mesh: Mesh | None) -> int:
+    """Bytes an EAGLE-3 head's keys and values add to each page id, on one device of
+    ``mesh`` (whose ``model`` axis may split its kv heads)."""
+    shape = (1, page_size, config.num_kv_heads, config.head_dim)
+    heads = named_sharding(KV_CACHE_AXES, shape, mesh).shard_shape(shape)[2]
+    return 2 * page_size * heads * config.head_dim * jnp.dtype(cache_dtype).itemsize
+
+
+def head_plan_bytes(path: str, dtype: Any, cache_dtype: Any, page_size: int,
+                    mesh: Mesh | None) -> tuple[int, int]:
+    """(weights, bytes per page) of the head at ``path`` on one device of ``mesh``, from its
+    config and tensor names only (nothing is read or allocated: ``--dry-run``)."""
+    from jaxllm.convert import SafetensorsSource
+
+    config = Eagle3Config.from_hf(path)
+    names = {name.removeprefix("model.") for name in SafetensorsSource(Path(path)).location}
+    head = nnx.eval_shape(lambda: Eagle3Head(
+        config, dtype=dtype, rngs=nnx.Rngs(0), has_embedding="embed_tokens.weight" in names,
+        has_vocab_map="d2t" in names, mesh=mesh))
+    state = nnx.state(head)
+    weights = sum(math.prod(s.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
+                  for a, s in zip(jax.tree.leaves(state),
+                                  jax.tree.leaves(param_shardings(state, mesh)), strict=True))
+    if jnp.dtype(cache_dtype) == FP8_KV:
+        cache_dtype = dtype
+    return weights, head_page_bytes(config, page_size, cache_dtype, mesh)

@@ -168,13 +168,6 @@ def test_no_compilation_after_warmup(scout):
     assert engine.speculator.stats.num_drafts > 0
 
 
-def test_eagle3_is_refused_until_wired(scout):
-    _, model = scout
-    config = SpeculativeConfig(method="eagle3", num_speculative_tokens=3, model="/some/head")
-    with pytest.raises(ValueError, match="not wired into the engine yet"):
-        Engine(model, speculative=config)
-
-
 POSITIONS = 3  # output positions whose distributions are compared
 
 

@@ -1,6 +1,6 @@
-"""The server with ``--speculative-config`` (n-gram): greedy completions equal HF's greedy
-token for token, streamed or not, the speculation metrics count what was verified, and a
-method that is not wired yet is refused at start-up."""
+"""The server with ``--speculative-config`` (n-gram, and an EAGLE-3 head): greedy completions
+equal HF's greedy token for token, streamed or not, the speculation metrics count what was
+verified, and a head made for another model is refused at start-up."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from jaxllm import testing as hf_models
 from jaxllm.serve.__main__ import main
 from jaxllm.serve.tokenizer import TextCodec
 from tests.jaxllm.conftest import run_converter
+from tests.jaxllm.engine.test_eagle_decode import ALWAYS, write_head
 from tests.jaxllm.engine.test_spec_decode import hf_biased_greedy
 
 MAX_LEN = 96
@@ -77,8 +78,39 @@ def test_greedy_completions_equal_hf_and_the_metrics_count(server, stream):
         "vllm:spec_decode_num_accepted_tokens_total"]
 
 
-def test_eagle3_is_refused_at_start_up(server, capsys):
-    _, ckpt, _, _ = server
-    config = json.dumps({"method": "eagle3", "model": str(ckpt), "num_speculative_tokens": 3})
+@pytest.mark.slow  # a second server, its programs compiled as requests come: ~1 minute
+def test_eagle3_greedy_equals_hf_and_the_metrics_count(server, tmp_path):
+    """An EAGLE-3 head (one that always drafts token 17, so the biased prompts accept
+    drafts) behind the server: greedy completions still equal HF's, and the same metrics
+    count its drafts."""
+    hf, ckpt, _, _ = server
+    head = write_head(tmp_path / "head", seed=3, constant=ALWAYS)
+    spec = {"method": "eagle3", "model": str(head), "num_speculative_tokens": 3}
+    args = ["--model", str(ckpt), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4",
+            "--block-size", "8", "--seed", "0", "--skip-warmup",
+            "--speculative-config", json.dumps(spec)]
+    codec = TextCodec.from_dir(ckpt)
+    with hf_models.serving(args) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        before = httpx.get(f"{base}/metrics").text
+        for prompt in PROMPTS:
+            ids = codec.encode(prompt)
+            want = hf_biased_greedy(hf, ids, 40, BIAS)
+            want = want[: want.index(2) if 2 in want else len(want)]
+            text = client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=40, temperature=0,
+                logit_bias={str(t): v for t, v in BIAS}).choices[0].text
+            assert text == codec.decode(want)
+        after = httpx.get(f"{base}/metrics").text
+    gained = {name: _metric(after, name) - _metric(before, name) for name in (
+        "vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_accepted_tokens_total")}
+    assert gained["vllm:spec_decode_num_drafts_total"] > 0
+    assert gained["vllm:spec_decode_num_accepted_tokens_total"] > 0
+
+
+def test_a_head_for_another_model_is_refused_at_start_up(tiny_model, tmp_path, capsys):
+    _, _, ckpt = tiny_model("scout")
+    head = write_head(tmp_path / "head", seed=4, vocab_size=102)
+    config = json.dumps({"method": "eagle3", "model": str(head), "num_speculative_tokens": 3})
     assert main(["--model", str(ckpt), "--speculative-config", config]) == 2
-    assert "not wired into the engine yet" in capsys.readouterr().err
+    assert "vocab_size=102, the target model has 333" in capsys.readouterr().err
