@@ -224,14 +224,16 @@ def scout_config(num_layers: int = 4) -> Any:
 
 def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_len: int,
                      num_pages: int, num_layers: int = 4, quant: Any = None,
-                     kv_dtype: Any = BF16, config: Any = None, num_speculative: int = 0
-                     ) -> Case:
+                     kv_dtype: Any = BF16, config: Any = None, num_speculative: int = 0,
+                     eagle: bool = False) -> Case:
     """The engine's sampling step (``jaxllm.engine.step.step_function``) of a Scout-shaped
     model in bf16 (its feed-forward weights quantized by ``quant``, a ``QuantConfig``),
     parameters and cache as abstract arrays with their real shardings; ``num_pages`` pages
     of cache (plus the null page) of ``kv_dtype``; with ``num_speculative`` the verifying
-    step of that many drafts a sequence. A quantized step must produce no bf16 copy of one
-    expert's weight, nor have room for a copy of a layer's routed experts."""
+    step of that many drafts a sequence (``eagle``: the next step's drafted in it by a
+    Maverick-sized EAGLE-3 head, ``maverick_head_config``, reading target layers 1-3). A
+    quantized step must produce no bf16 copy of one expert's weight, nor have room for a
+    copy of a layer's routed experts."""
     from jaxllm.kv_cache import CacheConfig
     from jaxllm.sharding import MESH_AXES
 
@@ -243,8 +245,10 @@ def engine_step_case(name: str, devices: int, rows: int, slots: int, max_model_l
     def build():
         mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices))
         graphdef, params = abstract_params(config, BF16, mesh, quant)
+        drafter = (abstract_drafter(mesh, num_speculative, (1, 2, 3)) if eagle else None)
         sample_step, args = abstract_step(graphdef, params, config, cache, mesh, rows, slots,
-                                          width, num_speculative=num_speculative)
+                                          width, num_speculative=num_speculative,
+                                          drafter=drafter)
         return sample_step, mesh, args, (1, 2, 3)
 
     expert = (config.hidden_size, config.intermediate_size // devices)
@@ -274,12 +278,14 @@ def abstract_params(config: Any, dtype: Any, mesh: Any, quant: Any = None) -> tu
 
 def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any, rows: int,
                   slots: int, width: int, attention_impl: str = "pallas",
-                  image_dtype: Any = None, num_speculative: int = 0) -> tuple[Any, tuple]:
+                  image_dtype: Any = None, num_speculative: int = 0,
+                  drafter: Any = None) -> tuple[Any, tuple]:
     """The engine's step (``jaxllm.engine.step.step_function``, Pallas attention unless
     ``attention_impl`` says otherwise) and abstract arguments for a step of ``rows`` rows and
     ``slots`` sequences (``image_dtype``: the variant that brings image features of that
     dtype, for a model with a vision tower; ``num_speculative``: the verifying step of that
-    many drafts a sequence)."""
+    many drafts a sequence; ``drafter``: an ``EagleDrafter`` drafting them in the step, its
+    slab after the target's and its parameters the last argument)."""
     from jaxllm.engine.step import step_function, step_spec
     from jaxllm.kv_cache import kv_cache_sharding
     from jaxllm.penalties import PenaltyState, state_sharding
@@ -306,9 +312,15 @@ def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any
                                                           state_sharding(*shape, mesh),
                                                           strict=True)))
     step = step_function(graphdef, attention_impl, mesh, groups,
-                         speculative=num_speculative > 0)
-    return step, (params, [(page, page)] * groups.num_slabs, penalties,
-                  abstract(mesh, (slots,), jnp.int32), inputs)
+                         speculative=num_speculative > 0, drafter=drafter)
+    slabs = [(page, page)] * groups.num_slabs
+    head = ()
+    if drafter is not None:
+        head_page = jax.ShapeDtypeStruct(drafter.page_shape(cache.num_pages), BF16,
+                                         sharding=drafter.cache_sharding(cache.num_pages))
+        slabs, head = [*slabs, (head_page, head_page)], (drafter.params,)
+    return step, (params, slabs, penalties, abstract(mesh, (slots,), jnp.int32), inputs,
+                  *head)
 
 
 def engine_cases() -> list[Case]:
@@ -410,41 +422,71 @@ def verify_case(name: str, devices: int, slots: int, k: int, with_q: bool,
 def spec_cases() -> list[Case]:
     """Verification of 3 drafts for 64 sequences (point mass and with q), the whole
     verifying engine step of a 4-layer Scout around it (64 sequences x 4 rows, max_model_len
-    128k), and EAGLE-3 drafting of 3 tokens for them, on 1 and 8 devices."""
+    128k; n-gram drafts, and an EAGLE-3 head drafting the next step's in it), and EAGLE-3
+    drafting of 3 tokens for them alone, on 1 and 8 devices."""
     verify = [verify_case(f"verify {d} dev s64 k3 {'q' if q else 'point mass'}", d, 64, 3, q)
               for d in (1, 8) for q in (False, True)]
-    verify += [engine_step_case(f"engine verify step {d} dev b64 k3", d, 64 * 4, 64, 131072,
-                                num_pages=32768, num_speculative=3) for d in (1, 8)]
+    verify += [engine_step_case(f"engine verify step {d} dev b64 k3{' eagle3' * eagle}", d,
+                                64 * 4, 64, 131072, num_pages=32768, num_speculative=3,
+                                eagle=eagle) for eagle in (False, True) for d in (1, 8)]
     return verify + [eagle_draft_case(f"eagle3 draft {d} dev s64 k3", d, 64, 3, 131072,
                                       num_pages=32768) for d in (1, 8)]
+
+
+def maverick_head_config() -> Any:
+    """A Maverick-sized EAGLE-3 head: hidden 5120, 40 q / 8 kv heads, ffn 16384, the full
+    202,048-token vocabulary (it has its own embedding)."""
+    from jaxllm.models.eagle3 import Eagle3Config
+
+    return Eagle3Config(hidden_size=5120, num_heads=H, num_kv_heads=K, head_dim=D,
+                        intermediate_size=16384, vocab_size=202048, draft_vocab_size=202048,
+                        target_hidden_size=5120, rms_norm_eps=1e-5, rope_theta=500000.0,
+                        rope_scaling=None)
+
+
+def abstract_head(mesh: Any) -> tuple[Any, Any, Any]:
+    """(graphdef, parameters as ``ShapeDtypeStruct``s with their shardings, the shardings)
+    of ``maverick_head_config()``'s head in bf16 on ``mesh``."""
+    from flax import nnx
+
+    from jaxllm.models.eagle3 import Eagle3Head
+    from jaxllm.sharding import param_shardings
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Eagle3Head(
+        maverick_head_config(), dtype=BF16, rngs=nnx.Rngs(0), has_embedding=True, mesh=mesh)))
+    leaves, treedef = jax.tree.flatten(state)
+    shardings = param_shardings(state, mesh)
+    params = treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+                                for a, s in zip(leaves, jax.tree.leaves(shardings),
+                                                strict=True)])
+    return graphdef, params, shardings
+
+
+def abstract_drafter(mesh: Any, k: int, aux_layers: tuple[int, ...]) -> Any:
+    """An ``EagleDrafter`` of the abstract Maverick-sized head (nothing allocated)."""
+    from jaxllm.spec.eagle import EagleDrafter
+
+    graphdef, params, shardings = abstract_head(mesh)
+    return EagleDrafter("abstract", maverick_head_config(), graphdef, params, shardings,
+                        aux_layers, k, PAGE, BF16, mesh, True)
 
 
 def eagle_draft_case(name: str, devices: int, slots: int, k: int, max_model_len: int,
                      num_pages: int) -> Case:
     """EAGLE-3 drafting (``jaxllm.spec.eagle.draft``, Pallas attention) of ``k`` tokens for
     ``slots`` sequences after a verify step of ``k + 1`` rows each, with a Maverick-sized head
-    (hidden 5120, 40 q / 8 kv heads, the full 202,048-token vocabulary, its own embedding)."""
+    (``maverick_head_config``)."""
     from flax import nnx
 
     from jaxllm.layout import AttentionMetadata
-    from jaxllm.models.eagle3 import Eagle3Config, Eagle3Head
-    from jaxllm.sharding import MESH_AXES, param_shardings
+    from jaxllm.sharding import MESH_AXES
     from jaxllm.spec.eagle import draft
 
-    config = Eagle3Config(hidden_size=5120, num_heads=H, num_kv_heads=K, head_dim=D,
-                          intermediate_size=16384, vocab_size=202048, draft_vocab_size=202048,
-                          target_hidden_size=5120, rms_norm_eps=1e-5, rope_theta=500000.0,
-                          rope_scaling=None)
     rows, width = slots * (k + 1), max_model_len // PAGE
 
     def build():
         mesh = gpu_mesh(devices, MESH_AXES, (1, 1, devices))
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: Eagle3Head(
-            config, dtype=BF16, rngs=nnx.Rngs(0), has_embedding=True, mesh=mesh)))
-        leaves, treedef = jax.tree.flatten(state)
-        shardings = jax.tree.leaves(param_shardings(state, mesh))
-        params = treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-                                    for a, s in zip(leaves, shardings, strict=True)])
+        graphdef, params, _ = abstract_head(mesh)
         rep = lambda shape, dtype=jnp.int32: abstract(mesh, shape, dtype)  # noqa: E731
         kv_spec = PartitionSpec(None, None, "model" if devices > 1 else None, None)
         page = abstract(mesh, (num_pages + 1, PAGE, K, D), BF16, kv_spec)
