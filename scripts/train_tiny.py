@@ -146,27 +146,32 @@ def answer_nll(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Arr
     return jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:])
 
 
-def fit(loss_fn: Callable[..., jax.Array], params: Any, data: Iterator[tuple], steps: int,
-        lr: float) -> Any:
-    """``steps`` of AdamW (warm-up, cosine decay, clipping) on ``loss_fn(params, *batch)``."""
+def fit(loss_fn: Callable[..., Any], params: Any, data: Iterator[tuple], steps: int,
+        lr: float, log_every: int = 250) -> Any:
+    """``steps`` of AdamW (warm-up, cosine decay, clipping) on ``loss_fn(params, *batch)``,
+    which returns the loss or ``(loss, part)``: a part of it to log beside it."""
     warmup = min(200, steps // 10)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr / 20)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                             optax.adamw(schedule, b2=0.98, weight_decay=0.01))
     opt_state = optimizer.init(params)
 
+    def with_part(params, *batch):
+        out = loss_fn(params, *batch)
+        return out if isinstance(out, tuple) else (out, out)
+
     @jax.jit
     def step(params, opt_state, *batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+        (loss, part), grads = jax.value_and_grad(with_part, has_aux=True)(params, *batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, loss, part
 
     start = time.perf_counter()
     for i in range(1, steps + 1):
-        params, opt_state, loss = step(params, opt_state, *next(data))
-        if i % 250 == 0 or i in (1, 20):
-            print(f"step {i:5d}  loss {float(loss):.4f}  {time.perf_counter() - start:6.0f} s",
-                  flush=True)
+        params, opt_state, loss, part = step(params, opt_state, *next(data))
+        if i % log_every == 0 or i in (1, 20):
+            print(f"step {i:5d}  loss {float(loss):.4f} ({float(part):.4f})  "
+                  f"{time.perf_counter() - start:6.0f} s", flush=True)
     return params
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from PIL import Image, ImageDraw
 
@@ -125,26 +126,30 @@ def image_prompt(codec, question: str) -> list[int]:
 
 def picture_examples(rng: np.random.Generator, n: int, processor: ProcessorConfig
                      ) -> tuple[np.ndarray, list[str], list[str]]:
-    """``n`` pictures as pixel values ``[n, 3, TILE, TILE]``, the question about each (count
-    or colour, alternately) and its answer."""
-    pixels, questions, answers = [], [], []
+    """``n`` pictures as pixel values ``[n, 3, TILE, TILE]``, the question about each (three
+    of four ask the count, the fourth the colour), its answer, and both labels ``[n, 2]``
+    (count - 1, colour index)."""
+    pixels, questions, answers, labels = [], [], [], []
     for i in range(n):
         image, count, colour = draw_picture(rng)
         pixels.append(process_image(image, processor).pixel_values)
-        questions.append(COUNT_QUESTION if i % 2 == 0 else COLOUR_QUESTION)
-        answers.append(str(count) if i % 2 == 0 else colour)
-    return np.concatenate(pixels), questions, answers
+        counts = i % 4 != 3  # colour is learned much sooner than counting
+        questions.append(COUNT_QUESTION if counts else COLOUR_QUESTION)
+        answers.append(str(count) if counts else colour)
+        labels.append((count - 1, list(COLOURS).index(colour)))
+    return np.concatenate(pixels), questions, answers, np.asarray(labels, np.int32)
 
 
 def batches(codec, processor: ProcessorConfig, pairs: np.ndarray, batch: int,
             rng: np.random.Generator):
     """Batches of ``batch`` picture conversations (tokens, learned mask, pixel values, the
-    feature row of every token or -1) and ``batch`` sums (tokens, mask)."""
+    feature row of every token or -1, the probe's labels) and ``batch`` sums (tokens,
+    mask)."""
     patch = codec.tokenizer.token_to_id("<|patch|>")
     prompts = {q: image_prompt(codec, q) for q in (COUNT_QUESTION, COLOUR_QUESTION)}
     eos = codec.tokenizer.token_to_id("</s>")
     while True:
-        pixels, questions, answers = picture_examples(rng, batch, processor)
+        pixels, questions, answers, labels = picture_examples(rng, batch, processor)
         tokens = np.zeros((batch, SEQ_LEN), np.int32)
         mask = np.zeros((batch, SEQ_LEN), np.float32)
         for i, (q, a) in enumerate(zip(questions, answers, strict=True)):
@@ -155,7 +160,7 @@ def batches(codec, processor: ProcessorConfig, pairs: np.ndarray, batch: int,
         flat = tokens.reshape(-1) == patch  # each picture row has its 4 in order
         rows[flat] = np.arange(int(flat.sum()), dtype=np.int32)
         sums = pairs[rng.integers(0, len(pairs), batch)]
-        yield (tokens, mask, pixels, rows,
+        yield (tokens, mask, pixels, rows, labels,
                *train_tiny.sum_batch(codec.tokenizer, sums, train_tiny.SEQ_LEN))
 
 
@@ -203,6 +208,9 @@ def fan_in_init(tree: dict, key: jax.Array) -> dict:
 def train(config: Llama4Config, codec, processor: ProcessorConfig, pairs: np.ndarray, args
           ) -> nnx.State:
     graphdef, params = start_params(config, Path(args.base), args.seed)
+    if args.resume:  # continue from an earlier run's checkpoint (the probe starts afresh)
+        nnx.replace_by_pure_dict(params, nnx.to_pure_dict(
+            jaxllm.load_model(args.resume, dtype="float32").params))
     layouts = {n: train_tiny.batch_layout(args.batch, n) for n in (SEQ_LEN, train_tiny.SEQ_LEN)}
 
     def nll(module, tokens, mask, images=None):
@@ -212,14 +220,40 @@ def train(config: Llama4Config, codec, processor: ProcessorConfig, pairs: np.nda
         logits = module.logits(hidden).reshape(*tokens.shape, -1)
         return train_tiny.answer_nll(logits, tokens, mask)
 
-    def loss_fn(params, tokens, mask, pixels, rows, sum_tokens, sum_mask):
+    def loss_fn(trained, tokens, mask, pixels, rows, labels, sum_tokens, sum_mask):
+        params, probe = trained
         module = nnx.merge(graphdef, params)
         features = module.vision(pixels)
         images = ImageEmbeds(features.reshape(-1, features.shape[-1]), rows)
-        return (nll(module, tokens, mask, images) + nll(module, sum_tokens, sum_mask)) / 2
+        answers = nll(module, tokens, mask, images)
+        return (answers + nll(module, sum_tokens, sum_mask)) / 2 + probe_loss(
+            probe, features, labels), answers
 
     data = batches(codec, processor, pairs, args.batch, np.random.default_rng(args.seed))
-    return train_tiny.fit(loss_fn, params, data, args.steps, args.lr)
+    trained = train_tiny.fit(loss_fn, (params, init_probe(config, args.seed)), data,
+                             args.steps, args.lr, log_every=50)
+    return trained[0]
+
+
+def init_probe(config: Llama4Config, seed: int) -> dict[str, jax.Array]:
+    """Linear read-outs of a picture's count and colour from its mean projected feature: an
+    auxiliary loss during training only (the checkpoint does not keep them). Through the
+    text model alone the tower got too little signal to learn in a few hundred steps."""
+    width = config.hidden_size
+    k1, k2 = jax.random.split(jax.random.key(seed + 1))
+    return {"count": jax.random.normal(k1, (width, MAX_SHAPES)) / np.sqrt(width),
+            "colour": jax.random.normal(k2, (width, len(COLOURS))) / np.sqrt(width)}
+
+
+def probe_loss(probe: dict[str, jax.Array], features: jax.Array, labels: jax.Array
+               ) -> jax.Array:
+    """Cross-entropy of the probe's count and colour (``labels [B, 2]``: count - 1, colour
+    index) from the mean of each picture's ``features [B, tokens, D]``."""
+    pooled = features.mean(axis=1)
+    losses = [optax.softmax_cross_entropy_with_integer_labels(pooled @ probe[name],
+                                                              labels[:, i]).mean()
+              for i, name in enumerate(("count", "colour"))]
+    return sum(losses) / len(losses)
 
 
 def answer_pictures(model, codec, pictures: list[Image.Image], question: str) -> list[str]:
@@ -250,10 +284,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="train_tiny.py's text-only checkpoint")
     p.add_argument("--out", default="checkpoints/tiny-llama4")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch", type=int, default=16, help="pictures per step (and as many sums)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, help="start from this script's checkpoint")
     p.add_argument("--eval-pictures", type=int, default=100)
     args = p.parse_args()
     config = Llama4Config.from_hf(CONFIG)

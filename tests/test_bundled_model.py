@@ -18,9 +18,6 @@ from jaxllm.serve.tokenizer import TextCodec
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "checkpoints" / "tiny-llama4"
-# Until scripts/train_vision_tiny.py's output is bundled (issue 19), the checkpoint is text-only.
-needs_vision = pytest.mark.skipif(not (BUNDLED / "preprocessor_config.json").is_file(),
-                                  reason="the bundled checkpoint has no vision tower yet")
 
 
 def _training_script(name: str = "train_tiny"):
@@ -51,7 +48,6 @@ def test_bundled_model_adds_sums_it_never_saw():
     assert right >= 90, list(zip(answers, pairs.tolist(), strict=True))[:10]
 
 
-@needs_vision
 def test_bundled_checkpoint_has_a_vision_tower_and_its_processor():
     model = jaxllm.load_model(BUNDLED, max_model_len=64)
     vision = model.require_vision()
@@ -88,7 +84,6 @@ def _pictures(seed: int, n: int):
     return out
 
 
-@needs_vision
 def test_bundled_model_answers_about_pictures_it_never_saw():
     """50 new pictures through ``generate()``: how many shapes, and their colour; at least
     45 of 50 right for each question."""
@@ -105,23 +100,27 @@ def test_bundled_model_answers_about_pictures_it_never_saw():
     assert right_colours >= 45, list(zip(colours, [c for _, _, c in drawn], strict=True))
 
 
-@needs_vision
-def test_readme_picture_is_answered_as_the_readme_says():
-    """The README's curl example: its one-liner's PNG, read from the data: URL as the server
-    reads it, gets "3" and "blue" through ``generate()``."""
+def _readme_picture() -> str:
+    """The README's picture: its one-liner run as the README runs it, a base64 PNG."""
     import re
     import subprocess
     import sys
 
-    from jaxllm.multimodal.media import MediaLimits, decode_image, image_bytes
-
     readme = (REPO / "README.md").read_text()
     [code] = re.findall(r'IMG=\$\(\.venv/bin/python -c "(.*?)"\)', readme, re.S)
-    png = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
     assert "It answers `3` (and `blue` to \"What colour?\")." in readme
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_readme_picture_is_answered_as_the_readme_says():
+    """The README's curl example: its one-liner's PNG, read from the data: URL as the server
+    reads it, gets "3" and "blue" through ``generate()``."""
+    from jaxllm.multimodal.media import MediaLimits, decode_image, image_bytes
+
     limits = MediaLimits()
-    picture = decode_image(image_bytes(f"data:image/png;base64,{png}", limits), limits)
+    picture = decode_image(image_bytes(f"data:image/png;base64,{_readme_picture()}", limits),
+                           limits)
     vision = _training_script("train_vision_tiny")
     model = jaxllm.load_model(BUNDLED, max_model_len=64)
     codec = TextCodec.from_dir(BUNDLED)
@@ -144,6 +143,18 @@ def test_serve_out_of_the_box_answers(default_server):
             messages=[{"role": "user", "content": f"What is {a} + {b}?"}])
         assert reply.choices[0].message.content == str(a + b)
         assert reply.choices[0].finish_reason == "stop"
+
+
+def test_serve_out_of_the_box_answers_the_readme_picture(default_server):
+    """The README's curl request (its picture as a data: URL in an image_url part) through
+    the server started with no arguments."""
+    url = f"data:image/png;base64,{_readme_picture()}"
+    for question, answer in [("How many shapes?", "3"), ("What colour?", "blue")]:
+        reply = default_server.chat.completions.create(
+            model="tiny-llama4", temperature=0, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": question}]}])
+        assert reply.choices[0].message.content == answer
 
 
 def _served_sums_right(flags: list[str], pairs) -> int:
