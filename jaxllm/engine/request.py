@@ -22,6 +22,8 @@ import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import numpy as np
+
 from jaxllm.buckets import BucketPolicy
 from jaxllm.kv_cache import NULL_PAGE
 from jaxllm.layout import check_token_ids
@@ -111,6 +113,9 @@ class Request:
     epoch: int = 0
     # Its prompt's images (``jaxllm.multimodal.feeder.RequestImages``), or None.
     images: Any = None
+    # ``token_array``'s buffer and how much of it is filled (grown on demand).
+    _array: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    _array_len: int = dataclasses.field(default=0, repr=False)
 
     @property
     def max_tokens(self) -> int:
@@ -131,6 +136,24 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    def token_array(self) -> np.ndarray:
+        """The known tokens (prompt and output) as int32, a read-only view of a buffer kept
+        across calls: each call copies only the tokens accepted since the last one (n-gram
+        drafting reads a running request's tokens every step; converting a 1M-token list
+        took 30 ms each time). The buffer doubles as it fills."""
+        n, filled = len(self.prompt) + len(self.output), self._array_len
+        if self._array is None or self._array.shape[0] < n:
+            grown = np.empty(max(n, 2 * filled, 64), np.int32)
+            if self._array is not None:
+                grown[:filled] = self._array[:filled]
+            self._array = grown
+        if filled < n:
+            self._array[filled:n] = self.tokens_between(filled, n)
+            self._array_len = n
+        view = self._array[:n]
+        view.flags.writeable = False
+        return view
 
     def tokens_between(self, start: int, end: int) -> list[int]:
         """``tokens[start:end]`` without building the whole list (1M tokens at long

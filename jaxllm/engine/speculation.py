@@ -95,7 +95,7 @@ class Speculator:
         if self.drafter is not None:
             return self._proposed(request, limit)
         c = self.config
-        return propose(np.asarray(request.tokens, np.int32), min_n=c.prompt_lookup_min,
+        return propose(request.token_array(), min_n=c.prompt_lookup_min,
                        max_n=c.prompt_lookup_max, k=min(self.k, limit),
                        max_model_len=self.policy.max_model_len)
 

@@ -246,3 +246,17 @@ def test_a_recomputed_half_page_is_never_offered_to_the_prefix_cache():
     assert request.num_computed == 10 and len(row) == 3
     assert row[2] not in sched.pages.hash_of
     assert [sched.pages.hash_of[p][1] for p in row[:2]] == request.page_hashes[:2]
+
+
+def test_token_array_follows_the_tokens_as_they_grow():
+    """``Request.token_array`` (n-gram drafting's view of a sequence) equals prompt + output
+    after each accepted token, across its buffer's growth, and cannot be written through."""
+    import numpy as np
+
+    request = Request("r", list(range(100, 150)), SamplingParams(max_tokens=200))
+    for token in range(300):
+        view = request.token_array()
+        np.testing.assert_array_equal(view, np.asarray(request.prompt + request.output))
+        assert view.dtype == np.int32 and not view.flags.writeable
+        request.output.append(token % 7)
+    assert request._array.shape[0] < 2 * request.num_tokens + 64
