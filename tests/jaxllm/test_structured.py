@@ -68,7 +68,8 @@ def test_unconstrained_batches_are_untouched():
 @pytest.fixture(scope="module")
 def compiler():
     tokenizer = Tokenizer.from_file(str(BUNDLED / "tokenizer.json"))
-    return GrammarCompiler.for_tokenizer(tokenizer, [2], 102)
+    vocab = json.loads((BUNDLED / "config.json").read_text())["text_config"]["vocab_size"]
+    return GrammarCompiler.for_tokenizer(tokenizer, [2], vocab)
 
 
 def allowed(masks: np.ndarray, row: int, vocab: int) -> list[int]:

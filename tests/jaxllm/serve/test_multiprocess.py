@@ -118,8 +118,9 @@ def _answers(client: openai.OpenAI) -> dict:
     out["json schema"] = [(c.message.content, c.finish_reason) for c in constrained.choices]
     stream = client.completions.create(model="tiny-llama4", prompt=[9, 8, 7], max_tokens=12,
                                        temperature=0, stream=True, n=2)
-    out["stream"] = sorted((c.index, c.text, c.finish_reason) for chunk in stream
-                           for c in chunk.choices)
+    # Each choice's chunks in the order they came; the choices' interleaving may differ.
+    out["stream"] = sorted(((c.index, c.text, c.finish_reason) for chunk in stream
+                            for c in chunk.choices), key=lambda chunk: chunk[0])
     return out
 
 
@@ -206,3 +207,49 @@ def test_a_lost_follower_fails_requests_and_stops_the_leader(args, fault):
     assert plain["response"].json()["object"] == "error"
     assert rc != 0, log
     assert not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+SPECULATIVE = {
+    "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3},
+    "eagle3": {"method": "eagle3", "num_speculative_tokens": 3,
+               "model": str(REPO / "checkpoints" / "tiny-llama4-eagle3")},
+}
+
+
+def _spec_drafts(base: str) -> float:
+    found = re.search(r"^vllm:spec_decode_num_drafts_total\{[^}]*\} (\S+)$",
+                      httpx.get(f"{base}/metrics").text, re.M)
+    assert found, "no speculative decoding metric"
+    return float(found.group(1))
+
+
+@pytest.mark.slow  # two servers, minutes each
+@pytest.mark.parametrize("method", list(SPECULATIVE))
+def test_two_processes_speculating_answer_like_one_without(args, method):
+    """Speculative decoding on 2 processes x 4 devices (model=8): the drafts (n-gram from
+    the leader's host, EAGLE-3 from the step's own outputs) reach the follower with the
+    step, and the greedy answers equal one process's without speculation; requests with
+    penalties or a grammar (which never draft) share steps that verify others' drafts."""
+    def answers(client: openai.OpenAI) -> dict:
+        out = _answers(client)
+        repeated = client.completions.create(  # a pattern n-gram lookup finds
+            model="tiny-llama4", prompt=[5, 41, 42, 5, 41, 42, 5, 41], max_tokens=12,
+            temperature=0, logprobs=1)
+        out["repeated"] = [(c.logprobs.tokens, c.finish_reason) for c in repeated.choices]
+        return out
+
+    with hf_models.serving([*args, "--no-async-scheduling"], cwd=REPO) as base:
+        expected = answers(_client(base))
+    flags = [*args, *MESHES["model=8"], "--speculative-config", json.dumps(SPECULATIVE[method])]
+    with launched(flags) as (base, launcher, read_log):
+        got = answers(_client(base))
+        drafts = _spec_drafts(base)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=120) == 0, read_log()
+    assert drafts > 0
+    # Seeded sampling keeps its distribution, not its tokens, when drafts are verified.
+    for key in ("n=2 seeded", "json schema"):
+        got.pop(key), expected.pop(key)
+    scores, expected_scores = got.pop("echo scores"), expected.pop("echo scores")
+    np.testing.assert_allclose(scores[1:], expected_scores[1:], atol=1e-4)
+    assert got == expected

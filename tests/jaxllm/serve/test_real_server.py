@@ -26,6 +26,8 @@ MODEL = "tiny-llama4"
 MAX_LEN = 128
 LIMIT = DEFAULT_MAX_REQUEST_BYTES  # the server runs with the default --max-request-bytes
 SUMS = [(12, 35), (58, 67), (99, 1), (23, 45)]
+VOCAB = json.loads((REPO / "checkpoints" / "tiny-llama4" / "config.json").read_text())[
+    "text_config"]["vocab_size"]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +106,8 @@ BAD = [
     ("POST", "/v1/completions", _completion(seed=2**64), 400, "(got 18446744073709551616)"),
     ("POST", "/v1/completions", _completion(seed=-1), 400, "seed: Input should be greater "
      "than or equal to 0 (got -1)"),
-    ("POST", "/v1/completions", _completion(prompt=[5, 102]), 400,
-     "Token id 102 is out of vocabulary (vocab_size=102)"),
+    ("POST", "/v1/completions", _completion(prompt=[5, VOCAB]), 400,
+     f"Token id {VOCAB} is out of vocabulary (vocab_size={VOCAB})"),
     ("POST", "/v1/completions", _completion(prompt=[5, 2**70]), 400, f"Token id {2**70} is "
      "out of vocabulary"),
     ("POST", "/v1/completions", _completion(logit_bias={"-3": 1}), 400,
@@ -118,7 +120,7 @@ BAD = [
      "prompt is not valid Unicode: '\\ud800' at position 1 is a lone surrogate"),
     ("POST", "/v1/chat/completions",
      _chat([{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]), 400,
-     "this model takes no images"),
+     "image URL host 'example.com' is not allowed (--allowed-media-domains"),
     ("POST", "/v1/completions", b'{"model": "tiny-llama4", "prompt": ', 400,
      "invalid JSON"),
     ("GET", "/v1/chat/completions", b"", 405,
@@ -307,20 +309,21 @@ def test_health_answers_within_a_second_while_large_bodies_are_refused(server):
 
 
 def test_a_seeds_high_32_bits_change_the_samples(server):
-    """The report behind issue 17: on the bundled model, prompt "1", seeds 3 and 3 + 2**32
-    gave the same text. So do seeds 3 and 5: the model is so sure of its sums that most
-    seeds agree. Where the distribution is wide (temperature 3), every seed s and s + 2**32
-    differ, and a seed repeats itself."""
+    """The report behind issue 17: seeds 3 and 3 + 2**32 gave the same text. So do seeds 3 and
+    5 where the model is sure of its answer (a sum it was trained on). Where the distribution
+    is wide (prompt "1", temperature 3), every seed s and s + 2**32 differ, and a seed repeats
+    itself."""
     base = server[0]
 
-    def text(seed, temperature):
-        body = {"model": "tiny-llama4", "prompt": "1", "max_tokens": 16,
-                "temperature": temperature, "seed": seed, "ignore_eos": True}
+    def text(seed, temperature, prompt="1", ignore_eos=True):
+        body = {"model": "tiny-llama4", "prompt": prompt, "max_tokens": 16,
+                "temperature": temperature, "seed": seed, "ignore_eos": ignore_eos}
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["text"]
 
-    assert text(3, 1.0) == text(5, 1.0) == text(3 + 2**32, 1.0)  # the report: peaked
+    sure = f"<|user|>{question(12, 35)}<|assistant|>"
+    assert {text(s, 1.0, sure, False) for s in (3, 5, 3 + 2**32)} == {"47"}  # the report
     for seed in (3, 11, 2**40 + 7):
         low, high = text(seed, 3.0), text(seed + 2**32, 3.0)
         assert low != high, seed
