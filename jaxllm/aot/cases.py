@@ -316,7 +316,7 @@ def abstract_step(graphdef: Any, params: Any, config: Any, cache: Any, mesh: Any
     slabs = [(page, page)] * groups.num_slabs
     head = ()
     if drafter is not None:
-        head_page = jax.ShapeDtypeStruct(drafter.page_shape(cache.num_pages), BF16,
+        head_page = jax.ShapeDtypeStruct(drafter.page_shape(cache.num_pages), drafter.cache_dtype,
                                          sharding=drafter.cache_sharding(cache.num_pages))
         slabs, head = [*slabs, (head_page, head_page)], (drafter.params,)
     return step, (params, slabs, penalties, abstract(mesh, (slots,), jnp.int32), inputs,

@@ -63,32 +63,41 @@ def dry_run(args: argparse.Namespace) -> list[str]:
     weights = weights_bytes_per_device(params)
     vision = config.vision
 
-    # An EAGLE-3 head (``--speculative-config``): its weights and its KV in every page.
-    head_bytes, head_line = {}, []
+    # Speculation (``--speculative-config``): the widest verifying step's temporaries, and an
+    # EAGLE-3 head's weights and its KV in every page.
+    num_speculative, drafter, head_bytes, head_line = 0, None, {}, []
     if args.speculative_config is not None:
         from jaxllm.spec.config import SpeculativeConfig
-        from jaxllm.spec.eagle import head_plan_bytes
+        from jaxllm.spec.eagle import abstract_drafter
 
         spec = SpeculativeConfig.from_json(args.speculative_config)
+        num_speculative = spec.num_speculative_tokens
         if spec.method == "eagle3":
-            head_weights, page_bytes = head_plan_bytes(spec.model, dtype, policy.cache.dtype,
-                                                       policy.page_size, mesh)
+            drafter = abstract_drafter(spec.model, config.num_layers, dtype, policy.cache.dtype,
+                                       policy.page_size, mesh, num_speculative)
+            head_weights, page_bytes = drafter.weights_bytes(), drafter.bytes_per_page()
             head_bytes = dict(extra_weights_bytes=head_weights, extra_page_bytes=page_bytes)
             head_line = [f"EAGLE-3 head {spec.model}: {head_weights / 2**20:.3f} MiB per "
                          f"device, {page_bytes} bytes per page for its KV cache (counted "
-                         "above; its drafting step's temporaries are not)"]
+                         "above, with its drafting in the step's temporaries)"]
 
     def step_temp_bytes() -> int:
+        """The widest step's temporaries (the plain and, when speculating, the verifying
+        step's), as ``jaxllm.engine.runner.step_temp_bytes``."""
         groups = policy.cache.groups(config)
         cache = policy.cache.with_pages(pages_for_sequence(policy, groups, policy.max_model_len))
-        step, step_args = abstract_step(graphdef, params, config, cache, mesh,
-                                        policy.token_buckets[-1], policy.batch_buckets[-1],
-                                        policy.pages_per_seq,
-                                        image_dtype=dtype if vision is not None else None)
-        with tempfile.TemporaryDirectory() as dump:
-            compiled = compile_for(step, mesh, *step_args, dump_dir=dump,
-                                   donate_argnums=(1, 2, 3))
-        return int(compiled.memory_analysis().temp_size_in_bytes)
+        temps = []
+        for k in sorted({0, num_speculative}):
+            step, step_args = abstract_step(graphdef, params, config, cache, mesh,
+                                            policy.token_buckets[-1], policy.batch_buckets[-1],
+                                            policy.pages_per_seq,
+                                            image_dtype=dtype if vision is not None else None,
+                                            num_speculative=k, drafter=drafter)
+            with tempfile.TemporaryDirectory() as dump:
+                compiled = compile_for(step, mesh, *step_args, dump_dir=dump,
+                                       donate_argnums=(1, 2, 3))
+            temps.append(int(compiled.memory_analysis().temp_size_in_bytes))
+        return max(temps)
 
     def encoder_bytes() -> int:
         """The encoder at the tile bucket of one largest image (16 tiles + the global one)

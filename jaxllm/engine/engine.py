@@ -148,13 +148,14 @@ class Engine:
             drafter = EagleDrafter.load(speculative.model, model, k)
         head = dict(extra_page_bytes=drafter.bytes_per_page(),
                     extra_weights_bytes=drafter.weights_bytes()) if drafter else {}
+        # The widest step's temporaries: the verifying step's when the engine speculates.
+        temp = lambda: step_temp_bytes(model, probe, k, drafter)  # noqa: E731
         self.plan = plan_for_model(
-            model, base, lambda: step_temp_bytes(model, probe), images, num_pages=num_pages,
+            model, base, temp, images, num_pages=num_pages,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             gpu_memory_utilization=gpu_memory_utilization, **head)
         if (agreed := agree_on_minimum(self.plan.num_pages)) != self.plan.num_pages:
-            self.plan = plan_for_model(model, base, lambda: step_temp_bytes(model, probe),
-                                       images, num_pages=agreed, **head)
+            self.plan = plan_for_model(model, base, temp, images, num_pages=agreed, **head)
         self.policy = base.for_engine(self.plan.num_pages)
         self.groups = groups
         self.pages = PageAllocator(self.policy.cache, groups.group_chunk)

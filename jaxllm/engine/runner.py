@@ -191,16 +191,28 @@ def _logits_program(runner: ModelRunner):
                    in_shardings=(model.param_shardings, None) + (rep,) * 3)
 
 
-def step_temp_bytes(model: Model, policy: BucketPolicy) -> int:
+def step_temp_bytes(model: Model, policy: BucketPolicy, num_speculative: int = 0,
+                    drafter: EagleDrafter | None = None) -> int:
     """Temporary device memory of the widest step (largest token and batch bucket), read from
     the compiled program (``memory_analysis``); compiled with abstract inputs, so nothing is
-    allocated. Cached on the model per configuration."""
+    allocated. When the engine speculates (``num_speculative`` drafts a sequence, drafted by
+    ``drafter`` if an EAGLE-3 head) the larger of the plain and the verifying step's: the
+    verifying step takes logits, filters and the rejection sampler over k + 1 positions a
+    sequence, and with a head both run the head's drafting after the picks. Cached on the
+    model per configuration."""
 
-    def measure() -> int:
+    def measure(speculative: bool) -> int:
         config, cache = model.config, policy.cache
         groups = cache.groups(config)
         pages = jax.ShapeDtypeStruct(cache.page_shape(config), cache.dtype,
                                      sharding=kv_cache_sharding(config, cache, model.mesh))
+        slabs = [(pages, pages)] * groups.num_slabs
+        head = ()
+        if drafter is not None:
+            head_page = jax.ShapeDtypeStruct(drafter.page_shape(cache.num_pages),
+                                             drafter.cache_dtype,
+                                             sharding=drafter.cache_sharding(cache.num_pages))
+            slabs, head = [*slabs, (head_page, head_page)], (drafter.params,)
         shape = (policy.max_num_seqs, model.padded_vocab)
         state = PenaltyState(*(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
                                for dtype, sharding in zip(
@@ -211,16 +223,23 @@ def step_temp_bytes(model: Model, policy: BucketPolicy) -> int:
         vision = config.vision is not None
         spec = step_spec(policy.token_buckets[-1], policy.batch_buckets[-1],
                          groups.num_groups, policy.pages_per_seq, mask_words(model.padded_vocab),
+                         num_speculative,
                          feature_words=feature_words(config.hidden_size, model.dtype)
                          if vision else 0, images=vision)
-        fn = step_function(model.graphdef, model.attention_impl, model.mesh, groups)
+        fn = step_function(model.graphdef, model.attention_impl, model.mesh, groups,
+                           speculative=speculative, drafter=drafter)
         rep = model.replicated()
-        compiled = jax.jit(fn, donate_argnums=(1, 2, 3),
-                           in_shardings=(model.param_shardings, None, None, rep, rep)).lower(
-            model.params, [(pages, pages)] * groups.num_slabs, state, last, spec).compile()
+        shardings = (model.param_shardings, None, None, rep, rep)
+        if drafter is not None:
+            shardings += (drafter.param_shardings,)
+        compiled = jax.jit(fn, donate_argnums=(1, 2, 3), in_shardings=shardings).lower(
+            model.params, slabs, state, last, spec, *head).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
-    return model.compiled(("step_temp_bytes", policy), measure)
+    key = ("step_temp_bytes", policy, num_speculative,
+           drafter.path if drafter is not None else None)
+    return model.compiled(key, lambda: max(
+        measure(speculative) for speculative in (False, True)[: 1 + bool(num_speculative)]))
 
 
 def encoder_bytes(model: Model, policy: BucketPolicy, max_tiles: int) -> int:

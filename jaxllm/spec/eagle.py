@@ -233,21 +233,27 @@ def head_page_bytes(config: Eagle3Config, page_size: int, cache_dtype: Any,
     return 2 * page_size * heads * config.head_dim * jnp.dtype(cache_dtype).itemsize
 
 
-def head_plan_bytes(path: str, dtype: Any, cache_dtype: Any, page_size: int,
-                    mesh: Mesh | None) -> tuple[int, int]:
-    """(weights, bytes per page) of the head at ``path`` on one device of ``mesh``, from its
-    config and tensor names only (nothing is read or allocated: ``--dry-run``)."""
+def abstract_drafter(path: str, target_num_layers: int, dtype: Any, cache_dtype: Any,
+                     page_size: int, mesh: Mesh | None, k: int) -> EagleDrafter:
+    """The ``EagleDrafter`` of the head at ``path`` with its parameters abstract
+    (``ShapeDtypeStruct``s with their shardings), from its config and tensor names only:
+    nothing is read or allocated (``--dry-run``: the head's weights and pages, and the
+    verifying step it drafts in, compiled for a device that is not here)."""
     from jaxllm.convert import SafetensorsSource
 
     config = Eagle3Config.from_hf(path)
     names = {name.removeprefix("model.") for name in SafetensorsSource(Path(path)).location}
-    head = nnx.eval_shape(lambda: Eagle3Head(
-        config, dtype=dtype, rngs=nnx.Rngs(0), has_embedding="embed_tokens.weight" in names,
-        has_vocab_map="d2t" in names, mesh=mesh))
-    state = nnx.state(head)
-    weights = sum(math.prod(s.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
-                  for a, s in zip(jax.tree.leaves(state),
-                                  jax.tree.leaves(param_shardings(state, mesh)), strict=True))
+    own_embedding = "embed_tokens.weight" in names
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Eagle3Head(
+        config, dtype=dtype, rngs=nnx.Rngs(0), has_embedding=own_embedding,
+        has_vocab_map="d2t" in names, mesh=mesh)))
+    shardings = param_shardings(state, mesh)
+    leaves, treedef = jax.tree.flatten(state)
+    params = treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+                                for a, sharding in zip(leaves, jax.tree.leaves(shardings),
+                                                       strict=True)])
     if jnp.dtype(cache_dtype) == FP8_KV:
         cache_dtype = dtype
-    return weights, head_page_bytes(config, page_size, cache_dtype, mesh)
+    return EagleDrafter(str(path), config, graphdef, params, shardings,
+                        config.aux_layers(target_num_layers), k, page_size, cache_dtype, mesh,
+                        own_embedding)

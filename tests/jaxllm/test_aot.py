@@ -214,8 +214,9 @@ def test_the_verifying_step_gathers_nothing_the_plain_step_does_not():
     with a Maverick-sized EAGLE-3 head drafting the next step's in it) on 1 and 8
     compile-only H100s: no spill, no gathered KV cache or head cache, and on 8 devices every
     all-gather larger than per-shard (value, index) pairs (8 shards x 256 rows) is one the
-    plain decode step has too, at 4 rows a sequence (the filtering rows' vocabulary sort, the router's top-k):
-    verification scatters nothing back across the vocabulary, the head gathers no weight."""
+    plain decode step has too, at 4 rows a sequence (the filtering rows' vocabulary sort, the
+    router's top-k): verification scatters nothing back across the vocabulary, the head
+    gathers no weight."""
     cases = {c.name: c for c in engine_cases() + spec_cases()}
 
     def gathered(name: str) -> set[tuple[int, ...]]:

@@ -253,7 +253,7 @@ def test_the_plan_and_the_report_count_the_head(scout, heads):
     numbers (from the config and tensor names alone) are the loaded head's."""
     import jax.numpy as jnp
 
-    from jaxllm.spec.eagle import head_plan_bytes
+    from jaxllm.spec.eagle import abstract_drafter
 
     _, model = scout
     plain = Engine(model, num_pages=40)
@@ -262,11 +262,30 @@ def test_the_plan_and_the_report_count_the_head(scout, heads):
     # 8-token pages of 2 kv heads of 16 float32 values, keys and values.
     assert drafter.bytes_per_page() == 2 * 8 * 2 * 16 * 4
     assert engine.plan.page_bytes == plain.plan.page_bytes + drafter.bytes_per_page()
-    assert head_plan_bytes(str(heads["random"]), jnp.float32, jnp.float32, 8, None) == (
+    planned = abstract_drafter(str(heads["random"]), 4, jnp.float32, jnp.float32, 8, None, 3)
+    assert (planned.weights_bytes(), planned.bytes_per_page()) == (
         drafter.weights_bytes(), drafter.bytes_per_page())
+    assert planned.aux_layers == drafter.aux_layers
     [line] = [x for x in engine.report() if x.startswith("speculative decoding")]
     assert f"eagle3, 3 draft tokens from the EAGLE-3 head {heads['random']}" in line
     assert "target layers [0, 1, 3]" in line
+
+
+@pytest.mark.parametrize("method", ["ngram", "eagle3"])
+def test_the_plan_counts_the_verifying_steps_temporaries(scout, heads, method):
+    """Sized from the memory budget, an engine that speculates reserves the widest
+    verifying step's temporaries: at least the k more rows of float32 logits per sequence
+    slot than the plain step's, which it scores and samples from."""
+    from tests.jaxllm.engine.test_spec_decode import NGRAM
+
+    _, model = scout
+    plain = Engine(model)
+    engine = Engine(model, speculative=NGRAM if method == "ngram" else eagle(heads["random"]))
+    assert engine.plan.source == plain.plan.source == "--gpu-memory-utilization"
+    k, slots = 3, engine.policy.batch_buckets[-1]
+    more_logits = slots * k * model.padded_vocab * 4
+    assert engine.plan.step_temp_bytes >= plain.plan.step_temp_bytes + more_logits, (
+        engine.plan.step_temp_bytes, plain.plan.step_temp_bytes, more_logits)
 
 
 POSITIONS = 3  # output positions whose distributions are compared

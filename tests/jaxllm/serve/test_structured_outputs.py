@@ -145,3 +145,46 @@ def test_skip_special_tokens(server):
             logit_bias={"4": 100}, extra_body={"skip_special_tokens": skip}).choices[0].text
 
     assert text(True) == "" and text(False) == "<|system|><|system|>"
+
+
+@pytest.mark.slow  # its own server: a minute or two
+@pytest.mark.parametrize("method", ["ngram", "eagle3"])
+def test_schemas_validate_beside_speculating_requests(method):
+    """With ``--speculative-config``, requests with a schema (which never draft) share
+    verifying steps with sum questions that draft (the bundled EAGLE-3 head, or n-gram
+    lookups): every output still validates, every sum is right, and drafts were verified."""
+    spec = {"method": method, "num_speculative_tokens": 3}
+    if method == "ngram":  # single-token lookups: a sum's digits recur in its question
+        spec.update(prompt_lookup_min=1, prompt_lookup_max=3)
+    else:
+        spec["model"] = str(REPO / "checkpoints" / "tiny-llama4-eagle3")
+    schemas = fifty_schemas()[:12]
+    sums = [(11, 11), (22, 33), (45, 45), (70, 7), (99, 1), (12, 21)]
+    with testing.serving(["--seed", "0", "--speculative-config", json.dumps(spec)],
+                         cwd=REPO) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+
+        def constrained(k):
+            return client.chat.completions.create(
+                model=MODEL, messages=ASK, max_tokens=200, seed=k,
+                temperature=0 if k % 2 == 0 else 0.8,
+                response_format={"type": "json_schema", "json_schema": {
+                    "name": f"s{k}", "schema": schemas[k], "strict": True}}).choices[0]
+
+        def add(pair):
+            a, b = pair
+            return client.chat.completions.create(
+                model=MODEL, temperature=0, max_tokens=8,
+                messages=[{"role": "user", "content": f"What is {a} + {b}?"}]).choices[0]
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = pool.map(constrained, range(len(schemas)))
+            added = pool.map(add, sums)
+            answers, added = list(answers), list(added)
+        drafts = re.search(r"^vllm:spec_decode_num_drafts_total\{[^}]*\} (\S+)$",
+                           httpx.get(f"{base}/metrics").text, re.M)
+    for schema, answer in zip(schemas, answers, strict=True):
+        assert answer.finish_reason == "stop", answer.message.content
+        jsonschema.validate(json.loads(answer.message.content), schema)
+    assert [a.message.content for a in added] == [str(a + b) for a, b in sums]
+    assert drafts and float(drafts.group(1)) > 0
