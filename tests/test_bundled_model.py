@@ -183,8 +183,10 @@ def sums():
     return pairs, _served_sums_right([], pairs)
 
 
+# Every scheme is slow (a minute each on CI's cores, with the unquantized reference's
+# server): int4 and fp8 equal HF's quantized references in tests/jaxllm/models/test_quant.py.
 @pytest.mark.parametrize("flags", [
-    ["--quantization", "int4"],
+    pytest.param(["--quantization", "int4"], marks=pytest.mark.slow),
     pytest.param(["--quantization", "fp8"], marks=pytest.mark.slow),
     pytest.param(["--quantization", "int8"], marks=pytest.mark.slow),
     pytest.param(["--quantization", "fp8", "--kv-cache-dtype", "fp8"], marks=pytest.mark.slow),
