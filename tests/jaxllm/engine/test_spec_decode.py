@@ -141,6 +141,7 @@ def test_stop_ids_and_max_tokens_inside_an_accepted_run(scout):
     assert engine.speculator.stats.num_accepted_tokens > 10
 
 
+@pytest.mark.slow  # 30 s on 2 cores; the plain engine's preemption tests stay in the suite
 def test_preemption_under_memory_pressure(scout):
     hf, model = scout
     prompts = [_repeating(n, p, seed) for n, p, seed in
