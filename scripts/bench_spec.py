@@ -18,6 +18,7 @@ the run without speculation.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import time
 from pathlib import Path
@@ -97,36 +98,44 @@ def main() -> int:
     codec = TextCodec.from_dir(BUNDLED)
     ngram = SpeculativeConfig(method="ngram", num_speculative_tokens=args.k,
                               prompt_lookup_min=1, prompt_lookup_max=3)
-    engines = {"none": Engine(model, num_pages=512), "ngram": Engine(model, num_pages=512,
-                                                                     speculative=ngram)}
+    configs: dict[str, SpeculativeConfig | None] = {"none": None, "ngram": ngram}
     if (args.head / "config.json").exists():
-        eagle = SpeculativeConfig(method="eagle3", model=str(args.head),
-                                  num_speculative_tokens=args.k)
-        engines["eagle3"] = Engine(model, num_pages=512, speculative=eagle)
-    for engine in engines.values():
-        engine.warmup(progress=False)
+        configs["eagle3"] = SpeculativeConfig(method="eagle3", model=str(args.head),
+                                              num_speculative_tokens=args.k)
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
-    print(f"# bundled model {BUNDLED.name}, {jax.devices()[0].platform}, {args.requests} greedy "
-          f"requests per row, k={args.k}, prompt lookup 1..3"
-          + (f", EAGLE-3 head {args.head.name}" if "eagle3" in engines else ""))
-    print(f"{'prompts':<16} {'conc':>4} {'method':>6} {'tokens':>6} {'steps':>5} "
-          f"{'tok/step':>8} {'drafted':>10} {'AL':>5} {'tok/s':>8}")
-    for name, prompts in prompt_sets(codec, args.requests).items():
-        for concurrency in CONCURRENCY:
-            results = {}
-            for method, engine in engines.items():
-                stats = engine.speculator.stats if engine.speculator else None
+    sets = prompt_sets(codec, args.requests)
+    # One engine at a time, its programs freed before the next is warmed up: three warmed-up
+    # engines of the multimodal bundled model hold more compiled code than a process may map.
+    lines, outputs = {}, {}
+    for method, speculative in configs.items():
+        engine = Engine(model, num_pages=512, speculative=speculative)
+        engine.warmup(progress=False)
+        stats = engine.speculator.stats if engine.speculator else None
+        for name, prompts in sets.items():
+            for concurrency in CONCURRENCY:
                 before = (stats.num_drafts, stats.num_accepted_tokens) if stats else (0, 0)
-                outputs, steps, seconds = run(engine, prompts, concurrency, sampling)
-                results[method] = outputs
-                tokens = sum(len(o) for o in outputs)
+                got, steps, seconds = run(engine, prompts, concurrency, sampling)
+                outputs[name, concurrency, method] = got
+                tokens = sum(len(o) for o in got)
                 drafts = stats.num_drafts - before[0] if stats else 0
                 accepted = stats.num_accepted_tokens - before[1] if stats else 0
                 al = f"{1 + accepted / drafts:5.2f}" if drafts else "    -"
-                print(f"{name:<16} {concurrency:>4} {method:>6} {tokens:>6} {steps:>5} "
-                      f"{tokens / steps:>8.3f} {drafts:>10} {al} {tokens / seconds:>8.1f}")
-            for method, outputs in results.items():
-                if outputs != results["none"]:
+                lines[name, concurrency, method] = (
+                    f"{name:<16} {concurrency:>4} {method:>6} {tokens:>6} {steps:>5} "
+                    f"{tokens / steps:>8.3f} {drafts:>10} {al} {tokens / seconds:>8.1f}")
+        del engine
+        gc.collect()
+        jax.clear_caches()
+    print(f"# bundled model {BUNDLED.name}, {jax.devices()[0].platform}, {args.requests} greedy "
+          f"requests per row, k={args.k}, prompt lookup 1..3"
+          + (f", EAGLE-3 head {args.head.name}" if "eagle3" in configs else ""))
+    print(f"{'prompts':<16} {'conc':>4} {'method':>6} {'tokens':>6} {'steps':>5} "
+          f"{'tok/step':>8} {'drafted':>10} {'AL':>5} {'tok/s':>8}")
+    for name in sets:
+        for concurrency in CONCURRENCY:
+            for method in configs:
+                print(lines[name, concurrency, method])
+                if outputs[name, concurrency, method] != outputs[name, concurrency, "none"]:
                     raise SystemExit(f"{name}, concurrency {concurrency}: outputs differ with "
                                      f"{method} speculation")
     return 0

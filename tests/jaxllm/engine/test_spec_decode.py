@@ -177,26 +177,39 @@ POSITIONS = 3  # output positions whose distributions are compared
 @pytest.mark.parametrize("sampling", [
     SamplingParams(temperature=1.0, top_p=0.8, max_tokens=POSITIONS, logit_bias=BIAS),
     SamplingParams(temperature=0.7, max_tokens=POSITIONS, logit_bias=((17, 3.0), (40, 2.0))),
-], ids=["top_p", "logit_bias"])
+    SamplingParams(temperature=1.0, max_tokens=POSITIONS, logit_bias=BIAS,
+                   frequency_penalty=1.0, presence_penalty=0.5, repetition_penalty=1.3),
+], ids=["top_p", "logit_bias", "penalties"])
 def test_sampled_distribution_equals_the_samplers(scout, sampling):
     """Each of the first positions' token frequencies over many seeds, with and without
-    speculation: a chi-square test of homogeneity (and the drafts were verified)."""
+    speculation: a chi-square test of homogeneity (and the drafts were verified). Requests
+    with penalties never draft: each shares its steps with a greedy neighbour that does, so
+    their distribution is tested beside verification."""
     _, model = scout
     # The prompt repeats the biased tokens: drafts (17s and 40s) from the first output on,
     # likely enough under the bias to be accepted often.
     prompt = [17, 40, 17, 40, 5, 17, 40, 17, 40, 9, 17, 17, 40, 40, 17]
     n = 400
+    neighbour = (prompt, SamplingParams(temperature=0.0, max_tokens=POSITIONS, logit_bias=BIAS)
+                 ) if sampling.has_penalties else None
 
     def requests(first_seed):  # independent seeds for the two samples
-        return [(prompt, dataclasses.replace(sampling, seed=first_seed + i)) for i in range(n)]
+        own = [(prompt, dataclasses.replace(sampling, seed=first_seed + i)) for i in range(n)]
+        if neighbour is None:
+            return own
+        return [r for pair in zip(own, [neighbour] * n, strict=True) for r in pair]
 
-    plain = _run(Engine(model, max_num_batched_tokens=64), requests(1000))
+    def tested(results):  # the sampled requests' outputs, without the neighbours'
+        return list(results.values())[:: 1 if neighbour is None else 2]
+
+    plain = tested(_run(Engine(model, max_num_batched_tokens=64), requests(1000)))
     spec, engine = _spec_run(model, requests(5000), max_num_batched_tokens=64)
+    spec = tested(spec)
     assert engine.speculator.stats.num_drafts > n // 2
     assert engine.speculator.stats.num_accepted_tokens > 0
     for j in range(POSITIONS):
-        a = [r["tokens"][j] for r in plain.values() if len(r["tokens"]) > j]
-        b = [r["tokens"][j] for r in spec.values() if len(r["tokens"]) > j]
+        a = [r["tokens"][j] for r in plain if len(r["tokens"]) > j]
+        b = [r["tokens"][j] for r in spec if len(r["tokens"]) > j]
         ids = sorted(set(a) | set(b))
         table = np.array([[a.count(t) for t in ids], [b.count(t) for t in ids]])
         # Pool the rare tokens so every expected count is large enough for the test.
