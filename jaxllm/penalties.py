@@ -17,6 +17,12 @@ Inside the step, before picking:
    (a token seen in the prompt or the output: a positive logit is divided by r, another is
    multiplied by r), then frequency (``-= f * count``) and presence (``-= p * (count > 0)``).
 
+A verifying step (``jaxllm.spec.verify_step``) scores positions past a sequence's first
+too, one per draft: draft rows are never recorded before the pick (``penalize_drafts``
+penalises position j + 1 as if drafts ``x_0..x_j`` had been generated), and once verification
+has ruled, the accepted drafts are counted (``record_accepted``); the token emitted after them
+is fed, and so recorded, by the next step like any picked token.
+
 All of it runs under one ``lax.cond`` on "some sequence has a slot": batches without
 penalties pay nothing. Prompt tokens served from the prefix cache never pass through a step,
 so a request with penalties does not use the prefix cache.
@@ -84,40 +90,114 @@ def penalize(logits: jax.Array, state: PenaltyState, rows: PenaltyRows, tokens: 
     """Records this step's ``tokens [T]`` in ``state`` and penalises ``logits [S, V]``
     (see the module docstring); ``presence``, ``frequency``, ``repetition`` are ``[S]``.
     On a vocab-sharded mesh each device updates and reads only its slice of the state."""
-    vocab_axis = LOGICAL_AXIS_RULES["vocab"]
-    n = axis_size(mesh, vocab_axis)
 
-    def local(logits, counts, seen, rows, tokens, presence, frequency, repetition):
-        first = jax.lax.axis_index(vocab_axis) * logits.shape[-1] if n > 1 else 0
-        return _penalize_slice(logits, PenaltyState(counts, seen), rows, tokens - first,
-                               presence, frequency, repetition)
-
-    def pinned(logits, state):
-        # The branches and the result keep the state split over the vocabulary: left
-        # unconstrained, the partitioner picked a replicated result for the step's output
-        # and all-gathered the whole state every step.
-        return (constrain(logits, STATE_AXES, mesh),
-                PenaltyState(*(constrain(a, STATE_AXES, mesh) for a in state)))
+    def local(index, logits, counts, seen, rows, tokens, presence, frequency, repetition):
+        state = _record_rows(PenaltyState(counts, seen), rows, tokens - index * counts.shape[-1])
+        count, seen = _gathered(state, rows.seq_slot)
+        return _apply(logits, rows.seq_slot, count, seen, presence, frequency,
+                      repetition), state
 
     def run(_):
-        args = (logits, *state, rows, tokens, presence, frequency, repetition)
-        if n == 1:
-            return pinned(*local(*args))
-        vocab = PartitionSpec(None, vocab_axis)
-        rep = PartitionSpec()
-        return pinned(*jax.shard_map(
-            local, mesh=mesh, in_specs=(vocab, vocab, vocab, rep, rep, rep, rep, rep),
-            out_specs=(vocab, PenaltyState(vocab, vocab)), check_vma=False)(*args))
+        return _pinned(_on_slices(local, mesh, (logits, *state),
+                                  (rows, tokens, presence, frequency, repetition),
+                                  (_VOCAB_2D, PenaltyState(_VOCAB_2D, _VOCAB_2D))), mesh)
 
-    return pinned(*jax.lax.cond(jnp.any(rows.seq_slot >= 0), run,
-                                lambda _: pinned(logits, state), None))
+    return _pinned(jax.lax.cond(jnp.any(rows.seq_slot >= 0), run,
+                                lambda _: _pinned((logits, state), mesh), None), mesh)
 
 
-def _penalize_slice(logits: jax.Array, state: PenaltyState, rows: PenaltyRows,
-                    local_tokens: jax.Array, presence: jax.Array, frequency: jax.Array,
-                    repetition: jax.Array) -> tuple[jax.Array, PenaltyState]:
-    """``penalize`` on one slice of the vocabulary; ``local_tokens`` are ids relative to the
-    slice (those outside it are dropped by the scatters)."""
+def penalize_drafts(logits: jax.Array, state: PenaltyState, seq_slot: jax.Array,
+                    drafts: jax.Array, num_drafts: jax.Array, presence: jax.Array,
+                    frequency: jax.Array, repetition: jax.Array,
+                    mesh: Mesh | None = None) -> jax.Array:
+    """Penalises the logits ``[S, k, V]`` of the positions after each sequence's first in a
+    verifying step: row j as if the first ``j + 1`` of the sequence's ``drafts [S, k]`` (its
+    ``num_drafts [S]`` real ones; the rest are -1) had been generated after the tokens
+    ``state`` holds. Leaves ``state`` alone: drafts count once accepted
+    (``record_accepted``)."""
+
+    def local(index, logits, counts, seen, seq_slot, drafts, num_drafts, presence, frequency,
+              repetition):
+        k = drafts.shape[1]
+        width = counts.shape[-1]
+        local_ids = drafts - index * width
+        real = ((jnp.arange(k)[None] < num_drafts[:, None]) & (local_ids >= 0)
+                & (local_ids < width))
+        drafted = jnp.zeros(logits.shape, jnp.int32).at[
+            jnp.arange(len(drafts))[:, None], jnp.arange(k)[None],
+            jnp.where(real, local_ids, width)].add(1, mode="drop")
+        count, seen = _gathered(PenaltyState(counts, seen), seq_slot)
+        count = count[:, None] + jnp.cumsum(drafted, axis=1)  # row j: drafts 0..j included
+        return _apply(logits, seq_slot[:, None], count, seen[:, None], presence[:, None],
+                      frequency[:, None], repetition[:, None])
+
+    def pinned(logits):
+        return constrain(logits, (None, None, "vocab"), mesh)
+
+    def run(_):
+        return pinned(_on_slices(local, mesh, (logits, *state),
+                                 (seq_slot, drafts, num_drafts, presence, frequency, repetition),
+                                 _VOCAB_3D))
+
+    return pinned(jax.lax.cond(jnp.any(seq_slot >= 0), run, lambda _: pinned(logits), None))
+
+
+def record_accepted(state: PenaltyState, seq_slot: jax.Array, drafts: jax.Array,
+                    num_accepted: jax.Array, mesh: Mesh | None = None) -> PenaltyState:
+    """``state`` with each penalised sequence's first ``num_accepted [S]`` of its
+    ``drafts [S, k]`` counted as generated."""
+
+    def local(index, counts, seen, seq_slot, drafts, num_accepted):
+        num_slots, width = counts.shape
+        local_ids = drafts - index * width
+        taken = ((jnp.arange(drafts.shape[1])[None] < num_accepted[:, None])
+                 & (seq_slot[:, None] >= 0))
+        slot = jnp.where(taken, seq_slot[:, None], num_slots)  # out of range: dropped
+        token = jnp.where((local_ids >= 0) & (local_ids < width), local_ids, width)
+        return PenaltyState(counts.at[slot, token].add(1, mode="drop"), seen)
+
+    def pinned(state):
+        return PenaltyState(*(constrain(a, STATE_AXES, mesh) for a in state))
+
+    def run(_):
+        return pinned(_on_slices(local, mesh, tuple(state), (seq_slot, drafts, num_accepted),
+                                 PenaltyState(_VOCAB_2D, _VOCAB_2D)))
+
+    return pinned(jax.lax.cond(jnp.any(seq_slot >= 0), run, lambda _: pinned(state), None))
+
+
+_VOCAB_2D = PartitionSpec(None, LOGICAL_AXIS_RULES["vocab"])
+_VOCAB_3D = PartitionSpec(None, None, LOGICAL_AXIS_RULES["vocab"])
+
+
+def _on_slices(local, mesh: Mesh | None, split: tuple, whole: tuple, out_specs):
+    """``local(slice index, *split, *whole)`` on each device's slice of the vocabulary:
+    ``split`` are the logits (any rank, vocabulary last) and the state's arrays, ``whole``
+    the replicated rest. Without a vocabulary split, once over everything (index 0)."""
+    vocab_axis = LOGICAL_AXIS_RULES["vocab"]
+    if axis_size(mesh, vocab_axis) == 1:
+        return local(0, *split, *whole)
+    specs = tuple(PartitionSpec(*([None] * (a.ndim - 1)), vocab_axis) for a in split)
+    return jax.shard_map(
+        lambda *a: local(jax.lax.axis_index(vocab_axis), *a), mesh=mesh,
+        in_specs=(*specs, *(PartitionSpec(),) * len(whole)), out_specs=out_specs,
+        check_vma=False)(*split, *whole)
+
+
+def _pinned(out: tuple[jax.Array, PenaltyState], mesh: Mesh | None
+            ) -> tuple[jax.Array, PenaltyState]:
+    # The branches and the result keep the state split over the vocabulary: left
+    # unconstrained, the partitioner picked a replicated result for the step's output
+    # and all-gathered the whole state every step.
+    logits, state = out
+    return (constrain(logits, STATE_AXES, mesh),
+            PenaltyState(*(constrain(a, STATE_AXES, mesh) for a in state)))
+
+
+def _record_rows(state: PenaltyState, rows: PenaltyRows, local_tokens: jax.Array
+                 ) -> PenaltyState:
+    """Resets the slots of pieces from position 0, then records each row's token (ids
+    relative to this slice; those outside it are dropped by the scatters)."""
     num_slots, width = state.counts.shape
     # Out-of-range indices (P for "no slot", width for "another slice's token") are dropped.
     reset = jnp.where((rows.seq_reset > 0) & (rows.seq_slot >= 0), rows.seq_slot, num_slots)
@@ -128,13 +208,23 @@ def _penalize_slice(logits: jax.Array, state: PenaltyState, rows: PenaltyRows,
     output = rows.row_output > 0
     counts = counts.at[jnp.where(output, slot, num_slots), token].add(1, mode="drop")
     seen = seen.at[jnp.where(output, num_slots, slot), token].set(True, mode="drop")
+    return PenaltyState(counts, seen)
 
-    has = rows.seq_slot >= 0
-    gather = jnp.where(has, rows.seq_slot, 0)
-    count = counts[gather]  # [S, V]
+
+def _gathered(state: PenaltyState, seq_slot: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each sequence's output counts and prompt flags ``[S, V]`` (slot 0's for none)."""
+    gather = jnp.where(seq_slot >= 0, seq_slot, 0)
+    return state.counts[gather], state.prompt_seen[gather]
+
+
+def _apply(logits: jax.Array, seq_slot: jax.Array, count: jax.Array, prompt_seen: jax.Array,
+           presence: jax.Array, frequency: jax.Array, repetition: jax.Array) -> jax.Array:
+    """vLLM's penalties on ``logits`` given each row's output ``count`` and ``prompt_seen``
+    (broadcast against them, as ``seq_slot`` and the penalties are); rows of sequences
+    without a slot come back unchanged."""
     in_output = count > 0
-    factor = jnp.where(seen[gather] | in_output, repetition[:, None], 1.0)
+    factor = jnp.where(prompt_seen | in_output, repetition[..., None], 1.0)
     penalised = jnp.where(logits > 0, logits / factor, logits * factor)
-    penalised = penalised - frequency[:, None] * count.astype(logits.dtype)
-    penalised = penalised - presence[:, None] * in_output.astype(logits.dtype)
-    return jnp.where(has[:, None], penalised, logits), PenaltyState(counts, seen)
+    penalised = penalised - frequency[..., None] * count.astype(logits.dtype)
+    penalised = penalised - presence[..., None] * in_output.astype(logits.dtype)
+    return jnp.where((seq_slot >= 0)[..., None], penalised, logits)

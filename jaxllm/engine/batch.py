@@ -224,7 +224,8 @@ def penalty_rows(plan: StepPlan, positions: np.ndarray, starts: np.ndarray, num_
     """Which penalty slots a step records into and reads (``jaxllm.penalties``): a penalized
     slot's is its batch row (checked in ``[0, num_penalty_slots)``), a piece from position 0
     (its first, or a recompute after a preemption) resets it first; rows from the prompt
-    length on are output tokens. ``positions`` and ``starts`` are the step's
+    length on are output tokens, but a piece's drafts are not recorded (the verifying step
+    counts the accepted ones). ``positions`` and ``starts`` are the step's
     ``AttentionMetadata.positions`` and ``query_start_loc``."""
     out = no_rows(num_rows, slots)
     penalized = np.flatnonzero(plan.penalized)
@@ -244,8 +245,11 @@ def penalty_rows(plan: StepPlan, positions: np.ndarray, starts: np.ndarray, num_
     row_slot[penalized] = batch_rows
     prompt = np.array(plan.num_prompt, np.int64)
     used = int(starts[live])
-    out.row_slot[:used] = row_slot[slot_of_row]
-    out.row_output[:used] = (row_slot[slot_of_row] >= 0) & (
+    drafts = np.zeros(live, np.int64)
+    drafts[: len(plan.num_drafts)] = plan.num_drafts
+    drafted = np.arange(used) >= starts[1: live + 1][slot_of_row] - drafts[slot_of_row]
+    out.row_slot[:used] = np.where(drafted, -1, row_slot[slot_of_row])
+    out.row_output[:used] = (out.row_slot[:used] >= 0) & (
         positions[:used] >= prompt[slot_of_row])
     return out
 

@@ -8,8 +8,10 @@ in the step that picked that token (``jaxllm.spec.eagle``: they come back with t
 picks, and only the step right after may use them); capped by the request's ``max_tokens`` left (the
 emitted tokens are the accepted drafts and one more), by ``max_model_len``, by the step's
 token budget, and by free pages (drafts never preempt anyone). The compiled step verifies
-them (``jaxllm.spec.verify_step``). Requests with penalties, a grammar or prompt_logprobs
-never draft: the step adjusts positions past the first for logit_bias and min_tokens only.
+them (``jaxllm.spec.verify_step``), each position adjusted for logit_bias, min_tokens and
+the penalties (the drafts before it counted as generated). Requests with a grammar or
+prompt_logprobs never draft: only position 0 gets the structured-output mask, and prompt
+log-probabilities are not computed in a verifying step.
 
 After the step the engine takes the emitted tokens one at a time (``Request.accept``,
 stopping at the first that ends the request); a request that goes on keeps the KV of its
@@ -127,8 +129,7 @@ class Speculator:
         """The most drafts ``request`` may bring now (0: none): its max_tokens left after
         the token the step picks anyway, and the context left."""
         sampling, known = request.sampling, len(request.prompt) + len(request.output)
-        if (sampling.has_penalties or request.matcher is not None
-                or sampling.prompt_logprobs is not None):
+        if request.matcher is not None or sampling.prompt_logprobs is not None:
             return 0
         return min(self.k, sampling.max_tokens - len(request.output) - 1,
                    self.policy.max_model_len - known - 1)

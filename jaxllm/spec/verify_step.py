@@ -4,9 +4,10 @@ as the ordinary sampler adjusts one (``jaxllm.engine.step.pick``), and verified
 
 Position j of slot s is the flat row ``verify_rows[s, j]``: the piece's last token's row for
 j = 0, draft ``x_{j-1}``'s row after it. Its logits get logit_bias and min_tokens at token
-index ``steps + j``. Position 0 also gets what only non-speculating slots use: the penalties
-(recording the step's tokens, as ``pick`` does) and the structured-output mask. The engine
-never drafts for a penalized or constrained sequence, so positions past 0 need neither.
+index ``steps + j``, then the penalties: position 0's record the step's tokens (as ``pick``
+does; the host leaves draft rows out), position j's count drafts ``x_0..x_{j-1}`` as generated,
+and once verified the accepted drafts are recorded (``jaxllm.penalties``). Position 0 alone
+gets the structured-output mask: the engine never drafts for a constrained sequence.
 
 Glossary: S sequence slots, k drafts at most, V padded vocabulary.
 """
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxllm.penalties import PenaltyState, penalize
+from jaxllm.penalties import PenaltyState, penalize, penalize_drafts, record_accepted
 from jaxllm.sampling import adjust_logits, apply_token_mask, seed_keys
 from jaxllm.spec.verify import filtered_distribution, verify
 
@@ -46,12 +47,17 @@ def verify_pick(module, hidden: jax.Array, inputs, tokens: jax.Array, mesh: Mesh
         logits[:, 1:].reshape(slots * later, -1),
         jax.tree.map(lambda a: per_position(a, later), s),
         (inputs.steps[:, None] + jnp.arange(1, positions)[None]).reshape(-1))
-    adjusted = jnp.concatenate([first[:, None], rest.reshape(slots, later, -1)], axis=1)
+    rest = penalize_drafts(rest.reshape(slots, later, -1), penalties,
+                           inputs.penalty_rows.seq_slot, inputs.draft_tokens, inputs.num_drafts,
+                           s.presence_penalty, s.frequency_penalty, s.repetition_penalty, mesh)
+    adjusted = jnp.concatenate([first[:, None], rest], axis=1)
     target = filtered_distribution(adjusted.reshape(slots * positions, -1),
                                    jax.tree.map(lambda a: per_position(a, positions), s))
     verified = verify(target.reshape(slots, positions, -1), inputs.draft_tokens,
                       inputs.num_drafts, ~(s.temperature > 0), seed_keys(inputs.seeds),
                       inputs.steps, mesh=mesh)
+    penalties = record_accepted(penalties, inputs.penalty_rows.seq_slot, inputs.draft_tokens,
+                                verified.num_accepted, mesh)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     emitted = verified.tokens >= 0
     chosen = jnp.take_along_axis(logprobs, jnp.maximum(verified.tokens, 0)[..., None],

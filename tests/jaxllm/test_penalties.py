@@ -14,6 +14,8 @@ from jaxllm.penalties import (
     init_state,
     no_rows,
     penalize,
+    penalize_drafts,
+    record_accepted,
     state_bytes_per_device,
     state_sharding,
 )
@@ -187,3 +189,70 @@ def test_the_state_stays_split_over_the_vocabulary_in_the_compiled_step():
     assert "all-gather" not in compiled.as_text()
     _, new = step(*args)
     assert all(a.sharding.spec == PartitionSpec(None, "model") for a in new)
+
+
+def _draft_case(mesh, seed):
+    """Three penalised sequences with histories in the state (one with its slot reset by a
+    recompute, one beside an unpenalised slot) and drafts, some padded with -1: the
+    verifying step's positions past the first, then the accepted drafts recorded."""
+    rng = np.random.default_rng(seed)
+    k, seqs = 3, 4
+    p = SamplingParams(presence_penalty=0.7, frequency_penalty=-0.4, repetition_penalty=1.6)
+    q = SamplingParams(presence_penalty=-1.5, frequency_penalty=1.1, repetition_penalty=0.5)
+    a, c, d = Seq(rng, 5, 3, 2, p), Seq(rng, 4, 2, 0, q), Seq(rng, 3, 4, 3, p)
+    b = Seq(rng, 4, 2, None, SamplingParams())
+    state = run_steps([[(a, 0, 8), (b, 0, 6)], [(c, 0, 6), (d, 0, 7)]], mesh, seed=seed)
+    # Drafts repeat tokens already generated and each other, so counts above 1 occur.
+    drafts = np.array([[a.tokens[6], a.tokens[6], 7], [c.tokens[5], 3, -1], [1, 2, 3],
+                       [d.tokens[0], -1, -1]], np.int32)
+    num_drafts = np.array([3, 2, 3, 1], np.int32)
+    slot = np.array([2, 0, -1, 3], np.int32)
+    params = [a.penalties, c.penalties, b.penalties, d.penalties]
+    values = [np.asarray([getattr(x, name) for x in params], np.float32)
+              for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")]
+    logits = rng.normal(0, 3, (seqs, k, PADDED)).astype(np.float32)
+    logits[..., VOCAB:] = -np.inf
+    if mesh is not None:
+        logits = jax.device_put(logits, NamedSharding(mesh, PartitionSpec(None, None, "model")))
+    out = np.asarray(jax.jit(lambda *x: penalize_drafts(*x, mesh=mesh))(
+        logits, state, slot, drafts, num_drafts, *values))
+    logits = np.asarray(logits)
+    for s, seq in enumerate([a, c, b, d]):
+        for j in range(k):
+            expected = logits[s, j].astype(np.float64)
+            if seq.slot is not None:
+                drafted = drafts[s, : min(j + 1, num_drafts[s])].tolist()
+                expected = reference(logits[s, j], seq.tokens[: seq.num_prompt],
+                                     seq.tokens[seq.num_prompt:] + drafted,
+                                     *(v[s] for v in values))
+            np.testing.assert_allclose(out[s, j], expected, rtol=1e-6, atol=1e-6,
+                                       err_msg=f"sequence {s}, position {j + 1}")
+    accepted = np.array([2, 0, 3, 1], np.int32)
+    new = jax.jit(lambda *x: record_accepted(*x, mesh=mesh))(state, slot, drafts, accepted)
+    counts = np.array(state.counts)
+    for s in (0, 1, 3):
+        for t in drafts[s, : accepted[s]]:
+            counts[slot[s], t] += 1
+    np.testing.assert_array_equal(np.asarray(new.counts), counts)  # slot-less b: nothing
+    np.testing.assert_array_equal(np.asarray(new.prompt_seen), np.asarray(state.prompt_seen))
+    return new
+
+
+def test_draft_positions_count_the_drafts_before_them_on_one_device():
+    _draft_case(None, 3)
+
+
+def test_draft_positions_with_the_vocabulary_split_over_8_devices():
+    new = _draft_case(make_mesh(model=8), 4)
+    assert all(a.sharding.spec == PartitionSpec(None, "model") for a in new)
+
+
+def test_draft_rows_are_not_recorded_before_the_pick():
+    """A penalised piece ending in two drafts records its fed token, not the drafts."""
+    plan = SlotPlan(SeqPiece([[1]], 6, [5, 30, 31]), 1, 0, True, 4, num_drafts=2)
+    other = SlotPlan(SeqPiece([[1]], 2, [7, 8]), 2, 0, True, 3)
+    starts = np.array([0, 3, 5, 5, 5])
+    positions = np.array([6, 7, 8, 2, 3, 0, 0, 0])
+    rows = penalty_rows(StepPlan.of([plan, other]), positions, starts, 8, 4, SLOTS)
+    assert rows.row_slot.tolist() == [1, -1, -1, 2, 2, -1, -1, -1]
+    assert rows.row_output.tolist() == [1, 0, 0, 0, 1, 0, 0, 0]

@@ -100,6 +100,56 @@ def test_greedy_equals_greedy_without_speculation_and_hf(scout, async_scheduling
     assert s.num_drafts > 0 and s.num_accepted_tokens > 10  # it did speculate, and accept
 
 
+def hf_penalised_biased_greedy(hf, prompt, n, sampling):
+    """HF's greedy continuation, one full forward per token, with logit_bias then the
+    penalties applied in numpy from vLLM's definitions (in vLLM's order)."""
+    import torch
+
+    from tests.jaxllm.engine.test_engine_penalties import penalised
+
+    output: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = hf(input_ids=torch.tensor([prompt + output])).logits[0, -1].double().numpy()
+            for token, value in sampling.logit_bias:
+                logits[token] += value
+            token = int(np.argmax(penalised(
+                logits, prompt, output, sampling.presence_penalty, sampling.frequency_penalty,
+                sampling.repetition_penalty)))
+            output.append(token)
+            if token == 2:
+                break
+    return output
+
+
+def test_penalised_requests_draft_and_answer_like_hf(scout):
+    """Penalties at every drafted position: each position counts the drafts before it as
+    generated, and accepted drafts count from then on. A negative frequency penalty makes
+    the model repeat itself, so n-gram drafts are accepted; the other penalties push back."""
+    hf, model = scout
+    cycle = [17, 40, 17, 40, 5, 17, 40, 17, 40, 9, 17, 17, 40, 40, 17]
+    prompts = [_repeating(n, p, seed) for n, p, seed in ((13, 5, 10), (30, 7, 11), (21, 4, 12))]
+    prompts += [cycle, cycle]
+    settings = [
+        SamplingParams(temperature=0.0, max_tokens=20, logit_bias=BIAS, frequency_penalty=-1.0),
+        SamplingParams(temperature=0.0, max_tokens=20, logit_bias=BIAS, frequency_penalty=-0.8,
+                       presence_penalty=0.6, repetition_penalty=1.2),
+        SamplingParams(temperature=0.0, max_tokens=20, frequency_penalty=-1.5,
+                       repetition_penalty=0.8),
+        SamplingParams(temperature=0.0, max_tokens=20, logit_bias=BIAS, frequency_penalty=0.7),
+        # Runs of 17 broken by 190 once the presence penalty outweighs the frequency
+        # penalty's pull: a position that missed the drafts before it takes 17 again.
+        SamplingParams(temperature=0.0, max_tokens=20, logit_bias=BIAS, presence_penalty=1.0,
+                       frequency_penalty=-0.5),
+    ]
+    requests = list(zip(prompts, settings, strict=True))
+    spec, engine = _spec_run(model, requests)
+    for i, (p, sampling) in enumerate(requests):
+        assert spec[f"req-{i}"]["tokens"] == hf_penalised_biased_greedy(hf, p, 20, sampling), i
+    s = engine.speculator.stats
+    assert s.num_drafts > 0 and s.num_accepted_tokens > 10  # it did speculate, and accept
+
+
 def test_greedy_near_max_model_len(scout):
     hf, model = scout
     # 80-token context: outputs run into the last positions, drafts capped there.
@@ -178,33 +228,23 @@ POSITIONS = 3  # output positions whose distributions are compared
     SamplingParams(temperature=1.0, top_p=0.8, max_tokens=POSITIONS, logit_bias=BIAS),
     SamplingParams(temperature=0.7, max_tokens=POSITIONS, logit_bias=((17, 3.0), (40, 2.0))),
     SamplingParams(temperature=1.0, max_tokens=POSITIONS, logit_bias=BIAS,
-                   frequency_penalty=1.0, presence_penalty=0.5, repetition_penalty=1.3),
+                   frequency_penalty=-0.7, presence_penalty=0.4, repetition_penalty=1.2),
 ], ids=["top_p", "logit_bias", "penalties"])
 def test_sampled_distribution_equals_the_samplers(scout, sampling):
     """Each of the first positions' token frequencies over many seeds, with and without
-    speculation: a chi-square test of homogeneity (and the drafts were verified). Requests
-    with penalties never draft: each shares its steps with a greedy neighbour that does, so
-    their distribution is tested beside verification."""
+    speculation: a chi-square test of homogeneity (and the drafts were verified)."""
     _, model = scout
     # The prompt repeats the biased tokens: drafts (17s and 40s) from the first output on,
     # likely enough under the bias to be accepted often.
     prompt = [17, 40, 17, 40, 5, 17, 40, 17, 40, 9, 17, 17, 40, 40, 17]
     n = 400
-    neighbour = (prompt, SamplingParams(temperature=0.0, max_tokens=POSITIONS, logit_bias=BIAS)
-                 ) if sampling.has_penalties else None
 
     def requests(first_seed):  # independent seeds for the two samples
-        own = [(prompt, dataclasses.replace(sampling, seed=first_seed + i)) for i in range(n)]
-        if neighbour is None:
-            return own
-        return [r for pair in zip(own, [neighbour] * n, strict=True) for r in pair]
+        return [(prompt, dataclasses.replace(sampling, seed=first_seed + i)) for i in range(n)]
 
-    def tested(results):  # the sampled requests' outputs, without the neighbours'
-        return list(results.values())[:: 1 if neighbour is None else 2]
-
-    plain = tested(_run(Engine(model, max_num_batched_tokens=64), requests(1000)))
+    plain = list(_run(Engine(model, max_num_batched_tokens=64), requests(1000)).values())
     spec, engine = _spec_run(model, requests(5000), max_num_batched_tokens=64)
-    spec = tested(spec)
+    spec = list(spec.values())
     assert engine.speculator.stats.num_drafts > n // 2
     assert engine.speculator.stats.num_accepted_tokens > 0
     for j in range(POSITIONS):
