@@ -2,8 +2,9 @@
 H100 (no GPU needed) and prints, per program, each Pallas kernel's registers, spills, launch
 and shared memory, its cp.async / wgmma use, the collectives and the per-device memory.
 
-Exits 1 on any compile error, any spill in a Pallas kernel at its default settings, or any
-all-gather of the KV cache or of q under tensor parallelism. Run from a venv with the CUDA
+Exits 1 on any compile error, any spill in a Pallas kernel at its default settings, any
+all-gather of the KV cache or of q under tensor parallelism, or (the verifying step) any
+large all-gather its plain step does not have. Run from a venv with the CUDA
 jax plugin (jax >= 0.11, Python 3.12 here; see ``.ci/run``):
 
     JAX_PLATFORMS=cpu python scripts/compile_gpu.py              # everything
@@ -26,6 +27,7 @@ from jaxllm.aot.cases import (  # noqa: E402
     engine_cases,
     is_pallas_kernel,
     kernel_cases,
+    new_gathers,
     plan_cases,
     run_case,
     spec_cases,
@@ -87,10 +89,20 @@ def main(argv: list[str] | None = None) -> int:
                              else engine_cases() + spec_cases() + vision_cases()
                              + plan_cases())
     cases = [c for c in cases if args.only in c.name]
+    # A case compared with a peer runs after it (the peer is compiled even if --only
+    # leaves it out).
+    names = {c.name for c in cases}
+    everything = {c.name: c for c in kernel_cases() + engine_cases() + spec_cases()}
+    peers = {c.gathers_like for c in cases if c.gathers_like}
+    cases = [everything[n] for n in sorted(peers - names)] + cases
     results, failed, gaps = [], 0, 0
+    done: dict[str, Result] = {}
     for case in cases:
         start = time.perf_counter()
         result = run_case(case)
+        if case.gathers_like:
+            result.problems += new_gathers(result, done[case.gathers_like])
+        done[case.name] = result
         print_result(result, time.perf_counter() - start, case.known_gap)
         if result.problems:
             failed += case.known_gap is None

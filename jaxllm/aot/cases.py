@@ -42,7 +42,10 @@ class Case:
     instruction of the optimized HLO may produce (its dims in any order: a dequantized copy
     of a quantized weight); the step's temporaries must stay under ``max_temp_bytes``.
     ``known_gap``: why the case is known to fail its checks (work still open): reported with
-    its problems, not counted as a failure.
+    its problems, not counted as a failure. ``gathers_like``: the name of a case this one
+    adds work to (the verifying step beside the plain step); every all-gather of this one
+    larger than ``SMALL_GATHER`` elements must have a shape that one's gathers have too
+    (``new_gathers``).
     """
 
     name: str
@@ -51,6 +54,7 @@ class Case:
     no_buffer: tuple[tuple[str, tuple[int, ...]], ...] = ()
     max_temp_bytes: int | None = None
     known_gap: str | None = None
+    gathers_like: str | None = None
 
 
 @dataclasses.dataclass
@@ -78,6 +82,27 @@ def problems_of(info: CompileInfo, no_gather: tuple[tuple[int, ...], ...]) -> li
         if op == "all-gather" and hits:
             found.append(f"all-gather of {hits}")
     return found
+
+
+# Per-shard (value, index) pairs of a vocabulary sort, 8 shards x 256 rows: small enough
+# for a peer's gathers to be compared above it only.
+SMALL_GATHER = 8 * 256
+
+
+def large_gathers(result: Result) -> set[tuple[int, ...]]:
+    """The shapes (after the leading dimension, which counts the participants) of a compiled
+    program's all-gathers of more than ``SMALL_GATHER`` elements."""
+    return {tuple(shape[1:]) for op, shapes in result.info.collectives
+            if op == "all-gather" for shape in shapes if math.prod(shape) > SMALL_GATHER}
+
+
+def new_gathers(result: Result, peer: Result) -> list[str]:
+    """Problems of ``result`` against the case it ``gathers_like``: its large all-gathers
+    that ``peer`` does not have (none when either failed to compile: that is reported)."""
+    if result.info is None or peer.info is None:
+        return []
+    added = sorted(large_gathers(result) - large_gathers(peer))
+    return [f"all-gathers of shapes {added} that {peer.case!r} does not have"] if added else []
 
 
 def run_case(case: Case) -> Result:
@@ -426,9 +451,11 @@ def spec_cases() -> list[Case]:
     drafting of 3 tokens for them alone, on 1 and 8 devices."""
     verify = [verify_case(f"verify {d} dev s64 k3 {'q' if q else 'point mass'}", d, 64, 3, q)
               for d in (1, 8) for q in (False, True)]
-    verify += [engine_step_case(f"engine verify step {d} dev b64 k3{' eagle3' * eagle}", d,
-                                64 * 4, 64, 131072, num_pages=32768, num_speculative=3,
-                                eagle=eagle) for eagle in (False, True) for d in (1, 8)]
+    verify += [dataclasses.replace(
+        engine_step_case(f"engine verify step {d} dev b64 k3{' eagle3' * eagle}", d, 64 * 4,
+                         64, 131072, num_pages=32768, num_speculative=3, eagle=eagle),
+        gathers_like=f"engine step {d} dev decode b64") for eagle in (False, True)
+        for d in (1, 8)]
     return verify + [eagle_draft_case(f"eagle3 draft {d} dev s64 k3", d, 64, 3, 131072,
                                       num_pages=32768) for d in (1, 8)]
 

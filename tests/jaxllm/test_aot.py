@@ -5,7 +5,6 @@ error, an all-gather of the KV cache). Compiles need the CUDA jax plugin, ``ptxa
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 
@@ -14,8 +13,10 @@ import pytest
 from jaxllm.aot.cases import (
     Case,
     K,
+    Result,
     engine_cases,
     flash_case,
+    new_gathers,
     problems_of,
     ragged_args,
     ragged_case,
@@ -208,28 +209,31 @@ def test_speculative_programs_compile_and_keep_the_vocabulary_split(case):
     assert all(shape[-1] <= 8 and shape[0] <= 256 for shape in gathered), gathered
 
 
-@needs_gpu_compiler
-def test_the_verifying_step_gathers_nothing_the_plain_step_does_not():
-    """The whole verifying engine step (4-layer Scout, 64 sequences x 3 drafts; n-gram, and
-    with a Maverick-sized EAGLE-3 head drafting the next step's in it) on 1 and 8
-    compile-only H100s: no spill, no gathered KV cache or head cache, and on 8 devices every
-    all-gather larger than per-shard (value, index) pairs (8 shards x 256 rows) is one the
-    plain decode step has too, at 4 rows a sequence (the filtering rows' vocabulary sort, the
-    router's top-k): verification scatters nothing back across the vocabulary, the head
+def test_a_verifying_step_may_gather_only_what_its_plain_step_gathers():
+    """The check ``scripts/compile_gpu.py`` runs on each verifying engine step (n-gram drafts,
+    and a Maverick-sized EAGLE-3 head drafting in it; 1 and 8 compile-only H100s, in
+    ``.ci/run``): every all-gather above per-shard (value, index) pairs is one the plain
+    decode step at 4 rows a sequence has too (the filtering rows' vocabulary sort, the
+    router's top-k), so verification scatters nothing back across the vocabulary and the head
     gathers no weight."""
+
+    def result(name, *gathered):
+        info = CompileInfo(kernels=(), collectives=tuple(("all-gather", (g,)) for g in gathered),
+                           argument_bytes=0, output_bytes=0, temp_bytes=0, alias_bytes=0)
+        return Result(name, info, [])
+
+    plain = result("plain", (8, 256, 64), (8, 16, 2))
+    assert new_gathers(result("same", (8, 256, 64), (8, 4, 4)), plain) == []  # small: ignored
+    assert new_gathers(result("wider", (8, 256, 64), (8, 64, 202048 // 8)), plain) == [
+        "all-gathers of shapes [(64, 25256)] that 'plain' does not have"]
+    assert new_gathers(Result("broken", None, ["compile error: x"]), plain) == []
     cases = {c.name: c for c in engine_cases() + spec_cases()}
-
-    def gathered(name: str) -> set[tuple[int, ...]]:
-        result = run_case(cases[name])
-        assert not result.problems, (name, result.problems)
-        return {tuple(shape[1:]) for op, shapes in result.info.collectives
-                if op == "all-gather" for shape in shapes if math.prod(shape) > 8 * 256}
-
-    plain = gathered("engine step 8 dev decode b64")
-    for drafts in ("", " eagle3"):
-        assert not run_case(cases[f"engine verify step 1 dev b64 k3{drafts}"]).problems
-        verifying = gathered(f"engine verify step 8 dev b64 k3{drafts}")
-        assert verifying <= plain, (drafts, verifying - plain)
+    verifying = [c for c in cases.values() if c.name.startswith("engine verify step")]
+    assert len(verifying) == 4
+    for case in verifying:
+        devices = case.name.split(" dev")[0].split()[-1]
+        assert case.gathers_like == f"engine step {devices} dev decode b64", case.name
+        assert case.gathers_like in cases
 
 
 @needs_gpu_compiler
