@@ -15,6 +15,7 @@ from scipy import stats
 import jaxllm
 from jaxllm import SamplingParams
 from jaxllm.engine import Engine
+from jaxllm.sharding import make_mesh
 from jaxllm.spec.config import SpeculativeConfig
 from jaxllm.testing import count_compilations
 from tests.jaxllm.engine.test_async_scheduling import _run, hf_greedy
@@ -122,11 +123,16 @@ def hf_penalised_biased_greedy(hf, prompt, n, sampling):
     return output
 
 
-def test_penalised_requests_draft_and_answer_like_hf(scout):
+@pytest.mark.parametrize("devices", [1, pytest.param(8, marks=pytest.mark.slow)])
+def test_penalised_requests_draft_and_answer_like_hf(scout, tiny_model, devices):
     """Penalties at every drafted position: each position counts the drafts before it as
     generated, and accepted drafts count from then on. A negative frequency penalty makes
-    the model repeat itself, so n-gram drafts are accepted; the other penalties push back."""
+    the model repeat itself, so n-gram drafts are accepted; the other penalties push back.
+    On 8 devices each holds its slice of the vocabulary and of the penalty state."""
     hf, model = scout
+    if devices > 1:
+        model = jaxllm.load_model(tiny_model("scout")[2], max_model_len=80, page_size=8,
+                                  max_num_seqs=8, mesh=make_mesh(model=devices))
     cycle = [17, 40, 17, 40, 5, 17, 40, 17, 40, 9, 17, 17, 40, 40, 17]
     prompts = [_repeating(n, p, seed) for n, p, seed in ((13, 5, 10), (30, 7, 11), (21, 4, 12))]
     prompts += [cycle, cycle]
