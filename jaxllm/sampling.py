@@ -198,14 +198,19 @@ def apply_token_mask(logits: jax.Array, words: jax.Array, mesh: Mesh | None = No
         bits = (jnp.take(words, ids // 32, axis=1) >> (ids % 32)) & 1
         return jnp.where(bits == 1, block, -jnp.inf)
 
+    def pinned(x):
+        # Both branches and the result stay split over the vocabulary: left unpinned, the
+        # verifying step's masked later positions were gathered whole on every device.
+        return constrain(x, (None, "vocab"), mesh) if sharded else x
+
     def masked(_):
         if not sharded:
             return local(logits, words)
-        return jax.shard_map(local, mesh=mesh,
-                             in_specs=(PartitionSpec(None, vocab_axis), PartitionSpec()),
-                             out_specs=PartitionSpec(None, vocab_axis))(logits, words)
+        return pinned(jax.shard_map(local, mesh=mesh,
+                                    in_specs=(PartitionSpec(None, vocab_axis), PartitionSpec()),
+                                    out_specs=PartitionSpec(None, vocab_axis))(logits, words))
 
-    return jax.lax.cond(jnp.any(words != -1), masked, lambda _: logits, None)
+    return pinned(jax.lax.cond(jnp.any(words != -1), masked, lambda _: pinned(logits), None))
 
 
 def greedy(logits: jax.Array, mesh: Mesh | None = None) -> jax.Array:

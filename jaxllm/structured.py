@@ -130,6 +130,35 @@ class GrammarCompiler:
                 self._executor, [(m, i) for i, m in enumerate(matchers)], masks)
         return np.ascontiguousarray(masks[:, :words])
 
+    def draft_masks(self, drafting: Sequence[tuple[llguidance.LLMatcher, Sequence[int]]],
+                    words: int) -> list[np.ndarray]:
+        """For each (matcher, drafts the grammar accepts) the allowed tokens after each
+        prefix ``x_0..x_j`` of the drafts (``[len(drafts), words]``: the masks of a verifying
+        step's positions past the first); each matcher is rolled back to where it was.
+        After a draft that ends the grammar every token is allowed: the request stops there
+        and what follows is never taken."""
+        out = [np.full((len(d), words), -1, np.int32) for _, d in drafting]
+        consumed = [0] * len(drafting)
+        try:
+            for j in range(max((len(d) for _, d in drafting), default=0)):
+                live = []
+                for n, (matcher, drafts) in enumerate(drafting):
+                    if j < len(drafts) and not matcher.is_stopped():
+                        if not matcher.consume_token(int(drafts[j])):
+                            raise ValueError(f"draft {drafts[j]} refused by the grammar: "
+                                             f"{matcher.get_error()}")
+                        consumed[n] += 1
+                        if not matcher.is_stopped():
+                            live.append(n)
+                masks = self.masks([drafting[n][0] for n in live], words)
+                for row, n in zip(masks, live, strict=True):
+                    out[n][j] = row
+        finally:
+            for (matcher, _), n in zip(drafting, consumed, strict=True):
+                if n:
+                    matcher.rollback(n)
+        return out
+
 
 class _TokenTable:
     """The generic tokenizer shape llguidance accepts (``llguidance.TokenizerWrapper``): each

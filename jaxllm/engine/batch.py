@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.pages import PageRow
-from jaxllm.engine.step import StepInputs
+from jaxllm.engine.step import MASKED_DRAFTERS, StepInputs
 from jaxllm.kv_cache import NULL_PAGE
 from jaxllm.layout import SeqPiece, build_step, lay_out_step
 from jaxllm.multimodal.feeder import PieceImages, step_features
@@ -126,13 +126,15 @@ class InputBatch:
             page_row.bind(self.tables[group, row])
 
     def inputs(self, plan: StepPlan | Sequence[SlotPlan],
-               token_masks: Mapping[int, np.ndarray] | None = None, *,
+               token_masks: Mapping[int, np.ndarray] | None = None,
+               draft_masks_of: Mapping[int, np.ndarray] | None = None, *,
                bound: bool = False) -> StepInputs:
         """The step's ``StepInputs`` for ``plan`` (its sequence slots in step order), padded
         to its buckets and range-checked (``lay_out_step``), with whole-step array
         operations; ``token_masks`` maps a slot to its allowed tokens (``[mask_words]`` int32
-        bits; structured outputs). ``bound``: every slot's block-table rows are its batch
-        row's (``write``), gathered in one copy."""
+        bits; structured outputs) and ``draft_masks_of`` a drafting one to the allowed tokens
+        at its positions past the first (``[drafts, mask_words]``). ``bound``: every slot's
+        block-table rows are its batch row's (``write``), gathered in one copy."""
         if not isinstance(plan, StepPlan):
             plan = StepPlan.of(plan, bound=bound)
         policy, live = self.policy, len(plan)
@@ -179,13 +181,33 @@ class InputBatch:
         sampling = SamplingArrays(*(buffer[rows] for buffer in self.sampling))
         drafts, num_drafts, verify_rows = self._drafts(plan, batch.tokens, lengths,
                                                        batch.logits_rows)
+        draft_masks, draft_mask_index = self._draft_masks(draft_masks_of or {}, slots)
         next_tokens = np.full(slots, -1, np.int32)
         next_tokens[:live] = plan.next_tokens
         image_rows, image_features = step_features(plan.images or [None] * live, starts,
                                                    num_rows, self.feature_words)
         return StepInputs(batch.tokens, from_last, batch.meta, batch.logits_rows, sampling,
                           self.seeds[rows], steps, penalty, mask, targets, drafts,
-                          num_drafts, verify_rows, next_tokens, image_rows, image_features)
+                          num_drafts, verify_rows, draft_masks, draft_mask_index, next_tokens,
+                          image_rows, image_features)
+
+    def _draft_masks(self, masks: Mapping[int, np.ndarray], slots: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """``StepInputs.draft_masks`` and ``draft_mask_index`` from each constrained drafting
+        slot's masks ``[d, mask_words]`` (d its drafts)."""
+        k = self.num_speculative
+        out = np.full((MASKED_DRAFTERS, k, self.mask_words), -1, np.int32)
+        index = np.full(slots, -1, np.int32)
+        if len(masks) > MASKED_DRAFTERS:
+            raise ValueError(f"{len(masks)} constrained sequences draft in one step; at most "
+                             f"{MASKED_DRAFTERS} may")
+        for n, (slot, words) in enumerate(masks.items()):
+            if len(words) > k:
+                raise ValueError(f"sequence {slot}: {len(words)} draft masks for at most {k} "
+                                 "drafts")
+            out[n, : len(words)] = words
+            index[slot] = n
+        return out, index
 
     def _drafts(self, plan: StepPlan, tokens: np.ndarray, lengths: np.ndarray,
                 last_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

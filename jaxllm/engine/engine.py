@@ -275,7 +275,7 @@ class Engine:
             if self.speculator is not None:
                 scheduled = self.speculator.draft(scheduled, self.scheduler)
             inputs = self.batch.inputs(self._step_plan(scheduled),
-                                       self._token_masks(scheduled))
+                                       *self._token_masks(scheduled))
             return LaunchedStep(scheduled, self.executor.run(inputs))
         except Exception as error:  # noqa: BLE001 - raised by ``step``, after recovery
             return FailedLaunch(scheduled, error)
@@ -407,16 +407,23 @@ class Engine:
         failure.__cause__ = error
         return failure
 
-    def _token_masks(self, scheduled: Sequence[Scheduled]) -> dict[int, np.ndarray] | None:
+    def _token_masks(self, scheduled: Sequence[Scheduled]
+                     ) -> tuple[dict[int, np.ndarray] | None, dict[int, np.ndarray] | None]:
         """The allowed tokens of each constrained sequence that picks a token this step
-        (``jaxllm.structured``), keyed by its index in the step."""
-        constrained = [(i, s.request.matcher) for i, s in enumerate(scheduled)
+        (``jaxllm.structured``), and of those that draft at their positions past the first,
+        keyed by index in the step (``InputBatch.inputs``)."""
+        constrained = [(i, s) for i, s in enumerate(scheduled)
                        if s.samples and s.request.matcher is not None]
         if not constrained:
-            return None
+            return None, None
         assert self.grammars is not None  # a request has a matcher only through it
-        masks = self.grammars.masks([m for _, m in constrained], self.runner.mask_words)
-        return {i: masks[k] for k, (i, _) in enumerate(constrained)}
+        words = self.runner.mask_words
+        masks = self.grammars.masks([s.request.matcher for _, s in constrained], words)
+        drafting = [(i, s) for i, s in constrained if s.drafts]
+        later = self.grammars.draft_masks([(s.request.matcher, s.drafts) for _, s in drafting],
+                                          words)
+        return ({i: masks[k] for k, (i, _) in enumerate(constrained)},
+                {i: m for (i, _), m in zip(drafting, later, strict=True)})
 
     def report(self) -> list[str]:
         """The start-up report: memory, pages, concurrency (``jaxllm.engine.memory``), and

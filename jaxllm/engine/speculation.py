@@ -8,9 +8,11 @@ in the step that picked that token (``jaxllm.spec.eagle``: they come back with t
 picks, and only the step right after may use them); capped by the request's ``max_tokens`` left (the
 emitted tokens are the accepted drafts and one more), by ``max_model_len``, by the step's
 token budget, and by free pages (drafts never preempt anyone). The compiled step verifies
-them (``jaxllm.spec.verify_step``), each position adjusted for logit_bias, min_tokens and
-the penalties (the drafts before it counted as generated). Requests with a grammar or
-prompt_logprobs never draft: only position 0 gets the structured-output mask, and prompt
+them (``jaxllm.spec.verify_step``), each position adjusted for logit_bias, min_tokens, the
+penalties (the drafts before it counted as generated) and the structured-output mask. A
+constrained request's drafts are cut at the first its grammar refuses, and the engine sends
+the grammar's masks after each draft (``GrammarCompiler.draft_masks``), for at most
+``MASKED_DRAFTERS`` such requests a step. Requests with prompt_logprobs never draft: prompt
 log-probabilities are not computed in a verifying step.
 
 After the step the engine takes the emitted tokens one at a time (``Request.accept``,
@@ -38,6 +40,7 @@ import numpy as np
 from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.request import Request
 from jaxllm.engine.scheduler import Scheduled, Scheduler
+from jaxllm.engine.step import MASKED_DRAFTERS
 from jaxllm.spec.config import SpeculativeConfig
 from jaxllm.spec.ngram import propose
 
@@ -129,7 +132,7 @@ class Speculator:
         """The most drafts ``request`` may bring now (0: none): its max_tokens left after
         the token the step picks anyway, and the context left."""
         sampling, known = request.sampling, len(request.prompt) + len(request.output)
-        if request.matcher is not None or sampling.prompt_logprobs is not None:
+        if sampling.prompt_logprobs is not None:
             return 0
         return min(self.k, sampling.max_tokens - len(request.output) - 1,
                    self.policy.max_model_len - known - 1)
@@ -138,14 +141,19 @@ class Speculator:
         """``scheduled`` with drafts after the pieces that can take them (module docstring),
         within the step's token budget."""
         budget = self.policy.max_num_batched_tokens - sum(s.num_tokens for s in scheduled)
-        out = []
+        out, constrained = [], 0
         for s in scheduled:
             request = s.request
             known = len(request.prompt) + len(request.output)
             limit = min(budget, self._limit(request))
             if s.samples and s.start + s.num_tokens == known and limit > 0:
-                s = scheduler.speculate(s, self._propose(request, limit).tolist())
+                drafts = self._propose(request, limit).tolist()
+                if request.matcher is not None:  # the prefix the grammar accepts
+                    drafts = (drafts[: request.matcher.validate_tokens(drafts)]
+                              if constrained < MASKED_DRAFTERS else [])
+                s = scheduler.speculate(s, drafts)
                 budget -= len(s.drafts)
+                constrained += request.matcher is not None and bool(s.drafts)
             out.append(s)
         return out
 

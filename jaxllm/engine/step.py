@@ -44,6 +44,11 @@ if TYPE_CHECKING:
     from jaxllm.spec.eagle import EagleDrafter
 
 TOP_LOGPROBS = 20  # the most the OpenAI API asks for
+# Constrained sequences (structured outputs) that one verifying step takes drafts from: their
+# grammar masks past the first position travel in a [MASKED_DRAFTERS, k, words] array, so a
+# step's host-to-device bytes do not grow with the batch (a Scout vocabulary's masks for
+# 256 sequences would be 6.5 MB a position). More constrained sequences draft next step.
+MASKED_DRAFTERS = 8
 SCORE_BLOCK = 256  # rows whose full-vocabulary log-probabilities exist at once
 
 
@@ -71,6 +76,11 @@ class StepInputs(NamedTuple):
     # [S, k + 1] int32: the flat row scored at each position (the last token's row, then each
     # draft's); positions past num_drafts repeat the piece's last row.
     verify_rows: np.ndarray
+    # [MASKED_DRAFTERS, k, ceil(V / 32)] int32: the allowed tokens at positions 1..k of the
+    # constrained sequences that draft (the grammar advanced over the drafts before each),
+    # and [S] int32 each slot's index into it (-1: positions past 0 unconstrained).
+    draft_masks: np.ndarray
+    draft_mask_index: np.ndarray
     # [S] int32: the token after a slot's last row when the host knows it (a prompt chunk
     # short of the prompt's end), else -1 (the step picks it). An EAGLE-3 head pairs each
     # row with the token after it (``jaxllm.spec.eagle``).
@@ -120,7 +130,9 @@ def step_spec(rows: int, slots: int, num_groups: int, width: int, mask_words: in
                       jax.ShapeDtypeStruct((slots, 2), np.uint32), i32((slots,)),
                       penalty_rows, i32((slots, mask_words)), i32((rows,)),
                       i32((slots, num_speculative)), i32((slots,)),
-                      i32((slots, num_speculative + 1)), i32((slots,)), i32((rows,)),
+                      i32((slots, num_speculative + 1)),
+                      i32((MASKED_DRAFTERS, num_speculative, mask_words)), i32((slots,)),
+                      i32((slots,)), i32((rows,)),
                       jax.ShapeDtypeStruct((rows if images else 0, feature_words), np.uint32))
 
 

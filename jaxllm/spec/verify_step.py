@@ -6,8 +6,10 @@ Position j of slot s is the flat row ``verify_rows[s, j]``: the piece's last tok
 j = 0, draft ``x_{j-1}``'s row after it. Its logits get logit_bias and min_tokens at token
 index ``steps + j``, then the penalties: position 0's record the step's tokens (as ``pick``
 does; the host leaves draft rows out), position j's count drafts ``x_0..x_{j-1}`` as generated,
-and once verified the accepted drafts are recorded (``jaxllm.penalties``). Position 0 alone
-gets the structured-output mask: the engine never drafts for a constrained sequence.
+and once verified the accepted drafts are recorded (``jaxllm.penalties``); last the
+structured-output mask: position 0's ``token_mask``, position j's the grammar's after
+``x_0..x_{j-1}`` (``draft_masks``, for the constrained sequences that draft; the host cut their
+drafts at the first the grammar refuses).
 
 Glossary: S sequence slots, k drafts at most, V padded vocabulary.
 """
@@ -50,6 +52,11 @@ def verify_pick(module, hidden: jax.Array, inputs, tokens: jax.Array, mesh: Mesh
     rest = penalize_drafts(rest.reshape(slots, later, -1), penalties,
                            inputs.penalty_rows.seq_slot, inputs.draft_tokens, inputs.num_drafts,
                            s.presence_penalty, s.frequency_penalty, s.repetition_penalty, mesh)
+    index = inputs.draft_mask_index
+    words = jnp.where((index >= 0)[:, None, None],
+                      inputs.draft_masks[jnp.maximum(index, 0)], -1)  # [S, k, words]
+    rest = apply_token_mask(rest.reshape(slots * later, -1),
+                            words.reshape(slots * later, -1), mesh).reshape(slots, later, -1)
     adjusted = jnp.concatenate([first[:, None], rest], axis=1)
     target = filtered_distribution(adjusted.reshape(slots * positions, -1),
                                    jax.tree.map(lambda a: per_position(a, positions), s))

@@ -89,6 +89,30 @@ def test_masks_allow_exactly_the_grammar(compiler):
     assert [tok.id_to_token(t) for t in allowed(masks, 0, 128)] == ["e"]
 
 
+def test_draft_masks_are_the_grammars_after_each_draft_and_leave_the_matcher_alone(compiler):
+    """The masks of a verifying step's positions past the first: a fresh matcher fed each
+    prefix of the drafts is the reference; the drafting matcher ends where it began."""
+    tok = Tokenizer.from_file(str(BUNDLED / "tokenizer.json"))
+    regex = StructuredOutput("regex", "[0-9]{2}-[a-z]+")
+    ids = [tok.token_to_id(c) for c in "47-ab"]
+    words = mask_words(128)
+    drafting = compiler.matcher(regex)
+    assert drafting.consume_token(ids[0])
+    before = compiler.masks([drafting], words)
+    # 3 drafts after "4"; a choice ending on its last draft: nothing is allowed after it.
+    done = compiler.matcher(StructuredOutput.choice(["no"]))
+    got = compiler.draft_masks([(drafting, ids[1:4]), (done, [tok.token_to_id("n"),
+                                                             tok.token_to_id("o")])], words)
+    for j in range(3):
+        fresh = compiler.matcher(regex)
+        assert fresh.consume_tokens(ids[: j + 2])
+        np.testing.assert_array_equal(got[0][j], compiler.masks([fresh], words)[0], err_msg=j)
+    assert allowed(got[1], 0, 128) == [tok.token_to_id("o")]
+    assert np.all(got[1][1] == -1)  # after the grammar's end: never taken, left open
+    np.testing.assert_array_equal(compiler.masks([drafting], words), before)
+    assert drafting.validate_tokens(ids[1:]) == 4 and drafting.validate_tokens([ids[3]]) == 0
+
+
 @pytest.mark.parametrize("structured,message", [
     (StructuredOutput("regex", "(("), "invalid regex constraint"),
     (StructuredOutput.json_schema({"type": "nonsense"}), "invalid json constraint"),
@@ -174,6 +198,40 @@ def test_unconstrained_neighbours_are_unchanged(engine):
     assert produced[ids[1]] == alone
     assert re.fullmatch("[a-z]+", decode(produced[ids[0]]))
     assert decode(alone).strip() == "125"  # the bundled model's own answer, unconstrained
+
+
+def test_constrained_requests_draft_and_answer_as_without_speculation(engine):
+    """n-gram drafts for requests with a grammar, cut where the grammar refuses one, each
+    later position masked by the grammar after the drafts before it: greedy outputs equal
+    the engine's without speculation, sampled ones still follow their grammars."""
+    from jaxllm.engine import Engine
+    from jaxllm.spec.config import SpeculativeConfig
+
+    prompt = prompt_ids("<|user|>What is 12 + 34?<|assistant|>")
+    schemas = [StructuredOutput.json_schema(PERSON),
+               StructuredOutput("regex", r"([0-9]{2}-){3}[a-z]{2,4}"),
+               StructuredOutput("grammar", 'start: ("sum=" NUM ";")~3\nNUM: /[0-9]{1,3}/')]
+    requests = [(prompt, SamplingParams(temperature=t, seed=3, max_tokens=60, structured=s))
+                for t in (0.0, 1.0) for s in schemas]
+
+    def run(engine):
+        ids = [engine.add_request(p, sampling) for p, sampling in requests]
+        produced = {i: [] for i in ids}
+        while engine.has_unfinished():
+            for out in engine.step():
+                produced[out.request_id] += out.new_token_ids
+        return [produced[i] for i in ids]
+
+    spec = Engine(engine.model, num_pages=64, speculative=SpeculativeConfig(
+        method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3))
+    spec.grammars = engine.grammars
+    drafted, plain = run(spec), run(engine)
+    assert drafted[:3] == plain[:3]  # greedy
+    jsonschema.validate(json.loads(decode(drafted[3])), PERSON)
+    assert re.fullmatch(r"([0-9]{2}-){3}[a-z]{2,4}", decode(drafted[4])), decode(drafted[4])
+    assert re.fullmatch(r"(sum=[0-9]{1,3};){3}", decode(drafted[5])), decode(drafted[5])
+    stats = spec.speculator.stats
+    assert stats.num_drafts > 5 and stats.num_accepted_tokens > 5, stats
 
 
 def test_engine_without_a_tokenizer_refuses_structured_requests(engine):

@@ -207,9 +207,9 @@ def test_the_persistent_block_table_is_what_each_pieces_pages_say(scout_whole_ca
         pages[:] = [[list(row) for row in s.request.pages] for s in scheduled]
         return step_plan(scheduled)
 
-    def both(plan, masks=None):
-        fast = build(plan, masks)
-        slow = build(dataclasses.replace(plan, pages=list(pages)), masks)
+    def both(plan, *masks):
+        fast = build(plan, *masks)
+        slow = build(dataclasses.replace(plan, pages=list(pages)), *masks)
         for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow), strict=True):
             np.testing.assert_array_equal(a, b)
         checked.append(plan.pages is None)

@@ -150,9 +150,10 @@ def test_skip_special_tokens(server):
 @pytest.mark.slow  # its own server: a minute or two
 @pytest.mark.parametrize("method", ["ngram", "eagle3"])
 def test_schemas_validate_beside_speculating_requests(method):
-    """With ``--speculative-config``, requests with a schema (which never draft) share
-    verifying steps with sum questions that draft (the bundled EAGLE-3 head, or n-gram
-    lookups): every output still validates, every sum is right, and drafts were verified."""
+    """With ``--speculative-config``, requests with a schema (drafting too, their drafts cut
+    and masked by their grammars) share verifying steps with sum questions that draft (the
+    bundled EAGLE-3 head, or n-gram lookups): every output still validates, every sum is
+    right, and drafts were verified."""
     spec = {"method": method, "num_speculative_tokens": 3}
     if method == "ngram":  # single-token lookups: a sum's digits recur in its question
         spec.update(prompt_lookup_min=1, prompt_lookup_max=3)
