@@ -272,13 +272,20 @@ class Engine:
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 return None
-            if self.speculator is not None:
+            if self.speculator is not None and not self._takes_images(scheduled):
                 scheduled = self.speculator.draft(scheduled, self.scheduler)
             inputs = self.batch.inputs(self._step_plan(scheduled),
                                        *self._token_masks(scheduled))
             return LaunchedStep(scheduled, self.executor.run(inputs))
         except Exception as error:  # noqa: BLE001 - raised by ``step``, after recovery
             return FailedLaunch(scheduled, error)
+
+    def _takes_images(self, scheduled: Sequence[Scheduled]) -> bool:
+        """Whether a piece of the step takes image features: such a step verifies no drafts,
+        so no verifying program has an image variant (each program's kernels are JIT code
+        mapped into the process on CPU, whose map count is bounded)."""
+        return self.images is not None and any(
+            self.images.covers(s.request, s.start, s.num_tokens) for s in scheduled)
 
     def _step_plan(self, scheduled: Sequence[Scheduled]) -> StepPlan:
         """The step's slots, in one pass over its scheduled pieces (the hot path: every
@@ -457,8 +464,9 @@ class Engine:
     def warmup(self, progress: bool = True) -> int:
         """Compiles the step program for every (token bucket, batch bucket) pair, so serving
         never compiles, and the verifying one for every pair a step with drafts can have;
-        with a vision tower also each one's variant with image features and the encoder for
-        every tile bucket. Returns how many. Writes only into pages no request holds."""
+        with a vision tower also each plain one's variant with image features (a step that
+        takes image features verifies no drafts) and the encoder for every tile bucket.
+        Returns how many. Writes only into pages no request holds."""
         from tqdm import tqdm
 
         policy, page = self.policy, self.policy.page_size
@@ -494,7 +502,7 @@ class Engine:
             none = PieceImages(np.zeros(0, np.int32), np.zeros((1, width), self.model.dtype))
             runs += [[dataclasses.replace(p, images=dataclasses.replace(
                 none, rows=np.full(len(p.piece.tokens), -1, np.int32))) for p in run]
-                for run in runs]
+                for run in runs if not any(p.num_drafts for p in run)]  # (_takes_images)
         for run in tqdm(runs, desc="warmup", unit="program", disable=not progress):
             self.executor.run(self.batch.inputs(run)).result()
         return compiled + len(runs)

@@ -156,6 +156,13 @@ class ImageFeeder:
         """``request`` (finished, aborted, preempted) holds no image any more."""
         self.cache.release(request.request_id)
 
+    def covers(self, request: Any, start: int, length: int) -> bool:
+        """Whether ``request``'s piece of ``length`` rows from ``start`` takes image features
+        (covers a ``<|patch|>`` token)."""
+        images = request.images
+        return (images is not None and start < len(images.rows)
+                and bool(np.any(images.rows[start: start + length] >= 0)))
+
     def piece(self, request: Any, start: int, length: int) -> PieceImages | None:
         """The features of ``request``'s piece of ``length`` rows from ``start`` (None when
         it covers no ``<|patch|>`` token); every image it covers was ``fit`` in."""

@@ -177,3 +177,29 @@ def test_greedy_with_images_on_eight_devices_equals_hf(tiny_model):
     engine = Engine(model, max_num_batched_tokens=16)
     three = _prompt(THREE, seed=2)
     assert _run(engine, [(three[0], _split(three[1], THREE))])[0] == [_hf(hf, *three)]
+
+
+def test_speculation_beside_image_prefills_compiles_nothing_after_warmup(multimodal):
+    """n-gram drafts while image prompts are prefilled in chunks: a step that takes image
+    features verifies no drafts (so no verifying program has an image variant), the others
+    do; outputs equal HF's and nothing compiles after warm-up."""
+    from jaxllm.spec.config import SpeculativeConfig
+
+    hf, model = multimodal
+    engine = Engine(model, max_num_batched_tokens=32, speculative=SpeculativeConfig(
+        method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3))
+    shapes = len(engine.policy.step_shapes())
+    verifying = engine.warmup(progress=False) - 2 * shapes - 6  # the encoder: 6 tile buckets
+    assert 0 < verifying <= shapes  # verifying programs, none with image features
+    one, three = _prompt(ONE, seed=1), _prompt(THREE, seed=2)
+    text = [1] + [17, 40, 17, 40, 5] * 4  # drafts from its first output on
+    with count_compilations() as compiles:
+        outs, _ = _run(engine, [(text, ()), (one[0], _split(one[1], ONE)),
+                                (three[0], _split(three[1], THREE))])
+    assert compiles == []
+    assert outs[1] == _hf(hf, *one) and outs[2] == _hf(hf, *three)
+    with torch.no_grad():
+        ref = hf.language_model.generate(torch.tensor([text]), max_new_tokens=10,
+                                         do_sample=False)
+    assert outs[0] == ref[0, len(text):].tolist()
+    assert engine.speculator.stats.num_drafts > 0
