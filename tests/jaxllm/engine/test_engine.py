@@ -144,8 +144,8 @@ def test_every_layer_reads_the_one_page_size(scout, monkeypatch):
     build = engine.batch.inputs
     prompt = _prompts([21], seed=9)[0]
     request = engine.prepare(prompt, GREEDY_20)
-    monkeypatch.setattr(engine.batch, "inputs", lambda plan, masks=None: (
-        steps.append(([[list(row) for row in request.pages]], build(plan, masks)))
+    monkeypatch.setattr(engine.batch, "inputs", lambda plan, *masks: (
+        steps.append(([[list(row) for row in request.pages]], build(plan, *masks)))
         or steps[-1][1]))
     engine.submit(request)
     out = engine.step()[0].new_token_ids  # the whole prompt in one step: 3 pages of 8
