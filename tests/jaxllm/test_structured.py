@@ -206,6 +206,7 @@ def test_constrained_requests_draft_and_answer_as_without_speculation(engine):
     the engine's without speculation, sampled ones still follow their grammars."""
     from jaxllm.engine import Engine
     from jaxllm.spec.config import SpeculativeConfig
+    from tests.jaxllm.engine.test_engine_penalties import _run
 
     prompt = prompt_ids("<|user|>What is 12 + 34?<|assistant|>")
     schemas = [StructuredOutput.json_schema(PERSON),
@@ -214,18 +215,10 @@ def test_constrained_requests_draft_and_answer_as_without_speculation(engine):
     requests = [(prompt, SamplingParams(temperature=t, seed=3, max_tokens=60, structured=s))
                 for t in (0.0, 1.0) for s in schemas]
 
-    def run(engine):
-        ids = [engine.add_request(p, sampling) for p, sampling in requests]
-        produced = {i: [] for i in ids}
-        while engine.has_unfinished():
-            for out in engine.step():
-                produced[out.request_id] += out.new_token_ids
-        return [produced[i] for i in ids]
-
     spec = Engine(engine.model, num_pages=64, speculative=SpeculativeConfig(
         method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, prompt_lookup_max=3))
     spec.grammars = engine.grammars
-    drafted, plain = run(spec), run(engine)
+    drafted, plain = _run(spec, requests), _run(engine, requests)
     assert drafted[:3] == plain[:3]  # greedy
     jsonschema.validate(json.loads(decode(drafted[3])), PERSON)
     assert re.fullmatch(r"([0-9]{2}-){3}[a-z]{2,4}", decode(drafted[4])), decode(drafted[4])
