@@ -131,15 +131,13 @@ def penalize_drafts(logits: jax.Array, state: PenaltyState, seq_slot: jax.Array,
         return _apply(logits, seq_slot[:, None], count, seen[:, None], presence[:, None],
                       frequency[:, None], repetition[:, None])
 
-    def pinned(logits):
-        return constrain(logits, (None, None, "vocab"), mesh)
-
     def run(_):
-        return pinned(_on_slices(local, mesh, (logits, *state),
-                                 (seq_slot, drafts, num_drafts, presence, frequency, repetition),
-                                 _VOCAB_3D))
+        return _pinned(_on_slices(local, mesh, (logits, *state),
+                                  (seq_slot, drafts, num_drafts, presence, frequency,
+                                   repetition), _VOCAB_3D), mesh)
 
-    return pinned(jax.lax.cond(jnp.any(seq_slot >= 0), run, lambda _: pinned(logits), None))
+    return _pinned(jax.lax.cond(jnp.any(seq_slot >= 0), run,
+                                lambda _: _pinned(logits, mesh), None), mesh)
 
 
 def record_accepted(state: PenaltyState, seq_slot: jax.Array, drafts: jax.Array,
@@ -156,14 +154,12 @@ def record_accepted(state: PenaltyState, seq_slot: jax.Array, drafts: jax.Array,
         token = jnp.where((local_ids >= 0) & (local_ids < width), local_ids, width)
         return PenaltyState(counts.at[slot, token].add(1, mode="drop"), seen)
 
-    def pinned(state):
-        return PenaltyState(*(constrain(a, STATE_AXES, mesh) for a in state))
-
     def run(_):
-        return pinned(_on_slices(local, mesh, tuple(state), (seq_slot, drafts, num_accepted),
-                                 PenaltyState(_VOCAB_2D, _VOCAB_2D)))
+        return _pinned(_on_slices(local, mesh, tuple(state), (seq_slot, drafts, num_accepted),
+                                  PenaltyState(_VOCAB_2D, _VOCAB_2D)), mesh)
 
-    return pinned(jax.lax.cond(jnp.any(seq_slot >= 0), run, lambda _: pinned(state), None))
+    return _pinned(jax.lax.cond(jnp.any(seq_slot >= 0), run,
+                                lambda _: _pinned(state, mesh), None), mesh)
 
 
 _VOCAB_2D = PartitionSpec(None, LOGICAL_AXIS_RULES["vocab"])
@@ -184,14 +180,13 @@ def _on_slices(local, mesh: Mesh | None, split: tuple, whole: tuple, out_specs):
         check_vma=False)(*split, *whole)
 
 
-def _pinned(out: tuple[jax.Array, PenaltyState], mesh: Mesh | None
-            ) -> tuple[jax.Array, PenaltyState]:
-    # The branches and the result keep the state split over the vocabulary: left
-    # unconstrained, the partitioner picked a replicated result for the step's output
-    # and all-gathered the whole state every step.
-    logits, state = out
-    return (constrain(logits, STATE_AXES, mesh),
-            PenaltyState(*(constrain(a, STATE_AXES, mesh) for a in state)))
+def _pinned(tree, mesh: Mesh | None):
+    """Every array of ``tree`` (logits of any rank, the state) split over the vocabulary, its
+    last axis. The branches and the result are pinned: left unconstrained, the partitioner
+    picked a replicated result for the step's output and all-gathered the whole state every
+    step."""
+    return jax.tree.map(lambda a: constrain(a, (None,) * (a.ndim - 1) + ("vocab",), mesh),
+                        tree)
 
 
 def _record_rows(state: PenaltyState, rows: PenaltyRows, local_tokens: jax.Array
