@@ -219,7 +219,7 @@ class Llama4Config:
         chunk = text.get("attention_chunk_size")
         chunk = int(chunk) if chunk else None
         chunked = _chunked_layers(text, rope_layers, chunk)
-        theta, scaling = _rope(text)
+        theta, scaling = rope_of(text)
         tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
         eos = text.get("eos_token_id", raw.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,))
@@ -316,7 +316,9 @@ def _moe_layers(text: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in layers))
 
 
-def _rope(text: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+def rope_of(text: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, its scaling or None) of a config dict in either spelling: ``rope_parameters``
+    (theta inside) or ``rope_scaling`` + ``rope_theta``."""
     params = text.get("rope_parameters")
     if params is not None:
         theta = params.get("rope_theta", text.get("rope_theta"))

@@ -1,7 +1,7 @@
 """The device mesh and the one table that maps logical axes to mesh axes.
 
-Every parameter declares logical axes (``jaxllm.model``); activations and the KV cache use the
-same names. Changing the parallelism means changing ``LOGICAL_AXIS_RULES`` and nothing else.
+Every parameter declares logical axes (``jaxllm.model.llama4``); activations and the KV cache
+use the same names. Changing the parallelism means changing ``LOGICAL_AXIS_RULES`` and nothing else.
 A dimension that its mesh axis does not divide is replicated instead, except the vocabulary,
 which is padded to a multiple of its axis (``padded_vocab_size``) so it can always be split.
 """
@@ -29,7 +29,7 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "tokens": "data",  # the flat token batch of a step
     "pages": None,
     "page_slots": None,
-    # The vision tower (jaxllm.models.vision): tensor-parallel over heads and MLP widths like
+    # The vision tower (jaxllm.model.vision): tensor-parallel over heads and MLP widths like
     # the text model. For a data-parallel encoder map "tiles" to "data" and these to None.
     "tiles": None,
     "vision_embed": None,

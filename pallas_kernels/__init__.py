@@ -2,8 +2,8 @@
 reference.
 
 ``reference/`` holds the definitions; ``triton/`` the Triton-style Pallas kernels of the same
-signatures. Callers pick an attention implementation through ``jaxllm.attention``; the
-quantized experts' grouped GEMM is called by ``jaxllm.models.quant``.
+signatures. Callers pick an attention implementation through ``jaxllm.model.attention``; the
+quantized experts' grouped GEMM is called by ``jaxllm.model.quant``.
 """
 
 from pallas_kernels.reference.flash_attention import flash_attention_reference

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from jaxllm import SamplingParams  # noqa: E402
 from jaxllm.engine import Engine  # noqa: E402
 from jaxllm.engine.step import TOP_LOGPROBS, Sampled  # noqa: E402
-from jaxllm.loading import load_model  # noqa: E402
+from jaxllm.weights.loading import load_model  # noqa: E402
 
 BUNDLED = REPO / "checkpoints" / "tiny-llama4"
 MIXED = [
@@ -219,7 +219,7 @@ def _device_busy(proc: subprocess.Popen, stats: Path) -> float:
 
 
 def stand_in_server_table(sizes, output_len: int) -> list[str]:
-    from jaxllm.testing import free_port, wait_healthy
+    from tests.support.servers import free_port, wait_healthy
 
     rows = ["| T ms | clients | mode | output tok/s | device busy | mean ITL ms | "
             "device alone tok/s | ratio | failed |", "|---|---|---|---|---|---|---|---|---|"]
@@ -254,7 +254,7 @@ def stand_in_server_table(sizes, output_len: int) -> list[str]:
 
 
 def server_table(sizes, output_len: int) -> list[str]:
-    from jaxllm.testing import free_port, wait_healthy
+    from tests.support.servers import free_port, wait_healthy
 
     rows = ["| clients | mode | output tok/s | mean ITL ms | failed |", "|---|---|---|---|---|"]
     for mode in ("sync", "async"):

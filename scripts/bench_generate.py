@@ -22,13 +22,15 @@ import jax
 import numpy as np
 import torch
 
-import jaxllm
-from jaxllm import testing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support: test helpers
+
+import jaxllm  # noqa: E402
+from tests.support import hf_models  # noqa: E402
 
 PRESETS = {
-    "tiny": dict(testing.SCOUT_LIKE),
+    "tiny": dict(hf_models.SCOUT_LIKE),
     "scout-4layers": dict(
-        testing.SCOUT_LIKE, vocab_size=202048, hidden_size=5120, intermediate_size=8192,
+        hf_models.SCOUT_LIKE, vocab_size=202048, hidden_size=5120, intermediate_size=8192,
         intermediate_size_mlp=16384, num_hidden_layers=4, num_attention_heads=40,
         num_key_value_heads=8, head_dim=128, num_local_experts=16, attention_chunk_size=8192,
         floor_scale=8192, attn_scale=0.1, max_position_embeddings=8192),
@@ -54,8 +56,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.manual_seed(0)
-        hf = testing.make_text_model(spec)
-        testing.save(hf, tmp / "hf", shard_size="2GB")
+        hf = hf_models.make_text_model(spec)
+        hf_models.save(hf, tmp / "hf", shard_size="2GB")
         subprocess.run([sys.executable, str(Path(__file__).with_name("convert_hf_to_orbax.py")),
                         "--hf-dir", str(tmp / "hf"), "--out", str(tmp / "jx"), "--dtype",
                         args.dtype, "--no-progress"], check=True, capture_output=True)

@@ -27,7 +27,7 @@ from jaxllm.engine.request import Request, Status
 from jaxllm.engine.scheduler import Scheduler
 from jaxllm.kv_cache import CacheConfig
 from jaxllm.layout import SeqPiece
-from jaxllm.sampling import GREEDY
+from jaxllm.sample.sampling import GREEDY
 
 PAGE, CHUNK = 16, 8192
 GROUP_CHUNK = (None, CHUNK, CHUNK, CHUNK)  # Scout: 12 global layers, 36 chunked, 4 groups

@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from jaxllm import distributed
+from jaxllm.runtime import distributed
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-llama4"
 
@@ -65,7 +65,7 @@ def _measure(engine, chunks, multi: bool, leader: bool, repeats: int) -> tuple[f
 
     from jaxllm.engine.batch import inputs_for
     from jaxllm.engine.executor import pack, unpack
-    from jaxllm.sampling import SamplingParams
+    from jaxllm.sample.sampling import SamplingParams
 
     n = len(chunks)
     inputs = inputs_for(engine.batch, chunks, [SamplingParams(temperature=0.0, seed=0)] * n)

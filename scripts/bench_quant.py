@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm.aot.cases import abstract_params, scout_config
+from jaxllm.aot.abstract import abstract_params, scout_config
 from jaxllm.config import Llama4Config
 from jaxllm.engine.memory import weight_groups, weights_bytes_per_device
-from jaxllm.model import MoE
-from jaxllm.models.quant import QuantConfig
+from jaxllm.model.llama4 import MoE
+from jaxllm.model.quant import QuantConfig
 from jaxllm.sharding import make_mesh
 
 SCHEMES = ("bf16", "fp8", "int8", "int4")

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support: test helpers
+
 import httpx
 import numpy as np
 
@@ -100,10 +102,10 @@ def report(args, ok: list[dict], results: list[dict], duration: float) -> None:
 
 def tiny_checkpoint(tmp: Path) -> Path:
     """A tiny random Llama 4, converted (for CPU demos)."""
-    from jaxllm import testing
+    from tests.support import hf_models
 
-    hf = testing.make_text_model(testing.SCOUT_LIKE)
-    testing.save(hf, tmp / "hf", shard_size="1GB")
+    hf = hf_models.make_text_model(hf_models.SCOUT_LIKE)
+    hf_models.save(hf, tmp / "hf", shard_size="1GB")
     converter = Path(__file__).resolve().parent / "convert_hf_to_orbax.py"
     subprocess.run([sys.executable, str(converter), "--hf-dir", str(tmp / "hf"), "--out",
                     str(tmp / "tiny"), "--no-progress"], check=True, capture_output=True)
@@ -125,13 +127,14 @@ def main() -> int:
     if args.base_url:
         asyncio.run(run(args, args.base_url.rstrip("/"), args.model))
         return 0
-    from jaxllm import testing
+
+    from tests.support import servers
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tiny_checkpoint(Path(tmp))
         serve_args = ["--model", str(ckpt), "--max-model-len",
                       str(args.input_len + args.output_len), "--max-num-seqs", "8"]
-        with testing.serving(serve_args) as base:
+        with servers.serving(serve_args) as base:
             asyncio.run(run(args, base, "tiny"))
     return 0
 

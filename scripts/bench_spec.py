@@ -28,8 +28,8 @@ import jax
 import jaxllm
 from jaxllm import SamplingParams
 from jaxllm.engine import Engine
+from jaxllm.engine.spec_decode.config import SpeculativeConfig
 from jaxllm.serve.tokenizer import TextCodec
-from jaxllm.spec.config import SpeculativeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "checkpoints" / "tiny-llama4"

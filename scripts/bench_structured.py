@@ -20,9 +20,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from jaxllm.engine import Engine
-from jaxllm.loading import load_model
-from jaxllm.sampling import SamplingParams, mask_words
-from jaxllm.structured import GrammarCompiler, StructuredOutput
+from jaxllm.sample.grammar import GrammarCompiler, StructuredOutput
+from jaxllm.sample.sampling import SamplingParams, mask_words
+from jaxllm.weights.loading import load_model
 
 BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-llama4"
 SCHEMA = {"type": "object", "properties": {

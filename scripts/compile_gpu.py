@@ -19,10 +19,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from jaxllm.aot.cases import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support: test helpers
+from tests.support.compile_cases import (  # noqa: E402
     Result,
     engine_cases,
     is_pallas_kernel,

@@ -5,7 +5,7 @@
 
 A compressed-tensors checkpoint (FP8-dynamic, w4a16, ...) keeps its quantized weights;
 ``--quantization`` quantizes an unquantized one (routed and shared experts by default,
-``--quantization-scope ffn`` adds the dense FFN layers; see jaxllm/models/quant.py).
+``--quantization-scope ffn`` adds the dense FFN layers; see jaxllm/model/quant.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxllm.convert import DTYPES, ConversionError, convert
-from jaxllm.models.quant import SCHEMES, SCOPES
+from jaxllm.model.quant import SCHEMES, SCOPES
+from jaxllm.weights.convert import DTYPES, convert
+from jaxllm.weights.safetensors import ConversionError
 
 
 def main(argv: list[str] | None = None) -> int:

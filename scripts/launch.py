@@ -3,7 +3,7 @@
     python scripts/launch.py --num-processes 2 -- python my_program.py --args
 
 Each child gets JAXLLM_COORDINATOR_ADDRESS / JAXLLM_NUM_PROCESSES / JAXLLM_PROCESS_ID, which
-``jaxllm.distributed.initialize()`` reads. Across hosts, run one process per host yourself
+``jaxllm.runtime.distributed.initialize()`` reads. Across hosts, run one process per host yourself
 with those three variables set (the same coordinator address everywhere, ids 0..N-1).
 With --cpu-devices-per-process each child simulates that many CPU devices (for testing).
 

@@ -3,11 +3,11 @@
     python scripts/ngram_acceptance.py
 
 Greedy verification accepts exactly the drafts that equal the greedy continuation, so the
-acceptance of n-gram drafts follows from the greedy outputs alone: generate them without
-speculation (``jaxllm.generate``), then replay each request's decode steps, drafting from its
-prompt and output so far (``jaxllm.spec.ngram``) and accepting the longest prefix of the draft
-that matches what the model emits next. The first token comes from the prefill, which drafts
-nothing; a step emits its accepted drafts plus one token, never past the end of the output.
+acceptance of n-gram drafts follows from the greedy outputs alone: generate them without speculation
+(``jaxllm.generate``), then replay each request's decode steps, drafting from its prompt and output
+so far (``jaxllm.engine.spec_decode.ngram``) and accepting the longest prefix of the draft that
+matches what the model emits next. The first token comes from the prefill, which drafts nothing; a
+step emits its accepted drafts plus one token, never past the end of the output.
 
 Prompt sets: held-out sums, sums of repeated-digit operands (11 + 22, 33 + 33, ...), and sums
 with zero (47 + 0), where the answer repeats the prompt. Columns: decode steps, tokens per
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 import jaxllm
+from jaxllm.engine.spec_decode import ngram
 from jaxllm.serve.tokenizer import TextCodec
-from jaxllm.spec import ngram
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "checkpoints" / "tiny-llama4"

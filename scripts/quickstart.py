@@ -15,22 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
-import jaxllm
-from jaxllm import testing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support: test helpers
+
+import jaxllm  # noqa: E402
+from tests.support import hf_models  # noqa: E402
 
 
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        hf = testing.make_text_model(testing.SCOUT_LIKE)
-        testing.save(hf, tmp / "hf")
+        hf = hf_models.make_text_model(hf_models.SCOUT_LIKE)
+        hf_models.save(hf, tmp / "hf")
         converter = Path(__file__).with_name("convert_hf_to_orbax.py")
         subprocess.run([sys.executable, str(converter), "--hf-dir", str(tmp / "hf"),
                         "--out", str(tmp / "jaxllm"), "--dtype", "float32", "--no-progress"],
                        check=True)
         model = jaxllm.load_model(tmp / "jaxllm")
         ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 48)).tolist()
-        ours, ref = model.logits(ids), testing.hf_logits(hf, ids)
+        ours, ref = model.logits(ids), hf_models.hf_logits(hf, ids)
         c = model.config
         print(f"tiny Llama 4: {c.num_layers} layers, {c.num_experts} experts, chunk "
               f"{c.attention_chunk_size}, vocab {c.vocab_size}; logits {ours.shape}")

@@ -9,7 +9,7 @@ It is trained on the target's own training conversations (``scripts/train_tiny.p
 EAGLE-3's training-time test: pass 1 takes the features, pass s > 1 takes pass s - 1's hidden
 state one position back, and a pass-s query attends to pass-1 keys up to its anchor and to
 the diagonal of the passes after it, as the head does when it drafts s tokens in the engine
-(``jaxllm.spec.eagle.draft``). The head is written as safetensors + config.json in the
+(``jaxllm.engine.spec_decode.eagle.draft``). The head is written as safetensors + config.json in the
 NVIDIA / EAGLE layout (``midlayer.*``, ``LlamaForCausalLMEagle3``), then served by the engine
 over held-out questions: the report gives the acceptance length (tokens per verifying step)
 and checks the outputs against the target's without speculation.
@@ -40,8 +40,8 @@ from train_tiny import batch_layout, batches, fit, make_split, question  # noqa:
 import jaxllm  # noqa: E402
 from jaxllm.config import rope_inverse_frequencies  # noqa: E402
 from jaxllm.kv_cache import init_kv_cache  # noqa: E402
-from jaxllm.model import embed_lookup  # noqa: E402
-from jaxllm.models.eagle3 import Eagle3Config, Eagle3Head, apply_rope_halves  # noqa: E402
+from jaxllm.model.eagle3 import Eagle3Config, Eagle3Head, apply_rope_halves  # noqa: E402
+from jaxllm.model.llama4 import embed_lookup  # noqa: E402
 
 AUX = [1, 2, 3]
 SEQ_LEN = 24
@@ -111,7 +111,7 @@ def head_passes(head: Eagle3Head, embed: jax.Array, features: jax.Array, tokens:
     return out
 
 
-def train(target: jaxllm.api.Model, tokenizer, pairs: np.ndarray, args) -> Eagle3Head:
+def train(target: jaxllm.runtime.handle.Model, tokenizer, pairs: np.ndarray, args) -> Eagle3Head:
     config = Eagle3Config.from_hf(head_config(target.config, args.intermediate))
     head = Eagle3Head(config, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
     graphdef, params = nnx.split(head)
@@ -183,8 +183,8 @@ def acceptance(target_dir: Path, head_dir: Path, pairs: np.ndarray, k: int) -> d
     """The head in the engine over chat questions about ``pairs``: acceptance length, and
     whether every answer equals the target's greedy answer without speculation."""
     from jaxllm.engine import Engine
+    from jaxllm.engine.spec_decode.config import SpeculativeConfig
     from jaxllm.serve.tokenizer import TextCodec
-    from jaxllm.spec.config import SpeculativeConfig
 
     model = jaxllm.load_model(target_dir, max_model_len=64)
     codec = TextCodec.from_dir(target_dir)

@@ -30,7 +30,6 @@ import optax
 from flax import nnx
 
 import jaxllm
-from jaxllm import checkpoint
 from jaxllm.config import Llama4Config
 from jaxllm.kv_cache import CacheConfig, init_kv_cache
 from jaxllm.layout import (
@@ -40,7 +39,8 @@ from jaxllm.layout import (
     contiguous_pages,
     pages_for,
 )
-from jaxllm.model import Llama4
+from jaxllm.model.llama4 import Llama4
+from jaxllm.weights import checkpoint
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARS = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]

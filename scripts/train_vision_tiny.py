@@ -40,8 +40,8 @@ import train_tiny  # noqa: E402  (the text model's tokenizer, data and training 
 import jaxllm  # noqa: E402
 from jaxllm.config import Llama4Config  # noqa: E402
 from jaxllm.kv_cache import init_kv_cache  # noqa: E402
-from jaxllm.model import Llama4  # noqa: E402
-from jaxllm.models.vision import ImageEmbeds  # noqa: E402
+from jaxllm.model.llama4 import Llama4  # noqa: E402
+from jaxllm.model.vision import ImageEmbeds  # noqa: E402
 from jaxllm.multimodal.processor import ProcessorConfig, process_image  # noqa: E402
 from jaxllm.multimodal.prompt import SPECIAL_NAMES, ImageTokens, expand_prompt  # noqa: E402
 

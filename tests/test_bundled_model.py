@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import openai
@@ -11,12 +10,11 @@ import pytest
 from PIL import Image
 
 import jaxllm
-from jaxllm import testing
 from jaxllm.multimodal.processor import ProcessorConfig
 from jaxllm.multimodal.prompt import ImageTokens
 from jaxllm.serve.tokenizer import TextCodec
+from tests.support import REPO, servers
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "checkpoints" / "tiny-llama4"
 
 
@@ -130,7 +128,7 @@ def test_readme_picture_is_answered_as_the_readme_says():
 
 @pytest.fixture(scope="module")
 def default_server():
-    with testing.serving([], cwd=REPO) as base:  # no arguments: the bundled model
+    with servers.serving([], cwd=REPO) as base:  # no arguments: the bundled model
         yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
 
 
@@ -162,7 +160,7 @@ def _served_sums_right(flags: list[str], pairs) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     train = _training_script()
-    with testing.serving(flags, cwd=REPO) as base:
+    with servers.serving(flags, cwd=REPO) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
 
         def ask(pair):
@@ -184,7 +182,7 @@ def sums():
 
 
 # Every scheme is slow (a minute each on CI's cores, with the unquantized reference's
-# server): int4 and fp8 equal HF's quantized references in tests/jaxllm/models/test_quant.py.
+# server): int4 and fp8 equal HF's quantized references in tests/jaxllm/model/test_quant.py.
 @pytest.mark.parametrize("flags", [
     pytest.param(["--quantization", "int4"], marks=pytest.mark.slow),
     pytest.param(["--quantization", "fp8"], marks=pytest.mark.slow),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
+
 PACKAGES = ("jaxllm", "pallas_kernels")
 TEST_ONLY = {"torch", "transformers", "pytest", "hypothesis"}
 MAX_LINES = 600

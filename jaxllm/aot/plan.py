@@ -39,15 +39,15 @@ def dry_run(args: argparse.Namespace) -> list[str]:
     """The start-up report of ``python -m jaxllm.serve`` for ``args.target`` GPUs."""
     import jax.numpy as jnp
 
-    from jaxllm.aot.cases import abstract_params, abstract_step
+    from jaxllm.aot.abstract import abstract_params, abstract_step
     from jaxllm.aot.target import TARGETS, abstract, compile_for, gpu_mesh
-    from jaxllm.loading import resolve_dtype
     from jaxllm.sharding import MESH_AXES
+    from jaxllm.weights.loading import resolve_dtype
 
     if args.target not in TARGETS:
         raise ValueError(f"--target {args.target}: expected one of {sorted(TARGETS)}")
-    from jaxllm.loading import kv_cache_dtype_of
-    from jaxllm.models.quant import QuantConfig
+    from jaxllm.model.quant import QuantConfig
+    from jaxllm.weights.loading import kv_cache_dtype_of
 
     config = Llama4Config.from_hf(Path(args.model))
     dtype = resolve_dtype(args.dtype or "bfloat16")
@@ -67,8 +67,8 @@ def dry_run(args: argparse.Namespace) -> list[str]:
     # EAGLE-3 head's weights and its KV in every page.
     num_speculative, drafter, head_bytes, head_line = 0, None, {}, []
     if args.speculative_config is not None:
-        from jaxllm.spec.config import SpeculativeConfig
-        from jaxllm.spec.eagle import abstract_drafter
+        from jaxllm.engine.spec_decode.config import SpeculativeConfig
+        from jaxllm.engine.spec_decode.eagle import abstract_drafter
 
         spec = SpeculativeConfig.from_json(args.speculative_config)
         num_speculative = spec.num_speculative_tokens

@@ -23,8 +23,8 @@ from jaxllm.engine.step import MASKED_DRAFTERS, StepInputs
 from jaxllm.kv_cache import NULL_PAGE
 from jaxllm.layout import SeqPiece, build_step, lay_out_step
 from jaxllm.multimodal.feeder import PieceImages, step_features
-from jaxllm.penalties import PenaltyRows, no_rows
-from jaxllm.sampling import GREEDY, SamplingArrays, SamplingParams, seed_words
+from jaxllm.sample.penalties import PenaltyRows, no_rows
+from jaxllm.sample.sampling import GREEDY, SamplingArrays, SamplingParams, seed_words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +243,7 @@ def _pieces(plan: StepPlan) -> list[SeqPiece]:
 
 def penalty_rows(plan: StepPlan, positions: np.ndarray, starts: np.ndarray, num_rows: int,
                  slots: int, num_penalty_slots: int) -> PenaltyRows:
-    """Which penalty slots a step records into and reads (``jaxllm.penalties``): a penalized
+    """Which penalty slots a step records into and reads (``jaxllm.sample.penalties``): a penalized
     slot's is its batch row (checked in ``[0, num_penalty_slots)``), a piece from position 0
     (its first, or a recompute after a preemption) resets it first; rows from the prompt
     length on are output tokens, but a piece's drafts are not recorded (the verifying step

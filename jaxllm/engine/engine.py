@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jaxllm.api import Model
 from jaxllm.engine.batch import InputBatch, SlotPlan, StepPlan, plans_for
 from jaxllm.engine.executor import Executor, agree_on_minimum
 from jaxllm.engine.faults import RecoveryFailed, StepFailed
@@ -34,19 +33,21 @@ from jaxllm.engine.memory import (
     weights_bytes_per_device,
 )
 from jaxllm.engine.pages import PageAllocator
-from jaxllm.engine.request import Request, admit
+from jaxllm.engine.request import Request
 from jaxllm.engine.runner import ModelRunner, PendingStep, encoder_bytes, step_temp_bytes
 from jaxllm.engine.scheduler import Scheduled, Scheduler
-from jaxllm.engine.speculation import Speculator
+from jaxllm.engine.spec_decode.config import SpeculativeConfig
+from jaxllm.engine.spec_decode.eagle import EagleDrafter
+from jaxllm.engine.spec_decode.speculator import Speculator
 from jaxllm.engine.step import Emitted, Sampled, Scored
 from jaxllm.layout import SeqPiece, pages_for
 from jaxllm.multimodal.feeder import MAX_IMAGE_TILES, ImageFeeder, PieceImages, request_images
-from jaxllm.sampling import SamplingParams
-from jaxllm.spec.config import SpeculativeConfig
-from jaxllm.spec.eagle import EagleDrafter
+from jaxllm.runtime.admission import admit
+from jaxllm.runtime.handle import Model
+from jaxllm.sample.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from jaxllm.structured import GrammarCompiler
+    from jaxllm.sample.grammar import GrammarCompiler
 
 log = logging.getLogger("jaxllm.engine")
 
@@ -119,8 +120,9 @@ class Engine:
     engine (the same plan: the smallest any process makes); process 0 steps it and the others
     ``executor.follow()`` (``jaxllm.engine.executor``), each step bounded by ``step_timeout``.
     With ``speculative``, decode pieces bring drafts that the step verifies
-    (``jaxllm.engine.speculation``): n-gram drafts, or (method eagle3) the drafts an EAGLE-3
-    head made in the step before (``jaxllm.spec.eagle.EagleDrafter``).
+    (``jaxllm.engine.spec_decode.speculator``): n-gram drafts, or (method eagle3) the drafts an
+    EAGLE-3
+    head made in the step before (``jaxllm.engine.spec_decode.eagle.EagleDrafter``).
     """
 
     def __init__(self, model: Model, *, num_pages: int | None = None,
@@ -417,7 +419,7 @@ class Engine:
     def _token_masks(self, scheduled: Sequence[Scheduled]
                      ) -> tuple[dict[int, np.ndarray] | None, dict[int, np.ndarray] | None]:
         """The allowed tokens of each constrained sequence that picks a token this step
-        (``jaxllm.structured``), and of those that draft at their positions past the first,
+        (``jaxllm.sample.grammar``), and of those that draft at their positions past the first,
         keyed by index in the step (``InputBatch.inputs``)."""
         constrained = [(i, s) for i, s in enumerate(scheduled)
                        if s.samples and s.request.matcher is not None]

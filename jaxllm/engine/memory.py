@@ -1,7 +1,7 @@
 """Sizing the KV cache from a memory budget (vLLM's flags), and the start-up report.
 
 The pool gets what is left of the budget after the weights, the sampler's penalty state
-(``jaxllm.penalties``: ``max_num_seqs`` x vocabulary, fixed) and the largest step's temporary
+(``jaxllm.sample.penalties``: ``max_num_seqs`` x vocabulary, fixed) and the largest step's temporary
 memory (read from the compiled step, not guessed); a page costs ``CacheConfig.bytes_per_page``.
 A sequence of L tokens needs ``pages_for(L)`` pages in each global layer group and, in each
 chunked group, at most the pages one chunk plus one step can span.
@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxllm.api import Model
 from jaxllm.buckets import BucketPolicy
 from jaxllm.config import Llama4Config
 from jaxllm.kv_cache import LayerGroups
 from jaxllm.layout import pages_for
-from jaxllm.models.quant import dtype_bits
-from jaxllm.penalties import state_bytes_per_device
+from jaxllm.model.quant import dtype_bits
+from jaxllm.runtime.handle import Model
+from jaxllm.sample.penalties import state_bytes_per_device
 from jaxllm.sharding import padded_vocab_size
 
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of a GPU

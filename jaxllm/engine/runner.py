@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from jaxllm.api import Model
 from jaxllm.buckets import BucketPolicy
 from jaxllm.engine.step import (
     Emitted,
@@ -30,12 +29,13 @@ from jaxllm.engine.step import (
 from jaxllm.kv_cache import init_kv_cache, kv_cache_sharding
 from jaxllm.layout import SeqPiece, build_step
 from jaxllm.multimodal.feeder import feature_words
-from jaxllm.penalties import PenaltyState, init_state, state_sharding
-from jaxllm.sampling import mask_words
+from jaxllm.runtime.handle import Model
+from jaxllm.sample.penalties import PenaltyState, init_state, state_sharding
+from jaxllm.sample.sampling import mask_words
 from jaxllm.sharding import to_host
 
 if TYPE_CHECKING:
-    from jaxllm.spec.eagle import EagleDrafter
+    from jaxllm.engine.spec_decode.eagle import EagleDrafter
 
 
 @dataclasses.dataclass
@@ -63,7 +63,7 @@ class PendingStep:
 
 
 class ModelRunner:
-    """Holds the paged KV cache, the sampler's penalty state (``jaxllm.penalties``, one slot
+    """Holds the paged KV cache, the sampler's penalty state (``jaxllm.sample.penalties``, one slot
     per batch row) and the last step's picks, and runs steps on them."""
 
     def __init__(self, model: Model, policy: BucketPolicy, num_speculative: int = 0,

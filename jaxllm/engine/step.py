@@ -27,10 +27,10 @@ from jax.sharding import Mesh
 
 from jaxllm.kv_cache import LayerGroups
 from jaxllm.layout import AttentionMetadata
-from jaxllm.models.vision import ImageEmbeds
+from jaxllm.model.vision import ImageEmbeds
 from jaxllm.multimodal.feeder import unpack_features
-from jaxllm.penalties import PenaltyRows, PenaltyState, no_rows, penalize
-from jaxllm.sampling import (
+from jaxllm.sample.penalties import PenaltyRows, PenaltyState, no_rows, penalize
+from jaxllm.sample.sampling import (
     GREEDY,
     SamplingArrays,
     adjust_logits,
@@ -38,10 +38,10 @@ from jaxllm.sampling import (
     sample,
     seed_keys,
 )
-from jaxllm.spec.verify_step import verify_pick
+from jaxllm.sample.verify_step import verify_pick
 
 if TYPE_CHECKING:
-    from jaxllm.spec.eagle import EagleDrafter
+    from jaxllm.engine.spec_decode.eagle import EagleDrafter
 
 TOP_LOGPROBS = 20  # the most the OpenAI API asks for
 # Constrained sequences (structured outputs) that one verifying step takes drafts from: their
@@ -66,11 +66,11 @@ class StepInputs(NamedTuple):
     steps: np.ndarray  # [S] int32: the index of the token each sequence picks
     penalty_rows: PenaltyRows  # which penalty slots this step records into and reads
     # [S, ceil(V / 32)] int32: each row's allowed tokens as bits (structured outputs; all
-    # ones: unconstrained), ``jaxllm.sampling.apply_token_mask``.
+    # ones: unconstrained), ``jaxllm.sample.sampling.apply_token_mask``.
     token_mask: np.ndarray
     targets: np.ndarray  # [T] int32: the token after row t to score (prompt_logprobs); -1
-    # Speculative decoding (``jaxllm.spec``), k drafts a sequence at most (k = 0 without):
-    # a speculating sequence's piece ends in its last token and its drafts.
+    # Speculative decoding (``jaxllm.engine.spec_decode``), k drafts a sequence at most (k = 0
+    # without): a speculating sequence's piece ends in its last token and its drafts.
     draft_tokens: np.ndarray  # [S, k] int32: the drafts, -1 past num_drafts
     num_drafts: np.ndarray  # [S] int32: 0 for a sequence that does not speculate this step
     # [S, k + 1] int32: the flat row scored at each position (the last token's row, then each
@@ -83,7 +83,7 @@ class StepInputs(NamedTuple):
     draft_mask_index: np.ndarray
     # [S] int32: the token after a slot's last row when the host knows it (a prompt chunk
     # short of the prompt's end), else -1 (the step picks it). An EAGLE-3 head pairs each
-    # row with the token after it (``jaxllm.spec.eagle``).
+    # row with the token after it (``jaxllm.engine.spec_decode.eagle``).
     next_tokens: np.ndarray
     # Images (``jaxllm.multimodal.feeder``): the feature row each flat row takes in place of
     # its text embedding (-1: none), and the step's features as 4-byte words ([0, W] in a
@@ -153,7 +153,7 @@ class Sampled(NamedTuple):
 
 class Emitted(NamedTuple):
     """A verifying step's picks, per sequence: the accepted drafts and the token after them
-    (``jaxllm.spec.verify``), each with its log-probability and the top alternatives."""
+    (``jaxllm.sample.verify``), each with its log-probability and the top alternatives."""
 
     tokens: np.ndarray  # [S, k + 1] int32: num_accepted + 1 tokens, then -1
     logprobs: np.ndarray  # [S, k + 1] float32 (0 past the emitted tokens)

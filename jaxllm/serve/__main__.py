@@ -116,9 +116,9 @@ def build_engine(args: argparse.Namespace) -> Engine:
     import jax
 
     import jaxllm
-    from jaxllm import compile_cache
     from jaxllm.engine import Engine
-    from jaxllm.spec.config import SpeculativeConfig
+    from jaxllm.engine.spec_decode.config import SpeculativeConfig
+    from jaxllm.runtime import compile_cache
 
     speculative = (None if args.speculative_config is None
                    else SpeculativeConfig.from_json(args.speculative_config))
@@ -155,12 +155,12 @@ def build_state(args: argparse.Namespace) -> ServerState:
     """The leader's server state: the engine, warmed up, behind the async front."""
     import time
 
-    from jaxllm import compile_cache
+    from jaxllm.runtime import compile_cache
+    from jaxllm.sample.grammar import GrammarCompiler
     from jaxllm.serve.app import ServerState
     from jaxllm.serve.async_engine import AsyncEngine
     from jaxllm.serve.metrics import Metrics
     from jaxllm.serve.tokenizer import TextCodec
-    from jaxllm.structured import GrammarCompiler
 
     image_input(args, None)  # bad media flags fail before the engine is built
     start = time.perf_counter()
@@ -220,7 +220,7 @@ def follow(args: argparse.Namespace) -> int:
 
     import jax
 
-    from jaxllm import distributed
+    from jaxllm.runtime import distributed
 
     # Ctrl-C reaches every process of a terminal's group: the leader's stop ends this one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import uvicorn
 
-    from jaxllm import distributed
+    from jaxllm.runtime import distributed
     from jaxllm.serve.app import build_app
 
     try:

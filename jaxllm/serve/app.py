@@ -27,16 +27,7 @@ from jaxllm.serve.choice import Choice, token_text_fn
 from jaxllm.serve.guards import Guards
 from jaxllm.serve.images import ImageInput, MediaError
 from jaxllm.serve.metrics import Metrics
-from jaxllm.serve.protocol import (
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
-    _Sampling,
-    error_body,
-)
-from jaxllm.serve.responses import (
+from jaxllm.serve.openapi import (
     ChatCompletionResponse,
     CompletionResponse,
     DetokenizeResponse,
@@ -44,6 +35,15 @@ from jaxllm.serve.responses import (
     ModelList,
     TokenizeResponse,
     VersionResponse,
+)
+from jaxllm.serve.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingRequest,
+    TokenizeRequest,
+    error_body,
 )
 from jaxllm.serve.shaping import ChatShaping, CompletionShaping, Shaping
 from jaxllm.serve.streaming import stream_events
@@ -319,7 +319,7 @@ async def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
     return out
 
 
-def _prepare(state: ServerState, req: _Sampling, prompts: list[list[int]],
+def _prepare(state: ServerState, req: SamplingRequest, prompts: list[list[int]],
              images: list | None = None) -> list[Choice]:
     """Every choice's engine request, all checked before any is submitted; ``images`` are
     the (one) prompt's."""
@@ -367,7 +367,7 @@ async def _run_choice(state: ServerState, choice: Choice) -> AsyncIterator[None]
                                 inter_token=choice.inter_token, queued=choice.queued_seconds)
 
 
-async def _serve(state: ServerState, req: _Sampling, prompts: list[list[int]], raw: Request,
+async def _serve(state: ServerState, req: SamplingRequest, prompts: list[list[int]], raw: Request,
                  shaping: Shaping, images: list | None = None):
     state.engine.check_serving()  # a 503 before a stream's status line, never a hang
     # On a worker thread: compiling a request's grammar (structured outputs) can take a while.

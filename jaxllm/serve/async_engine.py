@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 
 from jaxllm.engine import Engine, Request, RequestOutput, StepFailed
-from jaxllm.sampling import SamplingParams
+from jaxllm.sample.sampling import SamplingParams
 
 log = logging.getLogger("jaxllm.serve")
 

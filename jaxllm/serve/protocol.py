@@ -1,5 +1,5 @@
 """OpenAI-compatible request models and the error body, in one place (the response models,
-which only the OpenAPI schema uses, are ``jaxllm.serve.responses``).
+which only the OpenAPI schema uses, are ``jaxllm.serve.openapi``).
 
 Nothing a client sends that would change the output is ignored: a known OpenAI / vLLM
 parameter the server does not implement is refused (a 400 naming it) unless its value leaves
@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from jaxllm.sampling import SamplingParams
+from jaxllm.sample.grammar import ANY_JSON_OBJECT, StructuredOutput
+from jaxllm.sample.sampling import SamplingParams
 from jaxllm.serve.tools import call_schema
-from jaxllm.structured import ANY_JSON_OBJECT, StructuredOutput
 
 log = logging.getLogger("jaxllm.serve")
 
@@ -120,7 +120,7 @@ class StructuredOutputsParams(BaseModel):
         return found
 
 
-class _Sampling(BaseModel):
+class SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="allow")  # checked whole by _check_extras
@@ -151,7 +151,7 @@ class _Sampling(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    # Penalties with vLLM's semantics (``jaxllm.sampling.SamplingParams``); null = off.
+    # Penalties with vLLM's semantics (``jaxllm.sample.sampling.SamplingParams``); null = off.
     presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=1.0, gt=0.0, allow_inf_nan=False)  # vLLM's
@@ -258,7 +258,7 @@ class _Sampling(BaseModel):
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
@@ -392,7 +392,7 @@ class NamedToolChoice(BaseModel):
     function: ChosenFunction
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)

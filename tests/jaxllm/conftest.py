@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxllm import testing as hf_models
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO, hf_models
 
 
 def run_converter(hf_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -82,11 +80,11 @@ def random_model(attention_impl: str | None = "xla", *, max_model_len: int = 32,
     import numpy as np
     from flax import nnx
 
-    from jaxllm.api import Model
     from jaxllm.buckets import BucketPolicy
     from jaxllm.config import Llama4Config
     from jaxllm.kv_cache import CacheConfig
-    from jaxllm.loading import abstract_model
+    from jaxllm.runtime.handle import Model
+    from jaxllm.weights.loading import abstract_model
 
     config = Llama4Config.from_hf(dict(hf_models.SCOUT_LIKE, num_hidden_layers=1,
                                        model_type="llama4_text"))

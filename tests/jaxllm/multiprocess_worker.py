@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from jaxllm import distributed
+from jaxllm.runtime import distributed
 
 distributed.initialize()
 

@@ -9,8 +9,8 @@ import re
 import pytest
 from transformers import Llama4TextConfig
 
-from jaxllm import testing as hf_models
 from jaxllm.config import Llama4Config, RopeScaling, rope_inverse_frequencies
+from tests.support import hf_models
 
 
 def _text_dict(**overrides) -> dict:

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import testing as hf_models
 from jaxllm.config import Llama4Config
 from jaxllm.kv_cache import (
     CacheConfig,
@@ -17,6 +16,7 @@ from jaxllm.kv_cache import (
     write_kv_pages,
 )
 from jaxllm.sharding import make_mesh
+from tests.support import hf_models
 
 
 def _config() -> Llama4Config:
@@ -105,7 +105,7 @@ def test_fp8_kv_cache_through_the_model_and_the_engine(tiny_model):
     import jaxllm
     from jaxllm import SamplingParams
     from jaxllm.engine import Engine
-    from jaxllm.loading import kv_cache_dtype_of
+    from jaxllm.weights.loading import kv_cache_dtype_of
 
     hf, _, path = tiny_model("scout_unit_logits")
     ids = np.random.default_rng(0).integers(0, 333, (2, 40)).tolist()

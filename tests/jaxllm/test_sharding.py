@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +14,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxllm
-from jaxllm import testing as hf_models
 from jaxllm.sharding import make_mesh, padded_vocab_size
+from tests.support import REPO, hf_models
 
-REPO = Path(__file__).resolve().parents[2]
 V = hf_models.BASE["vocab_size"]  # 333: not divisible by 2, 4 or 8
 # expert=8 does not divide the 4 experts: they are replicated over that axis, and still right.
 MESHES = [dict(model=8), dict(data=2, model=4), dict(expert=2, model=4), dict(data=8),

@@ -15,7 +15,7 @@ import jaxllm
 from jaxllm import SamplingParams
 from jaxllm.engine import Engine, StepFailed
 from jaxllm.engine.faults import Fault, FaultInjector
-from jaxllm.structured import GrammarCompiler, StructuredOutput
+from jaxllm.sample.grammar import GrammarCompiler, StructuredOutput
 from tests.jaxllm.engine.test_engine import _prompts, hf_greedy
 from tests.jaxllm.engine.test_engine_penalties import hf_penalised_greedy
 

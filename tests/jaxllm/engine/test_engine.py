@@ -9,7 +9,7 @@ import torch
 import jaxllm
 from jaxllm import ContextLengthError, SamplingParams
 from jaxllm.engine import Engine
-from jaxllm.testing import count_compilations
+from tests.support.compiles import count_compilations
 
 GREEDY_20 = SamplingParams(temperature=0.0, max_tokens=20)
 
@@ -125,7 +125,7 @@ def test_no_compilation_after_warmup(scout):
 def test_every_layer_reads_the_one_page_size(scout, monkeypatch):
     """Pages of 8 tokens (the default is 16): the cache, the allocator, the step builder and
     the attention call all see 8, because all of them read the engine's one configuration."""
-    from jaxllm import attention
+    from jaxllm.model import attention
 
     hf, model = scout
     assert model.bucket_policy.page_size == 8 != jaxllm.CacheConfig().page_size

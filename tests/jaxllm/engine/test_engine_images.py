@@ -12,11 +12,11 @@ import torch
 
 import jaxllm
 from jaxllm import SamplingParams
-from jaxllm import testing as hf_models
 from jaxllm.engine import Engine
 from jaxllm.multimodal.prompt import ImageTokens, expand_prompt
 from jaxllm.sharding import make_mesh
-from jaxllm.testing import count_compilations
+from tests.support import hf_models
+from tests.support.compiles import count_compilations
 
 TOKENS = ImageTokens.from_vocab(hf_models.TINY_IMAGE_TOKENS.get)
 TOKENS_PER_TILE = 4  # TINY_VISION: 4 x 4 patches, pixel shuffle 0.5
@@ -183,7 +183,7 @@ def test_speculation_beside_image_prefills_compiles_nothing_after_warmup(multimo
     """n-gram drafts while image prompts are prefilled in chunks: a step that takes image
     features verifies no drafts (so no verifying program has an image variant), the others
     do; outputs equal HF's and nothing compiles after warm-up."""
-    from jaxllm.spec.config import SpeculativeConfig
+    from jaxllm.engine.spec_decode.config import SpeculativeConfig
 
     hf, model = multimodal
     engine = Engine(model, max_num_batched_tokens=32, speculative=SpeculativeConfig(

@@ -11,7 +11,7 @@ import jaxllm
 from jaxllm import SamplingParams
 from jaxllm.engine import Engine
 from jaxllm.sharding import make_mesh
-from jaxllm.testing import count_compilations
+from tests.support.compiles import count_compilations
 
 from .test_engine import _prompts, hf_greedy
 

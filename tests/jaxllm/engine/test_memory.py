@@ -5,7 +5,7 @@ their scales, names the scheme per parameter group, and the deployments the issu
 The step's temporary memory is what the compiled step needs (``STEP_TEMP``): the widest step
 these plans run (8192 rows, 8 sequences) of each deployment, compiled for H100s without one
 (``JAX_PLATFORMS=cpu .venv312/bin/python scripts/compile_gpu.py --only "plan step"``, cases
-``jaxllm.aot.cases.plan_cases``, jax 0.11.2, 2026-12-03; BENCHMARKS.md), read from its
+``tests.support.compile_cases.plan_cases``, jax 0.11.2, 2026-12-03; BENCHMARKS.md), read from its
 ``memory_analysis``. The compile has 4 layers: a step's temporaries do not grow with its
 layers (Scout int4: 788 MiB at 4 layers, 789 MiB at 8), so the 48-layer step needs the same;
 1 MiB of margin per deployment covers that difference. A real ``--dry-run`` compiles the
@@ -17,7 +17,7 @@ import dataclasses
 
 import pytest
 
-from jaxllm.aot.cases import abstract_params, scout_config
+from jaxllm.aot.abstract import abstract_params, scout_config
 from jaxllm.aot.plan import target_memory_bytes
 from jaxllm.buckets import GPU_MAX_NUM_BATCHED_TOKENS, BucketPolicy
 from jaxllm.engine.memory import (
@@ -28,9 +28,9 @@ from jaxllm.engine.memory import (
     weights_bytes_per_device,
 )
 from jaxllm.kv_cache import CacheConfig
-from jaxllm.loading import kv_cache_dtype_of
-from jaxllm.models.quant import QuantConfig
+from jaxllm.model.quant import QuantConfig
 from jaxllm.sharding import make_mesh
+from jaxllm.weights.loading import kv_cache_dtype_of
 
 GIB = 2**30
 MIB = 2**20

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 import jaxllm
-from jaxllm import testing as hf_models
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.layout import SeqPiece
+from tests.support import hf_models
 
 REL_TOL = 1e-4
 

@@ -11,7 +11,7 @@ from jaxllm.engine.pages import PageAllocator
 from jaxllm.engine.request import Request, Status
 from jaxllm.engine.scheduler import Scheduler
 from jaxllm.kv_cache import CacheConfig
-from jaxllm.sampling import SamplingParams
+from jaxllm.sample.sampling import SamplingParams
 
 
 def _scheduler(*, page_size: int = 4, num_pages: int = 32, max_num_seqs: int = 4,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from jaxllm.engine.engine import RequestOutput, TokenLogprob
 from jaxllm.engine.request import Request
-from jaxllm.sampling import SamplingParams
+from jaxllm.sample.sampling import SamplingParams
 
 
 class ByteCodec:

@@ -15,10 +15,10 @@ import optax
 from flax import nnx
 
 import jaxllm
-from jaxllm import checkpoint
 from jaxllm.kv_cache import CacheConfig, init_kv_cache
 from jaxllm.layout import SeqPiece, build_step, contiguous_num_pages, contiguous_pages, pages_for
 from jaxllm.serve.tokenizer import TextCodec
+from jaxllm.weights import checkpoint
 
 PAGE = 16
 

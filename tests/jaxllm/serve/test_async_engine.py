@@ -13,7 +13,7 @@ import pytest
 from jaxllm.engine import RecoveryFailed, StepFailed
 from jaxllm.engine.engine import RequestOutput
 from jaxllm.engine.request import Request
-from jaxllm.sampling import SamplingParams
+from jaxllm.sample.sampling import SamplingParams
 from jaxllm.serve.async_engine import AsyncEngine, EngineDead, EngineError
 
 WAIT = 10  # seconds before a test that would hang fails instead

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from jaxllm import testing as hf_models
 from tests.jaxllm.conftest import run_converter
+from tests.support import REPO, hf_models, servers
 
-REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
 
 
@@ -26,7 +25,7 @@ def test_schemathesis_finds_no_server_error_and_no_answer_off_the_schema(tmp_pat
     checks = ("not_a_server_error,response_schema_conformance,status_code_conformance,"
               "content_type_conformance")
     har = tmp_path / "run.har"
-    with hf_models.serving(["--max-model-len", "128", "--max-num-seqs", "4"], cwd=REPO) as base:
+    with servers.serving(["--max-model-len", "128", "--max-num-seqs", "4"], cwd=REPO) as base:
         run = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json",
              "--checks", checks, "--max-examples", "25", "--seed", "1", "--no-color",
@@ -93,7 +92,7 @@ def test_lm_eval_loglikelihoods_equal_hf(tmp_path, monkeypatch, tokenized):
     task = _write_task(tmp_path)
     args = ["--model", str(ckpt), "--max-model-len", "64", "--max-num-seqs", "4",
             "--block-size", "8"]
-    with hf_models.serving(args) as base:
+    with servers.serving(args) as base:
         results = evaluator.simple_evaluate(
             model="local-completions",
             model_args=f"model=tiny,base_url={base}/v1/completions,tokenizer={hf_dir},"

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from jaxllm import testing as hf_models
 from jaxllm.multimodal.media import MediaLimits, decode_image
 from jaxllm.multimodal.processor import ProcessorConfig, process_image
 from jaxllm.multimodal.prompt import ImageTokens, expand_prompt
 from tests.jaxllm.conftest import run_converter
+from tests.support import hf_models, servers
 
 SERVE = ["--max-model-len", "96", "--max-num-seqs", "4", "--block-size", "8",
          "--limit-mm-per-prompt", "image=2", "--max-image-bytes", "100000",
@@ -36,7 +36,7 @@ def served(tmp_path_factory):
     hf_models.save_word_tokenizer(hf_dir, hf_models.BASE["vocab_size"], images=True)
     ckpt = root / "mm"
     assert run_converter(hf_dir, ckpt, "--dtype", "float32").returncode == 0
-    with hf_models.serving(["--model", str(ckpt), *SERVE]) as url:
+    with servers.serving(["--model", str(ckpt), *SERVE]) as url:
         yield hf, Tokenizer.from_file(str(ckpt / "tokenizer.json")), url
 
 
@@ -145,7 +145,7 @@ def test_completion_with_multi_modal_data_equals_hf(served):
 
 def test_a_text_only_checkpoint_refuses_images(tiny_model):
     _, _, path = tiny_model("scout")
-    with hf_models.serving(["--model", str(path), *SERVE]) as url:
+    with servers.serving(["--model", str(path), *SERVE]) as url:
         r = httpx.post(f"{url}/v1/completions", timeout=60, json={
             "prompt": [1, 20, 324], "max_tokens": 2, "multi_modal_data": {"image": GOOD_PNG}})
         assert r.status_code == 400 and r.json()["object"] == "error"

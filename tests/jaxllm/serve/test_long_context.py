@@ -10,9 +10,9 @@ import psutil
 import pytest
 import torch
 
-from jaxllm import testing as hf_models
-from jaxllm.testing import free_port, wait_healthy
 from tests.jaxllm.conftest import run_converter
+from tests.support import hf_models
+from tests.support.servers import free_port, wait_healthy
 
 
 def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:

@@ -13,7 +13,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -22,9 +21,8 @@ import openai
 import psutil
 import pytest
 
-from jaxllm import testing as hf_models
+from tests.support import REPO, servers
 
-REPO = Path(__file__).resolve().parents[3]
 MODEL = REPO / "checkpoints" / "tiny-llama4"
 MAX_LEN = 64
 ARGS = ["--model", str(MODEL), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "2",
@@ -43,7 +41,7 @@ def args(tmp_path_factory) -> list[str]:
 def launched(args: list[str], timeout: float = 600):
     """``scripts/launch.py`` running the server as 2 processes x 4 CPU devices until /health
     answers; yields (base URL, the launcher process, a function returning its log's end)."""
-    port = hf_models.free_port()
+    port = servers.free_port()
     cmd = [sys.executable, str(REPO / "scripts" / "launch.py"), "--num-processes", "2",
            "--cpu-devices-per-process", "4", "--grace", "60", "--", sys.executable, "-m",
            "jaxllm.serve", *args, "--port", str(port)]
@@ -55,7 +53,7 @@ def launched(args: list[str], timeout: float = 600):
         return log.read()[-6000:]
 
     try:
-        hf_models.wait_healthy(proc, port, timeout, log=read_log)
+        servers.wait_healthy(proc, port, timeout, log=read_log)
         yield f"http://127.0.0.1:{port}", proc, read_log
     finally:
         if proc.poll() is None:
@@ -135,7 +133,7 @@ MESHES = {"model=8": ["--tensor-parallel-size", "8"],
 def test_two_processes_answer_like_one(args, mesh):
     # The reference runs without async scheduling, the two processes with it (the default):
     # the answers are the same either way.
-    with hf_models.serving([*args, *MESHES[mesh], "--no-async-scheduling"], cwd=REPO) as base:
+    with servers.serving([*args, *MESHES[mesh], "--no-async-scheduling"], cwd=REPO) as base:
         expected = _answers(_client(base))
         expected_hits = _prefix_cache_hits(base)
     with launched([*args, *MESHES[mesh]]) as (base, launcher, read_log):
@@ -238,7 +236,7 @@ def test_two_processes_speculating_answer_like_one_without(args, method):
         out["repeated"] = [(c.logprobs.tokens, c.finish_reason) for c in repeated.choices]
         return out
 
-    with hf_models.serving([*args, "--no-async-scheduling"], cwd=REPO) as base:
+    with servers.serving([*args, "--no-async-scheduling"], cwd=REPO) as base:
         expected = answers(_client(base))
     flags = [*args, *MESHES["model=8"], "--speculative-config", json.dumps(SPECULATIVE[method])]
     with launched(flags) as (base, launcher, read_log):

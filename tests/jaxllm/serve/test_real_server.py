@@ -12,16 +12,15 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
 from jaxllm.serve.app import DEFAULT_MAX_REQUEST_BYTES
-from jaxllm.testing import free_port, wait_healthy
+from tests.support import REPO
+from tests.support.servers import free_port, wait_healthy
 
-REPO = Path(__file__).resolve().parents[3]
 MODEL = "tiny-llama4"
 MAX_LEN = 128
 LIMIT = DEFAULT_MAX_REQUEST_BYTES  # the server runs with the default --max-request-bytes

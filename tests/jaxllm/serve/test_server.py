@@ -9,9 +9,9 @@ import openai
 import pytest
 import torch
 
-from jaxllm import testing as hf_models
 from jaxllm.serve.tokenizer import TextCodec
 from tests.jaxllm.conftest import run_converter
+from tests.support import hf_models, servers
 
 KEY = "test-key"
 MAX_LEN = 96
@@ -27,7 +27,7 @@ def server(tmp_path_factory):
     assert run_converter(hf_dir, ckpt, "--dtype", "float32").returncode == 0
     args = ["--model", str(ckpt), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4",
             "--block-size", "8", "--api-key", KEY, "--seed", "0"]
-    with hf_models.serving(args) as base:
+    with servers.serving(args) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
         yield hf, ckpt, base, client
 
@@ -386,6 +386,6 @@ def test_async_scheduling_off_gives_the_same_texts_stop_strings_included(server)
     assert expected[0][0][1] == "stop" and stop not in expected[0][0][0]
     args = ["--model", str(ckpt), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4",
             "--block-size", "8", "--api-key", KEY, "--seed", "0", "--no-async-scheduling"]
-    with hf_models.serving(args) as base:
+    with servers.serving(args) as base:
         sync = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
         assert answers(sync) == expected

@@ -11,12 +11,12 @@ import httpx
 import openai
 import pytest
 
-from jaxllm import testing as hf_models
 from jaxllm.serve.__main__ import main
 from jaxllm.serve.tokenizer import TextCodec
 from tests.jaxllm.conftest import run_converter
-from tests.jaxllm.engine.test_eagle_decode import ALWAYS, write_head
-from tests.jaxllm.engine.test_spec_decode import hf_biased_greedy
+from tests.jaxllm.engine.spec_decode.test_eagle_decode import ALWAYS, write_head
+from tests.jaxllm.engine.spec_decode.test_spec_decode import hf_biased_greedy
+from tests.support import hf_models, servers
 
 MAX_LEN = 96
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
@@ -34,7 +34,7 @@ def server(tmp_path_factory):
     assert run_converter(hf_dir, ckpt, "--dtype", "float32").returncode == 0
     args = ["--model", str(ckpt), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4",
             "--block-size", "8", "--seed", "0", "--speculative-config", json.dumps(SPEC)]
-    with hf_models.serving(args) as base:
+    with servers.serving(args) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
         yield hf, ckpt, base, client
 
@@ -90,7 +90,7 @@ def test_eagle3_greedy_equals_hf_and_the_metrics_count(server, tmp_path):
             "--block-size", "8", "--seed", "0", "--skip-warmup",
             "--speculative-config", json.dumps(spec)]
     codec = TextCodec.from_dir(ckpt)
-    with hf_models.serving(args) as base:
+    with servers.serving(args) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
         before = httpx.get(f"{base}/metrics").text
         for prompt in PROMPTS:

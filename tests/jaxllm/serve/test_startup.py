@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from jaxllm.testing import free_port, wait_healthy
+from tests.support.servers import free_port, wait_healthy
 
 
 def _start(args: list[str]) -> tuple[str, float]:

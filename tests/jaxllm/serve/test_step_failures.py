@@ -13,7 +13,6 @@ import openai
 import pytest
 
 import jaxllm
-from jaxllm import testing as hf_models
 from jaxllm.engine import Engine
 from jaxllm.engine.faults import Fault, FaultInjector
 from jaxllm.serve.app import ServerState, build_app
@@ -21,6 +20,7 @@ from jaxllm.serve.async_engine import AsyncEngine
 from jaxllm.serve.metrics import Metrics
 from jaxllm.serve.tokenizer import TextCodec
 from tests.jaxllm.engine.test_engine import _prompts, hf_greedy
+from tests.support import hf_models
 
 NUM_PAGES = 64  # room for two sequences of max_model_len in every layer group
 MAX_TOKENS = 8

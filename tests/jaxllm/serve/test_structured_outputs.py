@@ -6,24 +6,22 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
-from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
 
-from jaxllm import testing
 from tests.jaxllm.serve.schemas import fifty_schemas
+from tests.support import REPO, servers
 
-REPO = Path(__file__).resolve().parents[3]
 MODEL = "tiny-llama4"
 ASK = [{"role": "user", "content": "Give data"}]
 
 
 @pytest.fixture(scope="module")
 def server():
-    with testing.serving(["--seed", "0"], cwd=REPO) as base:
+    with servers.serving(["--seed", "0"], cwd=REPO) as base:
         yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
 
 
@@ -161,7 +159,7 @@ def test_schemas_validate_beside_speculating_requests(method):
         spec["model"] = str(REPO / "checkpoints" / "tiny-llama4-eagle3")
     schemas = fifty_schemas()[:12]
     sums = [(11, 11), (22, 33), (45, 45), (70, 7), (99, 1), (12, 21)]
-    with testing.serving(["--seed", "0", "--speculative-config", json.dumps(spec)],
+    with servers.serving(["--seed", "0", "--speculative-config", json.dumps(spec)],
                          cwd=REPO) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
 

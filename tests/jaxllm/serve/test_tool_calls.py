@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
 
-from jaxllm import testing
 from jaxllm.serve.tokenizer import TextCodec
 from jaxllm.serve.tools import prompt_messages
 from tests.jaxllm.serve.finetune import finetune
+from tests.support import REPO, servers
 
-BUNDLED = Path(__file__).resolve().parents[3] / "checkpoints" / "tiny-llama4"
+BUNDLED = REPO / "checkpoints" / "tiny-llama4"
 ADD = {"type": "function", "function": {"name": "add", "description": "Adds a and b.",
        "parameters": {"type": "object", "properties": {
            "a": {"type": "integer", "minimum": 0, "maximum": 99},
@@ -66,7 +65,7 @@ def client(tmp_path_factory):
     finetune(base, taught, [(prompt(SUM), CALL), (prompt(HI), "hi")])
     args = ["--model", str(taught), "--served-model-name", "taught", "--max-model-len", "256",
             "--max-num-seqs", "4", "--skip-warmup", "--seed", "0"]
-    with testing.serving(args) as base:
+    with servers.serving(args) as base:
         yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
 
 
