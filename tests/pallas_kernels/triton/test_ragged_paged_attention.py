@@ -129,14 +129,6 @@ CHUNK_EDGES = [(1, C - 1), (1, C), (1, C + 1), (1, 2 * C + 1), (C - 1, C - 1), (
                (C + 1, C + 1), (20, 40), (2 * C + 1, 2 * C + 1), (0, 9), (7, 30), (9, 9)]
 
 
-def test_reference_matches_naive_numpy():
-    batch = make_batch(CHUNK_EDGES, width=16)
-    for chunk_size in (None, C):
-        ref = ragged_paged_attention_reference(*batch.args, chunk_size=chunk_size)
-        np.testing.assert_allclose(np.asarray(ref), naive_attention(batch, chunk_size),
-                                   atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("chunk_size", [None, C])
 @pytest.mark.parametrize("num_kv_splits", [1, 3])
 def test_chunk_edges_mixed_decode_and_prefill(chunk_size, num_kv_splits):
