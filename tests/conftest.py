@@ -1,4 +1,5 @@
-"""Test setup: eight simulated CPU devices, and the `slow` / `gpu` markers."""
+"""Test setup: eight simulated CPU devices, the `slow` / `gpu` markers, and the session's real
+servers (the `server_pool` fixture; starting one any other way fails the test)."""
 
 import os
 
@@ -6,12 +7,46 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from tests.support import REPO  # noqa: E402
+from tests.support.servers import Server, ServerPool, guard_popen  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    subprocess.Popen.__init__ = guard_popen(subprocess.Popen.__init__)
+
+
+@pytest.fixture(scope="session")
+def server_pool(tmp_path_factory) -> ServerPool:
+    """Real ``python -m jaxllm.serve`` processes: shared by every test of the session
+    (``server_pool.shared(flags)``), or a test's own (``server_pool.private(flags,
+    reason=...)``)."""
+    pool = ServerPool(tmp_path_factory.mktemp("servers"))
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def bundled_server(server_pool) -> Server:
+    """``python -m jaxllm.serve`` with no arguments, the README's command: the bundled model,
+    warmed up, shared by every test that asks."""
+    return server_pool.shared([], cwd=REPO)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    pool = ServerPool.last
+    if pool is not None and pool.starts:
+        terminalreporter.write_line(
+            f"real servers: {pool.starts} started for {len(pool.flag_sets)} flag sets "
+            f"({pool.restarts} restarts after eviction)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

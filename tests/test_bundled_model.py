@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
-import openai
 import pytest
 from PIL import Image
 
@@ -13,9 +12,7 @@ import jaxllm
 from jaxllm.multimodal.processor import ProcessorConfig
 from jaxllm.multimodal.prompt import ImageTokens
 from jaxllm.serve.tokenizer import TextCodec
-from tests.support import REPO, servers
-
-BUNDLED = REPO / "checkpoints" / "tiny-llama4"
+from tests.support import BUNDLED, REPO
 
 
 def _training_script(name: str = "train_tiny"):
@@ -126,10 +123,9 @@ def test_readme_picture_is_answered_as_the_readme_says():
     assert vision.answer_pictures(model, codec, [picture], "What colour?") == ["blue"]
 
 
-@pytest.fixture(scope="module")
-def default_server():
-    with servers.serving([], cwd=REPO) as base:  # no arguments: the bundled model
-        yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+@pytest.fixture
+def default_server(bundled_server):
+    return bundled_server.client()
 
 
 def test_serve_out_of_the_box_answers(default_server):
@@ -155,30 +151,29 @@ def test_serve_out_of_the_box_answers_the_readme_picture(default_server):
         assert reply.choices[0].message.content == answer
 
 
-def _served_sums_right(flags: list[str], pairs) -> int:
+def _served_sums_right(pool, flags: list[str], pairs) -> int:
     """Right answers to ``pairs`` from ``python -m jaxllm.serve FLAGS`` (the bundled model)."""
     from concurrent.futures import ThreadPoolExecutor
 
     train = _training_script()
-    with servers.serving(flags, cwd=REPO) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+    client = pool.shared(flags, cwd=REPO).client()
 
-        def ask(pair):
-            a, b = (int(x) for x in pair)
-            reply = client.chat.completions.create(
-                model="tiny-llama4", temperature=0, max_tokens=4,
-                messages=[{"role": "user", "content": train.question(a, b)}])
-            return reply.choices[0].message.content == str(a + b)
+    def ask(pair):
+        a, b = (int(x) for x in pair)
+        reply = client.chat.completions.create(
+            model="tiny-llama4", temperature=0, max_tokens=4,
+            messages=[{"role": "user", "content": train.question(a, b)}])
+        return reply.choices[0].message.content == str(a + b)
 
-        with ThreadPoolExecutor(8) as pool:
-            return sum(pool.map(ask, pairs))
+    with ThreadPoolExecutor(8) as threads:
+        return sum(threads.map(ask, pairs))
 
 
 @pytest.fixture(scope="module")
-def sums():
+def sums(server_pool):
     _, held_out = _training_script().make_split(seed=0, held_out=500)
     pairs = held_out[np.random.default_rng(1).permutation(len(held_out))[:200]]
-    return pairs, _served_sums_right([], pairs)
+    return pairs, _served_sums_right(server_pool, [], pairs)
 
 
 # Every scheme is slow (a minute each on CI's cores, with the unquantized reference's
@@ -189,9 +184,9 @@ def sums():
     pytest.param(["--quantization", "int8"], marks=pytest.mark.slow),
     pytest.param(["--quantization", "fp8", "--kv-cache-dtype", "fp8"], marks=pytest.mark.slow),
 ], ids=" ".join)
-def test_quantized_at_load_adds_as_well_as_unquantized(sums, flags):
+def test_quantized_at_load_adds_as_well_as_unquantized(server_pool, sums, flags):
     """200 held-out sums through the server: within 1 point (2 sums) of the unquantized
     model's score."""
     pairs, baseline = sums
     assert baseline >= 180
-    assert abs(_served_sums_right(flags, pairs) - baseline) <= 2
+    assert abs(_served_sums_right(server_pool, flags, pairs) - baseline) <= 2

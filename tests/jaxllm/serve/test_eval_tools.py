@@ -15,22 +15,23 @@ import pytest
 import torch
 
 from tests.jaxllm.conftest import run_converter
-from tests.support import REPO, hf_models, servers
+from tests.support import hf_models
 
 pytestmark = pytest.mark.slow
 
 
-def test_schemathesis_finds_no_server_error_and_no_answer_off_the_schema(tmp_path):
+def test_schemathesis_finds_no_server_error_and_no_answer_off_the_schema(tmp_path,
+                                                                        bundled_server):
     pytest.importorskip("schemathesis")
     checks = ("not_a_server_error,response_schema_conformance,status_code_conformance,"
               "content_type_conformance")
     har = tmp_path / "run.har"
-    with servers.serving(["--max-model-len", "128", "--max-num-seqs", "4"], cwd=REPO) as base:
-        run = subprocess.run(
-            [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json",
-             "--checks", checks, "--max-examples", "25", "--seed", "1", "--no-color",
-             "--report", "har", "--report-har-path", str(har)],
-            capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache dir there
+    base = bundled_server.url
+    run = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json",
+         "--checks", checks, "--max-examples", "25", "--seed", "1", "--no-color",
+         "--report", "har", "--report-har-path", str(har)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache dir there
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     entries = json.loads(har.read_text())["log"]["entries"]
     statuses = collections.Counter(
@@ -77,29 +78,38 @@ def _hf_loglikelihood(hf, context: list[int], continuation: list[int]) -> float:
 
 
 @pytest.mark.parametrize("tokenized", [True, False])
-def test_lm_eval_loglikelihoods_equal_hf(tmp_path, monkeypatch, tokenized):
+@pytest.fixture(scope="module")
+def scoring_model(tmp_path_factory):
+    """(HF model, its directory, the converted checkpoint): logits of about unit scale."""
+    root = tmp_path_factory.mktemp("scoring")
+    hf = hf_models.make_text_model(hf_models.SCOUT_LIKE, seed=31, scale=0.08)
+    hf_dir = hf_models.save(hf, root / "hf")
+    hf_models.save_word_tokenizer(hf_dir, hf_models.BASE["vocab_size"])
+    ckpt = root / "tiny"
+    assert run_converter(hf_dir, ckpt, "--dtype", "float32").returncode == 0
+    return hf, hf_dir, ckpt
+
+
+def test_lm_eval_loglikelihoods_equal_hf(tmp_path, monkeypatch, tokenized, scoring_model,
+                                         server_pool):
     evaluator = pytest.importorskip("lm_eval.evaluator")
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hf = hf_models.make_text_model(hf_models.SCOUT_LIKE, seed=31, scale=0.08)
-    hf_dir = hf_models.save(hf, tmp_path / "hf")
-    hf_models.save_word_tokenizer(hf_dir, hf_models.BASE["vocab_size"])
-    ckpt = tmp_path / "tiny"
-    assert run_converter(hf_dir, ckpt, "--dtype", "float32").returncode == 0
+    hf, hf_dir, ckpt = scoring_model
     task = _write_task(tmp_path)
     args = ["--model", str(ckpt), "--max-model-len", "64", "--max-num-seqs", "4",
             "--block-size", "8"]
-    with servers.serving(args) as base:
-        results = evaluator.simple_evaluate(
-            model="local-completions",
-            model_args=f"model=tiny,base_url={base}/v1/completions,tokenizer={hf_dir},"
-                       f"tokenizer_backend=huggingface,tokenized_requests={tokenized},"
-                       "num_concurrent=2,max_retries=1",
-            tasks=[task], task_manager=TaskManager(include_path=str(tmp_path)),
-            log_samples=True)
+    base = server_pool.shared(args).url
+    results = evaluator.simple_evaluate(
+        model="local-completions",
+        model_args=f"model=tiny,base_url={base}/v1/completions,tokenizer={hf_dir},"
+                   f"tokenizer_backend=huggingface,tokenized_requests={tokenized},"
+                   "num_concurrent=2,max_retries=1",
+        tasks=[task], task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True)
     samples = results["samples"][task]
     assert len(samples) == len(ITEMS)
     tok = AutoTokenizer.from_pretrained(hf_dir)

@@ -20,7 +20,7 @@ from jaxllm.multimodal.media import MediaLimits, decode_image
 from jaxllm.multimodal.processor import ProcessorConfig, process_image
 from jaxllm.multimodal.prompt import ImageTokens, expand_prompt
 from tests.jaxllm.conftest import run_converter
-from tests.support import hf_models, servers
+from tests.support import hf_models
 
 SERVE = ["--max-model-len", "96", "--max-num-seqs", "4", "--block-size", "8",
          "--limit-mm-per-prompt", "image=2", "--max-image-bytes", "100000",
@@ -28,19 +28,25 @@ SERVE = ["--max-model-len", "96", "--max-num-seqs", "4", "--block-size", "8",
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(HF model, tokenizer, URL) of a server over its converted checkpoint."""
+def mm_model(tmp_path_factory):
+    """(HF model, tokenizer, converted checkpoint) of a tiny multimodal Scout-like model."""
     root = tmp_path_factory.mktemp("mm_serve")
     hf = hf_models.make_multimodal_model(hf_models.SCOUT_LIKE, seed=31)
     hf_dir = hf_models.save(hf, root / "hf")
     hf_models.save_word_tokenizer(hf_dir, hf_models.BASE["vocab_size"], images=True)
     ckpt = root / "mm"
     assert run_converter(hf_dir, ckpt, "--dtype", "float32").returncode == 0
-    with servers.serving(["--model", str(ckpt), *SERVE]) as url:
-        yield hf, Tokenizer.from_file(str(ckpt / "tokenizer.json")), url
+    return hf, Tokenizer.from_file(str(ckpt / "tokenizer.json")), ckpt
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def served(mm_model, server_pool):
+    """(HF model, tokenizer, URL) of the shared server over ``mm_model``'s checkpoint."""
+    hf, tokenizer, ckpt = mm_model
+    return hf, tokenizer, server_pool.shared(["--model", str(ckpt), *SERVE]).url
+
+
+@pytest.fixture
 def base(served):
     return served[2]
 
@@ -143,14 +149,14 @@ def test_completion_with_multi_modal_data_equals_hf(served):
     assert r.json()["choices"][0]["text"] == _reference(hf, tokenizer, png, ids, 6)
 
 
-def test_a_text_only_checkpoint_refuses_images(tiny_model):
+def test_a_text_only_checkpoint_refuses_images(tiny_model, server_pool):
     _, _, path = tiny_model("scout")
-    with servers.serving(["--model", str(path), *SERVE]) as url:
-        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
-            "prompt": [1, 20, 324], "max_tokens": 2, "multi_modal_data": {"image": GOOD_PNG}})
-        assert r.status_code == 400 and r.json()["object"] == "error"
-        assert "this model takes no images" in r.json()["message"]
-        assert httpx.get(f"{url}/health").status_code == 200
+    url = server_pool.shared(["--model", str(path), *SERVE]).url
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "prompt": [1, 20, 324], "max_tokens": 2, "multi_modal_data": {"image": GOOD_PNG}})
+    assert r.status_code == 400 and r.json()["object"] == "error"
+    assert "this model takes no images" in r.json()["message"]
+    assert httpx.get(f"{url}/health").status_code == 200
 
 
 def _hits(url: str) -> float:

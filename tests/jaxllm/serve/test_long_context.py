@@ -12,7 +12,6 @@ import torch
 
 from tests.jaxllm.conftest import run_converter
 from tests.support import hf_models
-from tests.support.servers import free_port, wait_healthy
 
 
 def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
@@ -24,24 +23,19 @@ def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_20000_tokens_with_chunk_8192(tmp_path):
-    import subprocess
-    import sys
-
+def test_20000_tokens_with_chunk_8192(tmp_path, server_pool):
     import httpx
 
     hf = hf_models.make_text_model(dict(hf_models.SCOUT_LIKE, attention_chunk_size=8192,
                                         max_position_embeddings=32768), seed=12)
     hf_models.save(hf, tmp_path / "hf")
     assert run_converter(tmp_path / "hf", tmp_path / "jx", "--dtype", "float32").returncode == 0
-    port = free_port()
+    flags = ["--model", str(tmp_path / "jx"), "--max-model-len", "20000",
+             "--compilation-cache-dir", ""]
     begin = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxllm.serve", "--model", str(tmp_path / "jx"),
-         "--max-model-len", "20000", "--port", str(port), "--compilation-cache-dir", ""],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        peak = wait_healthy(proc, port, 900, track_rss=True)
+    with server_pool.private(flags, reason="its start-up's time and peak memory are measured",
+                             track_rss=True) as server:
+        proc, port, peak = server.proc, server.port, server.peak_rss
         started = time.monotonic() - begin
         rng = np.random.default_rng(5)
         results = {}
@@ -61,9 +55,7 @@ def test_20000_tokens_with_chunk_8192(tmp_path):
             "prompt": list(range(3, 103)), "max_tokens": 5, "temperature": 0})
         assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] >= 1
         served_rss = psutil.Process(proc.pid).memory_info().rss
-    finally:
-        proc.terminate()
-        log, _ = proc.communicate(timeout=60)
+    log = server.log_text()
     print(f"\nstart-up {started:.0f} s, peak RSS during start-up {peak / 2**30:.2f} GiB, "
           f"after serving {served_rss / 2**30:.2f} GiB; 19999+1: {results[19_999][0]:.0f} s, "
           f"19500+500: {results[19_500][0]:.0f} s")

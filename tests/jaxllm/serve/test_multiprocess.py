@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -21,7 +20,7 @@ import openai
 import psutil
 import pytest
 
-from tests.support import REPO, servers
+from tests.support import REPO
 
 MODEL = REPO / "checkpoints" / "tiny-llama4"
 MAX_LEN = 64
@@ -38,28 +37,16 @@ def args(tmp_path_factory) -> list[str]:
 
 
 @contextlib.contextmanager
-def launched(args: list[str], timeout: float = 600):
+def launched(pool, args: list[str]):
     """``scripts/launch.py`` running the server as 2 processes x 4 CPU devices until /health
     answers; yields (base URL, the launcher process, a function returning its log's end)."""
-    port = servers.free_port()
-    cmd = [sys.executable, str(REPO / "scripts" / "launch.py"), "--num-processes", "2",
-           "--cpu-devices-per-process", "4", "--grace", "60", "--", sys.executable, "-m",
-           "jaxllm.serve", *args, "--port", str(port)]
-    log = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill and block the server
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-
-    def read_log() -> str:
-        log.seek(0)
-        return log.read()[-6000:]
-
-    try:
-        servers.wait_healthy(proc, port, timeout, log=read_log)
-        yield f"http://127.0.0.1:{port}", proc, read_log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
-        log.close()
+    launcher = [sys.executable, str(REPO / "scripts" / "launch.py"), "--num-processes", "2",
+                "--cpu-devices-per-process", "4", "--grace", "60", "--", sys.executable, "-m",
+                "jaxllm.serve"]
+    with pool.private(args, cwd=REPO, command=launcher,
+                      reason="two processes of one server, stopped and killed by the test"
+                      ) as server:
+        yield server.url, server.proc, lambda: server.log_text()[-6000:]
 
 
 def _client(base: str) -> openai.OpenAI:
@@ -130,13 +117,14 @@ MESHES = {"model=8": ["--tensor-parallel-size", "8"],
 
 @pytest.mark.parametrize("mesh", ["model=8", pytest.param("data=2,model=4",
                                                           marks=pytest.mark.slow)])
-def test_two_processes_answer_like_one(args, mesh):
+def test_two_processes_answer_like_one(server_pool, args, mesh):
     # The reference runs without async scheduling, the two processes with it (the default):
     # the answers are the same either way.
-    with servers.serving([*args, *MESHES[mesh], "--no-async-scheduling"], cwd=REPO) as base:
-        expected = _answers(_client(base))
-        expected_hits = _prefix_cache_hits(base)
-    with launched([*args, *MESHES[mesh]]) as (base, launcher, read_log):
+    base = server_pool.shared([*args, *MESHES[mesh], "--no-async-scheduling"], cwd=REPO).url
+    hits_before = _prefix_cache_hits(base)  # a shared server: count this test's hits only
+    expected = _answers(_client(base))
+    expected_hits = _prefix_cache_hits(base) - hits_before
+    with launched(server_pool, [*args, *MESHES[mesh]]) as (base, launcher, read_log):
         answers = _answers(_client(base))
         assert _prefix_cache_hits(base) == expected_hits >= 32  # two pages of LONG
         launcher.send_signal(signal.SIGTERM)  # the leader stops, then its follower
@@ -160,11 +148,11 @@ def _child(launcher: subprocess.Popen, process_id: int) -> psutil.Process:
 
 
 @pytest.mark.parametrize("fault", ["killed", pytest.param("hung", marks=pytest.mark.slow)])
-def test_a_lost_follower_fails_requests_and_stops_the_leader(args, fault):
+def test_a_lost_follower_fails_requests_and_stops_the_leader(server_pool, args, fault):
     """A killed follower breaks the leader's next collective; a hung one (stopped) makes the
     step outlive the step timeout. Either way: 5xx answers, the leader exits non-zero."""
     flags = [*args, *MESHES["model=8"], "--step-timeout", str(STEP_TIMEOUT)]
-    with launched(flags) as (base, launcher, read_log):
+    with launched(server_pool, flags) as (base, launcher, read_log):
         processes = psutil.Process(launcher.pid).children()
         leader, follower = _child(launcher, 0), _child(launcher, 1)
         plain: dict = {}
@@ -223,7 +211,7 @@ def _spec_drafts(base: str) -> float:
 
 @pytest.mark.slow  # two servers, minutes each
 @pytest.mark.parametrize("method", list(SPECULATIVE))
-def test_two_processes_speculating_answer_like_one_without(args, method):
+def test_two_processes_speculating_answer_like_one_without(server_pool, args, method):
     """Speculative decoding on 2 processes x 4 devices (model=8): the drafts (n-gram from
     the leader's host, EAGLE-3 from the step's own outputs) reach the follower with the
     step, and the greedy answers equal one process's without speculation; requests with
@@ -236,10 +224,10 @@ def test_two_processes_speculating_answer_like_one_without(args, method):
         out["repeated"] = [(c.logprobs.tokens, c.finish_reason) for c in repeated.choices]
         return out
 
-    with servers.serving([*args, "--no-async-scheduling"], cwd=REPO) as base:
-        expected = answers(_client(base))
+    base = server_pool.shared([*args, "--no-async-scheduling"], cwd=REPO).url
+    expected = answers(_client(base))
     flags = [*args, *MESHES["model=8"], "--speculative-config", json.dumps(SPECULATIVE[method])]
-    with launched(flags) as (base, launcher, read_log):
+    with launched(server_pool, flags) as (base, launcher, read_log):
         got = answers(_client(base))
         drafts = _spec_drafts(base)
         launcher.send_signal(signal.SIGTERM)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,32 +16,23 @@ import psutil
 import pytest
 
 from jaxllm.serve.app import DEFAULT_MAX_REQUEST_BYTES
-from tests.support import REPO
-from tests.support.servers import free_port, wait_healthy
+from tests.support import BUNDLED
 
 MODEL = "tiny-llama4"
-MAX_LEN = 128
+# The default --max-model-len: the bundled model's max_position_embeddings.
+MAX_LEN = json.loads((BUNDLED / "config.json").read_text())["text_config"][
+    "max_position_embeddings"]
 LIMIT = DEFAULT_MAX_REQUEST_BYTES  # the server runs with the default --max-request-bytes
 SUMS = [(12, 35), (58, 67), (99, 1), (23, 45)]
-VOCAB = json.loads((REPO / "checkpoints" / "tiny-llama4" / "config.json").read_text())[
-    "text_config"]["vocab_size"]
+VOCAB = json.loads((BUNDLED / "config.json").read_text())["text_config"]["vocab_size"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(base URL, port, the server's process, its log file): the bundled model."""
-    log = tmp_path_factory.mktemp("real_server") / "server.log"
-    port = free_port()
-    with log.open("w") as out:  # a file: a pipe nobody reads would block the server's logging
-        proc = subprocess.Popen([sys.executable, "-m", "jaxllm.serve", "--max-model-len",
-                                 str(MAX_LEN), "--max-num-seqs", "4", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        wait_healthy(proc, port, log=log.read_text)
-        yield f"http://127.0.0.1:{port}", port, proc, log
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+@pytest.fixture
+def server(bundled_server):
+    """(base URL, port, the server's process, its log file): the bundled model, served as the
+    README serves it (shared with the other tests of the bundled model)."""
+    s = bundled_server
+    return s.url, s.port, s.proc, s.log
 
 
 def question(a: int, b: int) -> str:
@@ -127,7 +116,8 @@ BAD = [
     ("POST", "/v1/completions", b"x" * (LIMIT + 1), 413,
      f"the request body is {LIMIT + 1} bytes, more than the limit of {LIMIT} bytes"),
     ("POST", "/v1/completions", _completion(max_tokens=1000), 400,
-     "This model's maximum context length is 128 tokens. However, you requested 1001 tokens"),
+     f"This model's maximum context length is {MAX_LEN} tokens. However, you requested 1001 "
+     "tokens"),
     ("POST", "/v1/completions", _completion(n=17), 400, "n: Input should be less than or "
      "equal to 16 (got 17)"),
     ("POST", "/v1/completions", _completion(model="gpt-9"), 404,
@@ -160,6 +150,7 @@ def _check_error(r: httpx.Response, status: int, needle: str) -> None:
 
 def test_bad_requests_among_good_ones_get_4xx_errors_and_the_good_ones_their_answers(server):
     base, _, _, log = server
+    logged_before = log.stat().st_size  # the server is shared: this test's part of its log
     good = good_requests(base)
     with ThreadPoolExecutor(len(good) + len(BAD)) as pool:
         # Interleaved, so bad requests arrive while good ones are being generated.
@@ -176,7 +167,7 @@ def test_bad_requests_among_good_ones_get_4xx_errors_and_the_good_ones_their_ans
             assert r.headers["allow"] == "POST"
     assert got_answers == [want for want, _ in good]
     assert httpx.get(f"{base}/health").status_code == 200
-    assert "Traceback" not in log.read_text()
+    assert b"Traceback" not in log.read_bytes()[logged_before:]
 
 
 def test_errors_and_answers_share_one_keep_alive_connection(server):

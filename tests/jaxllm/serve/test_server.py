@@ -10,26 +10,20 @@ import pytest
 import torch
 
 from jaxllm.serve.tokenizer import TextCodec
-from tests.jaxllm.conftest import run_converter
-from tests.support import hf_models, servers
 
 KEY = "test-key"
 MAX_LEN = 96
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    hf = hf_models.make_text_model(hf_models.SCOUT_LIKE, seed=21)
-    hf_dir = hf_models.save(hf, root / "hf")
-    hf_models.save_word_tokenizer(hf_dir, hf_models.BASE["vocab_size"])
-    ckpt = root / "tiny"
-    assert run_converter(hf_dir, ckpt, "--dtype", "float32").returncode == 0
-    args = ["--model", str(ckpt), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4",
-            "--block-size", "8", "--api-key", KEY, "--seed", "0"]
-    with servers.serving(args) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
-        yield hf, ckpt, base, client
+ARGS = ["--max-model-len", str(MAX_LEN), "--max-num-seqs", "4", "--block-size", "8",
+        "--api-key", KEY, "--seed", "0"]
+
+
+@pytest.fixture
+def server(word_model, server_pool):
+    hf, ckpt = word_model
+    served = server_pool.shared(["--model", str(ckpt), *ARGS])
+    return hf, ckpt, served.url, served.client(KEY)
 
 
 def hf_continuation(hf, ids: list[int], n: int) -> list[int]:
@@ -354,7 +348,7 @@ def test_penalties_change_a_repetitive_continuation_like_the_reference(server):
 
 
 @pytest.mark.slow  # a second server: ~85 s; the engine-level on/off tests stay in the suite
-def test_async_scheduling_off_gives_the_same_texts_stop_strings_included(server):
+def test_async_scheduling_off_gives_the_same_texts_stop_strings_included(server, server_pool):
     """The server's answers with ``--no-async-scheduling`` equal the default (async) ones:
     seeded sampling with a stop string found in its text, streamed and not, n > 1, stop ids
     and logprobs (the engine half of the comparison is ``test_async_scheduling.py``)."""
@@ -384,8 +378,5 @@ def test_async_scheduling_off_gives_the_same_texts_stop_strings_included(server)
 
     expected = answers(client)
     assert expected[0][0][1] == "stop" and stop not in expected[0][0][0]
-    args = ["--model", str(ckpt), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4",
-            "--block-size", "8", "--api-key", KEY, "--seed", "0", "--no-async-scheduling"]
-    with servers.serving(args) as base:
-        sync = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
-        assert answers(sync) == expected
+    sync = server_pool.shared(["--model", str(ckpt), *ARGS, "--no-async-scheduling"])
+    assert answers(sync.client(KEY)) == expected

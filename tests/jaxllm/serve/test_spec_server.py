@@ -8,15 +8,12 @@ import json
 import re
 
 import httpx
-import openai
 import pytest
 
 from jaxllm.serve.__main__ import main
 from jaxllm.serve.tokenizer import TextCodec
-from tests.jaxllm.conftest import run_converter
 from tests.jaxllm.engine.spec_decode.test_eagle_decode import ALWAYS, write_head
 from tests.jaxllm.engine.spec_decode.test_spec_decode import hf_biased_greedy
-from tests.support import hf_models, servers
 
 MAX_LEN = 96
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
@@ -24,19 +21,16 @@ SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
 BIAS = ((17, 4.0), (40, 4.0))  # the model cycles among a few tokens: drafts get accepted
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve_spec")
-    hf = hf_models.make_text_model(hf_models.SCOUT_LIKE, seed=21)
-    hf_dir = hf_models.save(hf, root / "hf")
-    hf_models.save_word_tokenizer(hf_dir, hf_models.BASE["vocab_size"])
-    ckpt = root / "tiny"
-    assert run_converter(hf_dir, ckpt, "--dtype", "float32").returncode == 0
-    args = ["--model", str(ckpt), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4",
-            "--block-size", "8", "--seed", "0", "--speculative-config", json.dumps(SPEC)]
-    with servers.serving(args) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
-        yield hf, ckpt, base, client
+ARGS = ["--max-model-len", str(MAX_LEN), "--max-num-seqs", "4", "--block-size", "8",
+        "--seed", "0"]
+
+
+@pytest.fixture
+def server(word_model, server_pool):
+    hf, ckpt = word_model
+    served = server_pool.shared(["--model", str(ckpt), *ARGS,
+                                 "--speculative-config", json.dumps(SPEC)])
+    return hf, ckpt, served.url, served.client()
 
 
 def _metric(text: str, name: str) -> float:
@@ -79,29 +73,28 @@ def test_greedy_completions_equal_hf_and_the_metrics_count(server, stream):
 
 
 @pytest.mark.slow  # a second server, its programs compiled as requests come: ~1 minute
-def test_eagle3_greedy_equals_hf_and_the_metrics_count(server, tmp_path):
+def test_eagle3_greedy_equals_hf_and_the_metrics_count(server, server_pool, tmp_path):
     """An EAGLE-3 head (one that always drafts token 17, so the biased prompts accept
     drafts) behind the server: greedy completions still equal HF's, and the same metrics
     count its drafts."""
     hf, ckpt, _, _ = server
     head = write_head(tmp_path / "head", seed=3, constant=ALWAYS)
     spec = {"method": "eagle3", "model": str(head), "num_speculative_tokens": 3}
-    args = ["--model", str(ckpt), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4",
-            "--block-size", "8", "--seed", "0", "--skip-warmup",
-            "--speculative-config", json.dumps(spec)]
+    args = ["--model", str(ckpt), *ARGS, "--skip-warmup", "--speculative-config",
+            json.dumps(spec)]
     codec = TextCodec.from_dir(ckpt)
-    with servers.serving(args) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
-        before = httpx.get(f"{base}/metrics").text
-        for prompt in PROMPTS:
-            ids = codec.encode(prompt)
-            want = hf_biased_greedy(hf, ids, 40, BIAS)
-            want = want[: want.index(2) if 2 in want else len(want)]
-            text = client.completions.create(
-                model="tiny", prompt=prompt, max_tokens=40, temperature=0,
-                logit_bias={str(t): v for t, v in BIAS}).choices[0].text
-            assert text == codec.decode(want)
-        after = httpx.get(f"{base}/metrics").text
+    served = server_pool.shared(args)
+    base, client = served.url, served.client()
+    before = httpx.get(f"{base}/metrics").text
+    for prompt in PROMPTS:
+        ids = codec.encode(prompt)
+        want = hf_biased_greedy(hf, ids, 40, BIAS)
+        want = want[: want.index(2) if 2 in want else len(want)]
+        text = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=40, temperature=0,
+            logit_bias={str(t): v for t, v in BIAS}).choices[0].text
+        assert text == codec.decode(want)
+    after = httpx.get(f"{base}/metrics").text
     gained = {name: _metric(after, name) - _metric(before, name) for name in (
         "vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_accepted_tokens_total")}
     assert gained["vllm:spec_decode_num_drafts_total"] > 0

@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
 
-from tests.support.servers import free_port, wait_healthy
 
-
-def _start(args: list[str]) -> tuple[str, float]:
+def _start(pool, args: list[str]) -> tuple[str, float]:
     """Starts the server, waits for /health, stops it; returns (its log, seconds to healthy)."""
-    port = free_port()
     begin = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "jaxllm.serve", *args, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_healthy(proc, port, 900)
+    with pool.private(args, reason="a cold start and a warm one are what is tested") as server:
         ready = time.monotonic() - begin
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=60)
-    return out, ready
+    return server.log_text(), ready
 
 
-def test_second_start_compiles_nothing(tiny_model, tmp_path):
+def test_second_start_compiles_nothing(tiny_model, tmp_path, server_pool):
     path = tiny_model("scout")[2]
     args = ["--model", str(path), "--max-model-len", "64", "--max-num-seqs", "2",
             "--max-num-batched-tokens", "32", "--compilation-cache-dir", str(tmp_path / "xla")]
-    first, first_s = _start(args)
-    second, second_s = _start(args)
+    first, first_s = _start(server_pool, args)
+    second, second_s = _start(server_pool, args)
     counts = [re.search(r"warm-up: (\d+) step programs .* programs compiled: (\d+), loaded "
                         r"from the compilation cache: (\d+)", log).groups()
               for log in (first, second)]

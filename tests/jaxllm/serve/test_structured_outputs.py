@@ -9,20 +9,19 @@ import re
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
 from tests.jaxllm.serve.schemas import fifty_schemas
-from tests.support import REPO, servers
+from tests.support import REPO
 
 MODEL = "tiny-llama4"
 ASK = [{"role": "user", "content": "Give data"}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    with servers.serving(["--seed", "0"], cwd=REPO) as base:
-        yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+@pytest.fixture
+def server(bundled_server):
+    """The README's server (every sampled request here brings its seed)."""
+    return bundled_server.url, bundled_server.client()
 
 
 def test_fifty_schemas_validate(server):
@@ -145,9 +144,9 @@ def test_skip_special_tokens(server):
     assert text(True) == "" and text(False) == "<|system|><|system|>"
 
 
-@pytest.mark.slow  # its own server: a minute or two
+@pytest.mark.slow  # a server of its own flags: a minute or two
 @pytest.mark.parametrize("method", ["ngram", "eagle3"])
-def test_schemas_validate_beside_speculating_requests(method):
+def test_schemas_validate_beside_speculating_requests(server_pool, method):
     """With ``--speculative-config``, requests with a schema (drafting too, their drafts cut
     and masked by their grammars) share verifying steps with sum questions that draft (the
     bundled EAGLE-3 head, or n-gram lookups): every output still validates, every sum is
@@ -159,29 +158,29 @@ def test_schemas_validate_beside_speculating_requests(method):
         spec["model"] = str(REPO / "checkpoints" / "tiny-llama4-eagle3")
     schemas = fifty_schemas()[:12]
     sums = [(11, 11), (22, 33), (45, 45), (70, 7), (99, 1), (12, 21)]
-    with servers.serving(["--seed", "0", "--speculative-config", json.dumps(spec)],
-                         cwd=REPO) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+    server = server_pool.shared(["--seed", "0", "--speculative-config", json.dumps(spec)],
+                                cwd=REPO)
+    base, client = server.url, server.client()
 
-        def constrained(k):
-            return client.chat.completions.create(
-                model=MODEL, messages=ASK, max_tokens=200, seed=k,
-                temperature=0 if k % 2 == 0 else 0.8,
-                response_format={"type": "json_schema", "json_schema": {
-                    "name": f"s{k}", "schema": schemas[k], "strict": True}}).choices[0]
+    def constrained(k):
+        return client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=200, seed=k,
+            temperature=0 if k % 2 == 0 else 0.8,
+            response_format={"type": "json_schema", "json_schema": {
+                "name": f"s{k}", "schema": schemas[k], "strict": True}}).choices[0]
 
-        def add(pair):
-            a, b = pair
-            return client.chat.completions.create(
-                model=MODEL, temperature=0, max_tokens=8,
-                messages=[{"role": "user", "content": f"What is {a} + {b}?"}]).choices[0]
+    def add(pair):
+        a, b = pair
+        return client.chat.completions.create(
+            model=MODEL, temperature=0, max_tokens=8,
+            messages=[{"role": "user", "content": f"What is {a} + {b}?"}]).choices[0]
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            answers = pool.map(constrained, range(len(schemas)))
-            added = pool.map(add, sums)
-            answers, added = list(answers), list(added)
-        drafts = re.search(r"^vllm:spec_decode_num_drafts_total\{[^}]*\} (\S+)$",
-                           httpx.get(f"{base}/metrics").text, re.M)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = pool.map(constrained, range(len(schemas)))
+        added = pool.map(add, sums)
+        answers, added = list(answers), list(added)
+    drafts = re.search(r"^vllm:spec_decode_num_drafts_total\{[^}]*\} (\S+)$",
+                       httpx.get(f"{base}/metrics").text, re.M)
     for schema, answer in zip(schemas, answers, strict=True):
         assert answer.finish_reason == "stop", answer.message.content
         jsonschema.validate(json.loads(answer.message.content), schema)

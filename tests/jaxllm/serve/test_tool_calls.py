@@ -13,13 +13,12 @@ import json
 import shutil
 
 import jsonschema
-import openai
 import pytest
 
 from jaxllm.serve.tokenizer import TextCodec
 from jaxllm.serve.tools import prompt_messages
 from tests.jaxllm.serve.finetune import finetune
-from tests.support import REPO, servers
+from tests.support import REPO
 
 BUNDLED = REPO / "checkpoints" / "tiny-llama4"
 ADD = {"type": "function", "function": {"name": "add", "description": "Adds a and b.",
@@ -48,7 +47,8 @@ TEMPLATE = (  # the bundled model's, with a tool section
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def taught_args(tmp_path_factory):
+    """The flags of a server over a copy of the bundled model fine-tuned to call a tool."""
     root = tmp_path_factory.mktemp("tools")
     base = root / "base"
     shutil.copytree(BUNDLED, base)
@@ -65,8 +65,12 @@ def client(tmp_path_factory):
     finetune(base, taught, [(prompt(SUM), CALL), (prompt(HI), "hi")])
     args = ["--model", str(taught), "--served-model-name", "taught", "--max-model-len", "256",
             "--max-num-seqs", "4", "--skip-warmup", "--seed", "0"]
-    with servers.serving(args) as base:
-        yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+    return args
+
+
+@pytest.fixture
+def client(taught_args, server_pool):
+    return server_pool.shared(taught_args).client()
 
 
 def ask(client, messages, **kw):
