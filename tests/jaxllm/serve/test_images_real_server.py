@@ -22,9 +22,11 @@ from jaxllm.multimodal.prompt import ImageTokens, expand_prompt
 from tests.jaxllm.conftest import run_converter
 from tests.support import hf_models
 
+# --skip-warmup: programs compile as requests first need them (a fraction of the
+# warm-up's); warm-up itself is tested by the bundled model's server and test_startup.py.
 SERVE = ["--max-model-len", "96", "--max-num-seqs", "4", "--block-size", "8",
          "--limit-mm-per-prompt", "image=2", "--max-image-bytes", "100000",
-         "--max-image-pixels", "250000"]
+         "--max-image-pixels", "250000", "--skip-warmup"]
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,10 @@ KEY = "test-key"
 MAX_LEN = 96
 
 
+# --skip-warmup: programs compile as requests first need them (a fraction of the
+# warm-up's); warm-up itself is tested by the bundled model's server and test_startup.py.
 ARGS = ["--max-model-len", str(MAX_LEN), "--max-num-seqs", "4", "--block-size", "8",
-        "--api-key", KEY, "--seed", "0"]
+        "--api-key", KEY, "--seed", "0", "--skip-warmup"]
 
 
 @pytest.fixture

@@ -21,8 +21,10 @@ SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
 BIAS = ((17, 4.0), (40, 4.0))  # the model cycles among a few tokens: drafts get accepted
 
 
+# --skip-warmup: programs compile as requests first need them (a fraction of the
+# warm-up's); warm-up itself is tested by the bundled model's server and test_startup.py.
 ARGS = ["--max-model-len", str(MAX_LEN), "--max-num-seqs", "4", "--block-size", "8",
-        "--seed", "0"]
+        "--seed", "0", "--skip-warmup"]
 
 
 @pytest.fixture
@@ -80,8 +82,7 @@ def test_eagle3_greedy_equals_hf_and_the_metrics_count(server, server_pool, tmp_
     hf, ckpt, _, _ = server
     head = write_head(tmp_path / "head", seed=3, constant=ALWAYS)
     spec = {"method": "eagle3", "model": str(head), "num_speculative_tokens": 3}
-    args = ["--model", str(ckpt), *ARGS, "--skip-warmup", "--speculative-config",
-            json.dumps(spec)]
+    args = ["--model", str(ckpt), *ARGS, "--speculative-config", json.dumps(spec)]
     codec = TextCodec.from_dir(ckpt)
     served = server_pool.shared(args)
     base, client = served.url, served.client()
