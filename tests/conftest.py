@@ -53,6 +53,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     on_gpu = jax.default_backend() == "gpu"
     run_slow = config.getoption("--runslow")
     for item in items:
+        # The tiers: `server` (a real server process), `heavy` (many compiled programs or model
+        # runs; marked by hand), and `inner`, the rest: the inner loop, `pytest -m inner`.
+        if "server_pool" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
+        if "server" not in item.keywords and "heavy" not in item.keywords:
+            item.add_marker(pytest.mark.inner)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
         if "gpu" in item.keywords and not on_gpu:

@@ -77,7 +77,6 @@ def _hf_loglikelihood(hf, context: list[int], continuation: list[int]) -> float:
     return sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(continuation))
 
 
-@pytest.mark.parametrize("tokenized", [True, False])
 @pytest.fixture(scope="module")
 def scoring_model(tmp_path_factory):
     """(HF model, its directory, the converted checkpoint): logits of about unit scale."""
@@ -90,6 +89,7 @@ def scoring_model(tmp_path_factory):
     return hf, hf_dir, ckpt
 
 
+@pytest.mark.parametrize("tokenized", [True, False])
 def test_lm_eval_loglikelihoods_equal_hf(tmp_path, monkeypatch, tokenized, scoring_model,
                                          server_pool):
     evaluator = pytest.importorskip("lm_eval.evaluator")
