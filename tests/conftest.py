@@ -3,8 +3,12 @@ servers (the `server_pool` fixture; starting one any other way fails the test)."
 
 import os
 
-# Must be set before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before jax is imported anywhere (the servers the tests start inherit them).
+# LLVM's optimisation level 0 for XLA:CPU: programs compile in about 3/4 of the time and the
+# tiny test models barely notice the slower code; what the tests check (tokens, logits
+# within tolerances, compile counts, buffer sizes) does not depend on it.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_backend_optimization_level=0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import subprocess  # noqa: E402
@@ -22,6 +26,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     subprocess.Popen.__init__ = guard_popen(subprocess.Popen.__init__)
+    # The persistent compilation cache, as the servers use it: the many engines the tests
+    # build over the same tiny models run the same step programs, compiled once. Programs
+    # faster to compile than to store are left out. Tests that count compilations still see
+    # every program requested (jax reports a cache hit as a compilation too).
+    if os.environ.get("JAXLLM_TEST_COMPILE_CACHE", "1") != "0":
+        from jaxllm.runtime import compile_cache
+
+        compile_cache.enable(compile_cache.default_cache_dir())
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @pytest.fixture(scope="session")

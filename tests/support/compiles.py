@@ -20,4 +20,4 @@ def count_compilations():
     try:
         yield compiles
     finally:
-        jax.monitoring.clear_event_listeners()
+        jax.monitoring.unregister_event_duration_listener(listener)
