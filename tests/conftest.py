@@ -62,10 +62,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             f"({pool.restarts} restarts after eviction)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     on_gpu = jax.default_backend() == "gpu"
     run_slow = config.getoption("--runslow")
+    # Under pytest-xdist (`-n`, `--dist loadgroup`), a module runs on one worker (its module
+    # fixtures built once), and every module with a real server runs on the same worker, so
+    # that the session's servers are shared, not started once per worker.
+    with_servers = {item.path for item in items
+                    if "server_pool" in getattr(item, "fixturenames", ())}
     for item in items:
+        group = "servers" if item.path in with_servers else str(item.path.relative_to(REPO))
+        item.add_marker(pytest.mark.xdist_group(group))
         # The tiers: `server` (a real server process), `heavy` (many compiled programs or model
         # runs; marked by hand), and `inner`, the rest: the inner loop, `pytest -m inner`.
         if "server_pool" in getattr(item, "fixturenames", ()):

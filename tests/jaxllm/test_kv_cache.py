@@ -18,6 +18,8 @@ from jaxllm.kv_cache import (
 from jaxllm.sharding import make_mesh
 from tests.support import hf_models
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 
 def _config() -> Llama4Config:
     return Llama4Config.from_hf(dict(hf_models.SCOUT_LIKE, model_type="llama4_text"))

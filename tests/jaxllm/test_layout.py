@@ -129,6 +129,7 @@ def _kernel_positions(meta) -> np.ndarray:
     return np.where(np.asarray(is_real), np.asarray(pos), 0)
 
 
+@pytest.mark.heavy
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 20)), min_size=1, max_size=5),
        st.sampled_from([1, 4, 16]), st.integers(0, 7))

@@ -17,6 +17,8 @@ import jaxllm
 from jaxllm.sharding import make_mesh, padded_vocab_size
 from tests.support import REPO, hf_models
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 V = hf_models.BASE["vocab_size"]  # 333: not divisible by 2, 4 or 8
 # expert=8 does not divide the 4 experts: they are replicated over that axis, and still right.
 MESHES = [dict(model=8), dict(data=2, model=4), dict(expert=2, model=4), dict(data=8),

@@ -19,6 +19,8 @@ from jaxllm.sample.grammar import GrammarCompiler, StructuredOutput
 from tests.jaxllm.engine.test_engine import _prompts, hf_greedy
 from tests.jaxllm.engine.test_engine_penalties import hf_penalised_greedy
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def scout(tiny_model):

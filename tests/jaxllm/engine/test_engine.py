@@ -11,6 +11,8 @@ from jaxllm import ContextLengthError, SamplingParams
 from jaxllm.engine import Engine
 from tests.support.compiles import count_compilations
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 GREEDY_20 = SamplingParams(temperature=0.0, max_tokens=20)
 
 

@@ -18,6 +18,8 @@ from jaxllm.sharding import make_mesh
 from tests.support import hf_models
 from tests.support.compiles import count_compilations
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 TOKENS = ImageTokens.from_vocab(hf_models.TINY_IMAGE_TOKENS.get)
 TOKENS_PER_TILE = 4  # TINY_VISION: 4 x 4 patches, pixel shuffle 0.5
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10)

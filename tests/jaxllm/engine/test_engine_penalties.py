@@ -15,6 +15,8 @@ from tests.support.compiles import count_compilations
 
 from .test_engine import _prompts, hf_greedy
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 EOS = 2
 
 

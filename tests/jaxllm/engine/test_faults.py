@@ -46,6 +46,7 @@ def _assert_clean(engine: Engine) -> None:
     assert all(not a.is_deleted() for a in jax.tree.leaves(engine.runner.cache))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("fault", list(Fault))
 def test_a_failed_step_fails_only_its_requests(setup, fault):
     """Four requests, two slots: step 3 decodes the first two and fails; they get an error,

@@ -32,6 +32,8 @@ from jaxllm.model.quant import QuantConfig
 from jaxllm.sharding import make_mesh
 from jaxllm.weights.loading import kv_cache_dtype_of
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 GIB = 2**30
 MIB = 2**20
 # Measured temporaries (MiB, per device) of the 8192-row step, plus 1 MiB: see the docstring.

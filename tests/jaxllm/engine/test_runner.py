@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import jaxllm
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.layout import SeqPiece
 from tests.support import hf_models
+
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
 
 REL_TOL = 1e-4
 

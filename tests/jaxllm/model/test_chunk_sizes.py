@@ -13,6 +13,8 @@ from jaxllm.engine import Engine
 from tests.jaxllm.runtime.test_generate import _prompts, hf_greedy
 from tests.support import hf_models
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 REL_TOL = 1e-4
 
 

@@ -128,6 +128,7 @@ def _np(x) -> np.ndarray:
     return np.asarray(x, np.float64)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("layout,norm_before_residual,embedding", [
     ("eagle", False, False), ("speculators", True, True)])
 def test_forward_matches_the_definition(tmp_path, layout, norm_before_residual, embedding):

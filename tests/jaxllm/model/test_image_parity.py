@@ -12,6 +12,8 @@ from jaxllm.multimodal.prompt import ImageTokens, expand_prompt
 from jaxllm.sharding import make_mesh
 from tests.support import hf_models
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 REL_TOL = 1e-4
 TOKENS = ImageTokens.from_vocab(hf_models.TINY_IMAGE_TOKENS.get)
 TOKENS_PER_TILE = 4  # TINY_VISION: 4 x 4 patches, pixel shuffle 0.5

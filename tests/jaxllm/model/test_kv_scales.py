@@ -18,6 +18,8 @@ from tests.support import hf_models
 
 from ..conftest import run_converter
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 KV_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
              "symmetric": True}
 

@@ -17,6 +17,8 @@ from jaxllm.runtime.handle import Model
 from jaxllm.weights.loading import abstract_model
 from tests.support import hf_models
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 # Float32 on CPU. Max |ours - HF| over all logits, relative to the largest |HF logit|.
 REL_TOL = 1e-4
 # A sequence 70 tokens long crosses four boundaries of the 16-token attention chunk and

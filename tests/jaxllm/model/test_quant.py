@@ -25,6 +25,8 @@ from tests.support import hf_models
 
 from ..conftest import run_converter
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 WEIGHT_ONLY_TOL = 1e-4  # max |ours - HF| / max |HF|, float32
 W8A8_TOL = 1e-3
 LENGTH = 40  # crosses two 16-token attention chunks

@@ -10,6 +10,8 @@ import torch
 import jaxllm
 from jaxllm.sharding import make_mesh
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 REL_TOL = 1e-4
 
 

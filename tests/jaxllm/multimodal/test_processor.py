@@ -222,6 +222,7 @@ def test_canvas_is_hf_best_fit(resize_to_max_canvas, max_patches):
         assert best_canvas(*size, config) == canvas, size
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("index", range(len(SIZES)))
 def test_tiles_equal_hf_within_2_of_255(index):
     height, width = SIZES[index]

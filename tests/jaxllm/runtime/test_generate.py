@@ -12,6 +12,8 @@ from jaxllm import ContextLengthError, SamplingParams
 from tests.support import hf_models
 from tests.support.compiles import count_compilations
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 V = hf_models.BASE["vocab_size"]
 
 

@@ -17,6 +17,8 @@ from jaxllm.sample.sampling import SamplingParams, apply_token_mask, mask_words
 from jaxllm.sharding import make_mesh
 from tests.support import REPO
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 BUNDLED = REPO / "checkpoints" / "tiny-llama4"
 
 

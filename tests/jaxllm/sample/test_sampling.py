@@ -156,6 +156,7 @@ def test_bad_sampling_params(bad, message):
         SamplingParams(**bad)
 
 
+@pytest.mark.heavy
 def test_same_seed_same_tokens(tiny_model):
     model = jaxllm.load_model(tiny_model("scout")[2], max_model_len=64)
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]

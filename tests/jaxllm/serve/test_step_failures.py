@@ -71,6 +71,7 @@ async def _complete(client: openai.AsyncOpenAI, prompt: list[int]):
     return out.choices[0].text
 
 
+@pytest.mark.heavy
 def test_failed_step_gets_500_and_the_rest_are_served(setup, caplog):
     engine, codec, prompts, texts = setup
     caplog.set_level(logging.WARNING)

@@ -21,6 +21,8 @@ from jaxllm.weights import convert as convert_lib
 from tests.jaxllm.conftest import run_converter
 from tests.support import REPO, hf_models
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 
 @pytest.fixture
 def hf_copy(tiny_model, tmp_path):

@@ -35,6 +35,8 @@ from tests.support import hf_models
 
 from ..conftest import run_converter
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 QUANTIZATION_CONFIG = {
     "quant_method": "compressed-tensors",
     "format": "float-quantized",

@@ -15,6 +15,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import flash_attention, flash_attention_reference
 from pallas_kernels.triton.common import kv_block_ranges
 
+pytestmark = pytest.mark.heavy  # kernels in interpret mode: seconds each (tests/conftest.py)
+
 BLOCK = 16  # block_q = block_k in the interpret tests (the Triton dot minimum)
 
 

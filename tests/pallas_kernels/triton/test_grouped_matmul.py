@@ -13,6 +13,8 @@ from pallas_kernels import grouped_matmul, grouped_matmul_reference
 from pallas_kernels.triton.grouped_matmul import packed_int4, tile_metadata
 from tests.pallas_kernels.triton.test_flash_attention import lower_for_cuda
 
+pytestmark = pytest.mark.heavy  # kernels in interpret mode: seconds each (tests/conftest.py)
+
 
 def numpy_definition(x, q, scale, sizes, scheme, group_size):
     x, q, scale = (np.asarray(a, np.float64) for a in (x, q, scale))

@@ -24,6 +24,8 @@ from pallas_kernels import (
 from pallas_kernels.triton.ragged_paged_attention import _tile_metadata
 from tests.pallas_kernels.triton.test_flash_attention import check_triton_ir, lower_for_cuda
 
+pytestmark = pytest.mark.heavy  # kernels in interpret mode: seconds each (tests/conftest.py)
+
 
 @dataclasses.dataclass
 class Batch:
@@ -140,6 +142,7 @@ def test_chunk_edges_mixed_decode_and_prefill(chunk_size, num_kv_splits):
     "heads, kv_heads, block_q",
     [(2, 2, 16), (4, 2, 8), (16, 2, 2), (10, 2, 2)],  # GQA 1, 2, 8, and 5 (padded to 8)
 )
+
 def test_gqa_ratios(heads, kv_heads, block_q):
     seqs = [(1, 17), (17, 17), (15, 33), (1, 1), (16, 20)]
     batch = make_batch(seqs, heads=heads, kv_heads=kv_heads, width=12)

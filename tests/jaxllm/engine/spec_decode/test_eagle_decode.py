@@ -37,6 +37,8 @@ from tests.support import REPO
 from tests.support.compiles import count_compilations
 from tests.support.hf_models import SCOUT_LIKE
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 # Target layers whose input residual stream the heads read (the 4-layer tiny Scout).
 AUX = [0, 1, 3]
 HEAD = dict(hidden_size=SCOUT_LIKE["hidden_size"], num_attention_heads=4, num_key_value_heads=2,

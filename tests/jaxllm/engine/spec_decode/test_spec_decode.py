@@ -20,6 +20,8 @@ from jaxllm.sharding import make_mesh
 from tests.jaxllm.engine.test_async_scheduling import _run, hf_greedy
 from tests.support.compiles import count_compilations
 
+pytestmark = pytest.mark.heavy  # end to end: compiles engines or models (tests/conftest.py)
+
 NGRAM = SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_min=1,
                           prompt_lookup_max=3)
 
