@@ -1,6 +1,7 @@
 """Test setup: eight simulated CPU devices, the `slow` / `gpu` markers, and the session's real
 servers (the `server_pool` fixture; starting one any other way fails the test)."""
 
+import functools
 import os
 
 # Must be set before jax is imported anywhere (the servers the tests start inherit them).
@@ -54,6 +55,29 @@ def bundled_server(server_pool) -> Server:
     return server_pool.shared([], cwd=REPO)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """pytest-xdist's work units: a module runs on one worker (its module fixtures built once),
+    and every module that uses a real server runs on the same worker, so that the session's
+    servers are shared, not started again by each worker."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndServers(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "servers" if _uses_servers(module) else module
+
+    return ModulesAndServers(config, log)
+
+
+@functools.cache
+def _uses_servers(module: str) -> bool:
+    """Whether a test module asks for a real server (the pool or the bundled server)."""
+    path = REPO / module
+    return path.is_file() and any(name in path.read_text()
+                                  for name in ("server_pool", "bundled_server"))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     pool = ServerPool.last
     if pool is not None and pool.starts:
@@ -62,18 +86,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             f"({pool.restarts} restarts after eviction)")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     on_gpu = jax.default_backend() == "gpu"
     run_slow = config.getoption("--runslow")
-    # Under pytest-xdist (`-n`, `--dist loadgroup`), a module runs on one worker (its module
-    # fixtures built once), and every module with a real server runs on the same worker, so
-    # that the session's servers are shared, not started once per worker.
-    with_servers = {item.path for item in items
-                    if "server_pool" in getattr(item, "fixturenames", ())}
     for item in items:
-        group = "servers" if item.path in with_servers else str(item.path.relative_to(REPO))
-        item.add_marker(pytest.mark.xdist_group(group))
         # The tiers: `server` (a real server process), `heavy` (many compiled programs or model
         # runs; marked by hand), and `inner`, the rest: the inner loop, `pytest -m inner`.
         if "server_pool" in getattr(item, "fixturenames", ()):

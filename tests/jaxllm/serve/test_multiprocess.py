@@ -27,6 +27,9 @@ MAX_LEN = 64
 ARGS = ["--model", str(MODEL), "--max-model-len", str(MAX_LEN), "--max-num-seqs", "2",
         "--max-num-batched-tokens", "32", "--seed", "0"]
 STEP_TIMEOUT = 15
+# The one-process reference: synchronous, compiling its programs as requests need them (the
+# two-process servers warm up: a compile inside a step could outlast STEP_TIMEOUT).
+REFERENCE = ["--no-async-scheduling", "--skip-warmup"]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +123,7 @@ MESHES = {"model=8": ["--tensor-parallel-size", "8"],
 def test_two_processes_answer_like_one(server_pool, args, mesh):
     # The reference runs without async scheduling, the two processes with it (the default):
     # the answers are the same either way.
-    base = server_pool.shared([*args, *MESHES[mesh], "--no-async-scheduling"], cwd=REPO).url
+    base = server_pool.shared([*args, *MESHES[mesh], *REFERENCE], cwd=REPO).url
     hits_before = _prefix_cache_hits(base)  # a shared server: count this test's hits only
     expected = _answers(_client(base))
     expected_hits = _prefix_cache_hits(base) - hits_before
@@ -224,7 +227,7 @@ def test_two_processes_speculating_answer_like_one_without(server_pool, args, me
         out["repeated"] = [(c.logprobs.tokens, c.finish_reason) for c in repeated.choices]
         return out
 
-    base = server_pool.shared([*args, "--no-async-scheduling"], cwd=REPO).url
+    base = server_pool.shared([*args, *REFERENCE], cwd=REPO).url
     expected = answers(_client(base))
     flags = [*args, *MESHES["model=8"], "--speculative-config", json.dumps(SPECULATIVE[method])]
     with launched(server_pool, flags) as (base, launcher, read_log):
