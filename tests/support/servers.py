@@ -55,9 +55,6 @@ def wait_healthy(proc: Any, port: int, timeout: float = 300, *, log: Any = None,
 def serving(args: list[str], cwd: Path | None = None, timeout: float = 300):
     """Runs ``python -m jaxllm.serve ARGS --port <free>`` until /health answers; yields the
     base URL and stops the server afterwards."""
-    import subprocess
-    import sys
-
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "jaxllm.serve", *args, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
